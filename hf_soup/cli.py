@@ -1,0 +1,181 @@
+"""`hf-soup`: one console script with verbs (`cook` is the default). Also runs as `hf soup`.
+
+Errors print one line and exit with status 2; set `HF_SOUP_DEBUG=1` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import Any
+
+from . import __version__
+from .config import SoupConfig
+from .errors import EXIT_CODE, HfSoupError
+
+VERBS = ("cook", "check", "evaluate", "demo")
+FORMATS = ("human", "json")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add one flag per `SoupConfig` field, so the CLI and the Python API cannot drift apart."""
+    for item in dataclasses.fields(SoupConfig):
+        if only is not None and item.name not in only:
+            continue
+        meta = dict(item.metadata)
+        kwargs: dict[str, Any] = {"help": meta.pop("help")}
+        if item.default is not dataclasses.MISSING:
+            kwargs["default"] = item.default
+        if item.type in ("bool",) or isinstance(item.default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(item.type))
+            if kind:
+                kwargs["type"] = kind
+        kwargs.update(meta)
+        if kwargs.get("default") not in (None, False, dataclasses.MISSING) and "action" not in kwargs:
+            kwargs["help"] += f" (default: {kwargs['default']})"
+        parser.add_argument(_flag(item.name), dest=item.name, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=FORMATS, default="human", help="human tables, or one JSON object on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-soup",
+        description="Model soups for Hugging Face checkpoints (Wortsman et al. 2022, arXiv 2203.05482). "
+        "`hf-soup --base B --candidates P...` means `hf-soup cook ...`.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf-soup {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}")
+
+    cook = verbs.add_parser("cook", help="check, score, soup, evaluate and write a soup (the default verb)")
+    add_config_arguments(cook)
+    _common(cook)
+
+    check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
+    add_config_arguments(check, only=("base", "candidates", "strict", "allow_pickle"))
+    _common(check)
+
+    evaluate = verbs.add_parser("evaluate", help="score one model folder on the report split(s)")
+    evaluate.add_argument("model", help="a model folder")
+    add_config_arguments(
+        evaluate,
+        only=("task", "dataset", "text_column", "text_pair_column", "label_column", "selection_split", "report_split",
+              "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size"),
+    )
+    _common(evaluate)
+
+    demo = verbs.add_parser("demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline")
+    demo.add_argument("--quick", action="store_true", help="a tiny run for tests (about a minute)")
+    demo.add_argument("--output", default="./soup-demo", help="where to write the soup (default: ./soup-demo)")
+    demo.add_argument("--workdir", default=None, help="where the fine-tuned variants go (default: a temp folder)")
+    _common(demo)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    package_logger = logging.getLogger("hf_soup")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    package_logger.propagate = False
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if quiet:
+        datasets.disable_progress_bars()
+
+
+def _emit(args, payload: dict, human: str) -> None:
+    if args.format == "json":
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        print(human)
+
+
+def _config_from(args) -> SoupConfig:
+    names = {item.name for item in dataclasses.fields(SoupConfig)}
+    return SoupConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _run(args, argv: list[str]) -> int:
+    from .report import compatibility_table, soup_table
+
+    if args.verb == "check":
+        from .api import check
+
+        report = check(args.base, args.candidates, allow_pickle=args.allow_pickle)
+        _emit(args, report.to_dict(), compatibility_table(report.rows()))
+        report.raise_if_unusable(strict=args.strict)
+        return 0
+    if args.verb == "evaluate":
+        from .api import evaluate_model
+
+        scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
+        human = "\n".join(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
+                          + f", loss={s['loss']:.4f} (n={s['n']})" for split, s in scores.items())
+        _emit(args, scores, human)
+        return 0
+    if args.verb == "demo":
+        from .demo import run_demo
+
+        result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
+        _emit(args, result.report, soup_table(result.report) + f"\nSoup written to {result.output}")
+        return 0
+
+    from .api import cook
+
+    result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
+    print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
+    human = soup_table(result.report) if result.report.get("soup") else f"Merged {len(result.mixture.ingredients)} models (no scoring)."
+    if result.output:
+        human += f"\nSoup written to {result.output}"
+    _emit(args, result.report, human)
+    return 0
+
+
+def _config_from_eval(args) -> dict:
+    keys = ("task", "dataset", "text_column", "text_pair_column", "label_column", "selection_split", "report_split",
+            "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in (*VERBS, "-h", "--help", "--version"):
+        argv = ["cook", *argv]
+    if not argv:
+        argv = ["--help"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return _run(args, argv)
+    except HfSoupError as error:
+        if os.environ.get("HF_SOUP_DEBUG"):
+            raise
+        print(f"hf-soup: error: {error}", file=sys.stderr)
+        return EXIT_CODE
+    except KeyboardInterrupt:
+        print("hf-soup: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Stage 2: decide which candidates can be souped together, from configs and safetensors headers only.
+
+No tensor data is read here. A candidate is rejected, with its reason, when its architecture, tensor names,
+shapes or label set differ from the reference (the first readable candidate). Heads whose labels are the same
+names in another order are accepted and permuted to the reference order when read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .candidates import Candidate, load_candidate, resolve_patterns
+from .errors import CandidateFormatError, IncompatibleCandidatesError, NoCandidatesError
+from .weights import TensorSource
+
+logger = logging.getLogger(__name__)
+
+# Module names under which classification heads live in transformers models (BERT/ViT `classifier`,
+# RoBERTa `classifier.out_proj`, decoder models `score`, ConvNeXt-style `head`).
+_HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
+
+
+@dataclass
+class Rejection:
+    candidate_id: str
+    reason: str
+
+
+@dataclass
+class CompatibilityReport:
+    """Which candidates passed the check, which did not and why, and how to align their heads."""
+
+    accepted: list[Candidate]
+    rejected: list[Rejection]
+    base: Candidate
+    label_names: list[str] | None
+    # Row order to apply to each head tensor so every candidate's labels follow `label_names`.
+    permutations: dict[str, list[int]] = field(default_factory=dict)
+    head_tensors: list[str] = field(default_factory=list)
+    # Candidate tensor name -> base tensor name, for the tensors the base also has.
+    base_names: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def raise_if_unusable(self, strict: bool = False, minimum: int = 2) -> None:
+        """Fail when `strict` and anything was rejected, or when fewer than `minimum` candidates remain."""
+        reasons = "; ".join(f"{r.candidate_id}: {r.reason}" for r in self.rejected)
+        if strict and self.rejected:
+            raise IncompatibleCandidatesError(
+                f"--strict: {len(self.rejected)} candidate(s) rejected ({reasons}). "
+                "Remove them from --candidates or drop --strict."
+            )
+        if len(self.accepted) < minimum:
+            detail = f" Rejected: {reasons}." if reasons else ""
+            raise NoCandidatesError(
+                f"Only {len(self.accepted)} compatible candidate(s); a soup needs at least {minimum}.{detail} "
+                "Add more fine-tunes of the same base to --candidates."
+            )
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """`(candidate, status, detail)` rows for the printed table."""
+        rows = []
+        for candidate in self.accepted:
+            detail = "labels permuted to reference order" if candidate.id in self.permutations else ""
+            rows.append((candidate.id, "accepted", detail))
+        rows.extend((r.candidate_id, "rejected", r.reason) for r in self.rejected)
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "accepted": [c.id for c in self.accepted],
+            "rejected": [{"id": r.candidate_id, "reason": r.reason} for r in self.rejected],
+            "label_names": self.label_names,
+            "permuted": sorted(self.permutations),
+            "warnings": self.warnings,
+        }
+
+
+def _architecture(candidate: Candidate) -> tuple:
+    return (candidate.model_type, candidate.architectures)
+
+
+def _describe_names(missing: set[str], extra: set[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensor(s), e.g. {sorted(extra)[0]}")
+    return "; ".join(parts)
+
+
+def _compare_tensors(reference: TensorSource, other: TensorSource) -> str | None:
+    ref_names, other_names = set(reference.keys()), set(other.keys())
+    if ref_names != other_names:
+        return f"tensor names differ: {_describe_names(ref_names - other_names, other_names - ref_names)}"
+    for name in reference.keys():
+        if reference.shape(name) != other.shape(name):
+            return (
+                f"tensor {name} has shape {list(other.shape(name))}, expected {list(reference.shape(name))} "
+                "(a resized vocabulary or a different model size)"
+            )
+        if reference.dtype(name).is_floating_point != other.dtype(name).is_floating_point:
+            return f"tensor {name} has dtype {other.dtype(name)}, expected {reference.dtype(name)}"
+    return None
+
+
+def _align_labels(reference: list[str] | None, candidate: Candidate) -> tuple[list[int] | None, str | None]:
+    """The row permutation that maps `candidate`'s head onto `reference`'s label order, or a rejection."""
+    names = candidate.label_names
+    if reference is None or names is None:
+        return None, None
+    if sorted(names) != sorted(reference):
+        return None, f"label set {names} differs from the reference {reference}"
+    if names == reference:
+        return None, None
+    return [names.index(label) for label in reference], None
+
+
+def _base_name_map(base: TensorSource, candidate: TensorSource) -> dict[str, str]:
+    """Match base tensor names to candidate names, allowing for the task model's prefix (`bert.` etc.)."""
+    candidate_names = set(candidate.keys())
+    prefixes = Counter(name.split(".", 1)[0] for name in candidate_names if "." in name)
+    best_prefix = ""
+    best_hits = sum(name in candidate_names for name in base.keys())
+    for prefix in prefixes:
+        hits = sum(f"{prefix}.{name}" in candidate_names for name in base.keys())
+        if hits > best_hits:
+            best_prefix, best_hits = prefix, hits
+    mapping = {}
+    for name in base.keys():
+        full = f"{best_prefix}.{name}" if best_prefix else name
+        if full in candidate_names:
+            mapping[full] = name
+    return mapping
+
+
+def _head_tensors(source: TensorSource, num_labels: int, base_names: dict[str, str]) -> list[str]:
+    heads = []
+    for name in source.keys():
+        shape = source.shape(name)
+        if not shape or shape[0] != num_labels or not source.dtype(name).is_floating_point:
+            continue
+        if name not in base_names or _HEAD_PARTS & set(name.split(".")[:-1]):
+            heads.append(name)
+    return heads
+
+
+def check_compatibility(
+    base_dir: str | Path,
+    patterns: list[str],
+    allow_pickle: bool = False,
+) -> tuple[CompatibilityReport, dict[str, TensorSource]]:
+    """Resolve `patterns`, then check every candidate against the first readable one and against the base.
+
+    Only configs and tensor headers are read.
+
+    Returns:
+        `(report, sources)`: the report, and an open `TensorSource` for the base and each accepted candidate.
+    """
+    base = load_candidate(base_dir)
+    base_source = TensorSource(base.local_dir, allow_pickle=allow_pickle)
+    matches = resolve_patterns(patterns, exclude=[Path(base_dir)])
+
+    accepted: list[Candidate] = []
+    rejected: list[Rejection] = []
+    sources: dict[str, TensorSource] = {"__base__": base_source}
+    permutations: dict[str, list[int]] = {}
+    warnings: list[str] = []
+    reference: Candidate | None = None
+    reference_labels: list[str] | None = None
+
+    for match in matches:
+        try:
+            candidate = load_candidate(match)
+            if candidate.config.get("auto_map"):
+                raise CandidateFormatError(
+                    "its config uses custom code (auto_map); hf-soup never runs remote code"
+                )
+            source = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
+        except CandidateFormatError as error:
+            rejected.append(Rejection(match, str(error).removeprefix(f"{match} ")))
+            continue
+        if reference is None:
+            reference, reference_labels = candidate, candidate.label_names
+        if _architecture(candidate) != _architecture(reference):
+            rejected.append(
+                Rejection(
+                    candidate.id,
+                    f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
+                    f"{reference.model_type}/{','.join(reference.architectures)}",
+                )
+            )
+            continue
+        if candidate.num_labels != reference.num_labels:
+            rejected.append(
+                Rejection(candidate.id, f"{candidate.num_labels} labels, expected {reference.num_labels}")
+            )
+            continue
+        problem = candidate is not reference and _compare_tensors(sources[reference.id], source)
+        if problem:
+            rejected.append(Rejection(candidate.id, problem))
+            continue
+        if reference_labels is None and candidate.label_names is not None:
+            reference_labels = candidate.label_names
+        permutation, label_problem = _align_labels(reference_labels, candidate)
+        if label_problem:
+            rejected.append(Rejection(candidate.id, label_problem))
+            continue
+        if permutation is not None:
+            permutations[candidate.id] = permutation
+        if candidate.label_names is None and reference_labels is not None:
+            warnings.append(
+                f"{candidate.id} has generic LABEL_k names; its label order is assumed to be {reference_labels}"
+            )
+        accepted.append(candidate)
+        sources[candidate.id] = source
+
+    base_names: dict[str, str] = {}
+    head: list[str] = []
+    if accepted:
+        reference_source = sources[accepted[0].id]
+        base_names = _base_name_map(base_source, reference_source)
+        if not base_names:
+            raise IncompatibleCandidatesError(
+                f"The base {base_dir} shares no tensor with the candidates: it is not their initialisation. "
+                "Pass the pretrained model they were fine-tuned from as --base."
+            )
+        for cand_name, base_name in base_names.items():
+            if base_source.shape(base_name) != reference_source.shape(cand_name):
+                raise IncompatibleCandidatesError(
+                    f"The base {base_dir} has {base_name} of shape {list(base_source.shape(base_name))} but the "
+                    f"candidates have {list(reference_source.shape(cand_name))}: pass the model they were "
+                    "fine-tuned from as --base."
+                )
+        head = _head_tensors(reference_source, accepted[0].num_labels, base_names)
+        dtypes = {str(sources[c.id].dtype(n)) for c in accepted for n in list(sources[c.id].keys())[:1]}
+        if len(dtypes) > 1:
+            warnings.append(f"candidates mix dtypes ({', '.join(sorted(dtypes))}); they are averaged in float32")
+    for message in warnings:
+        logger.warning(message)
+    report = CompatibilityReport(
+        accepted=accepted,
+        rejected=rejected,
+        base=base,
+        label_names=reference_labels,
+        permutations=permutations,
+        head_tensors=head,
+        base_names=base_names,
+        warnings=warnings,
+    )
+    return report, sources
+
+
+def read_aligned(report: CompatibilityReport, source: TensorSource, candidate_id: str, name: str) -> torch.Tensor:
+    """Read one tensor of a candidate, with its head rows in the reference label order."""
+    tensor = source.get(name)
+    permutation = report.permutations.get(candidate_id)
+    if permutation is not None and name in report.head_tensors:
+        tensor = tensor[permutation]
+    return tensor

@@ -1,0 +1,108 @@
+"""`SoupConfig`: every option of a soup run, declared once. The CLI flags are generated from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import get_args
+
+from .data import GLUE_TASKS
+from .errors import ConfigError
+from .mixture import Recipe
+
+
+def _opt(help: str, **cli) -> dict:
+    return {"help": help, **cli}
+
+
+@dataclass(frozen=True)
+class SoupConfig:
+    """The options of one soup run. `hf-soup cook --help` lists the same fields as flags.
+
+    Example:
+    ```python
+    >>> config = SoupConfig(base="./minilm", candidates=["./runs/*"], dataset="reviews.csv",
+    ...                     text_column="review", label_column="score", recipe="greedy", output="./soup")
+    ```
+    """
+
+    base: str = field(metadata=_opt("The pretrained model every candidate was fine-tuned from (a folder).", required=True))
+    candidates: list[str] = field(
+        metadata=_opt("Candidate folders or globs, e.g. './runs/*' or 'out/checkpoint-*'.", required=True, nargs="+")
+    )
+    task: str | None = field(
+        default=None, metadata=_opt(f"A GLUE task: glue/<{'|'.join(GLUE_TASKS)}>.", metavar="glue/TASK")
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=_opt("A local CSV/JSON/parquet file or folder, or a Hub dataset id.", metavar="PATH_OR_ID"),
+    )
+    text_column: str | None = field(default=None, metadata=_opt("The text column of --dataset."))
+    text_pair_column: str | None = field(default=None, metadata=_opt("The second text column, for pairs."))
+    label_column: str | None = field(default=None, metadata=_opt("The label column of --dataset."))
+    recipe: Recipe = field(
+        default="greedy", metadata=_opt("How to choose ingredients.", choices=get_args(Recipe))
+    )
+    passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
+    selection_split: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Split that chooses the soup: a split expression ('validation', 'train[:10%%]') or a data file. "
+            "Default: a seeded carve-out of train.",
+            metavar="SPEC",
+        ),
+    )
+    report_split: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Split the reported numbers come from: a split expression or a data file. "
+            "Default: GLUE validation (both for MNLI), else the dataset's test or validation split.",
+            metavar="SPEC",
+        ),
+    )
+    selection_fraction: float = field(
+        default=0.1, metadata=_opt("Fraction of train carved out as the selection split.", metavar="F")
+    )
+    seed: int = field(default=0, metadata=_opt("Seed of the selection carve-out and subsampling."))
+    max_eval_examples: int | None = field(
+        default=None, metadata=_opt("Evaluate on at most N examples per split (seeded subsample).", metavar="N")
+    )
+    max_length: int = field(default=128, metadata=_opt("Truncate inputs to this many tokens."))
+    batch_size: int = field(default=64, metadata=_opt("Evaluation batch size."))
+    output: str | None = field(default=None, metadata=_opt("Where to write the soup folder.", metavar="DIR"))
+    overwrite: bool = field(default=False, metadata=_opt("Replace an existing --output folder."))
+    strict: bool = field(default=False, metadata=_opt("Fail if any candidate is rejected."))
+    allow_pickle: bool = field(
+        default=False,
+        metadata=_opt("Accept .bin weights, loaded with torch.load(weights_only=True). Safetensors is preferred."),
+    )
+    max_shard_size: str = field(default="2GB", metadata=_opt("Largest safetensors shard of the output."))
+    no_cache: bool = field(default=False, metadata=_opt("Neither read nor write the score cache."))
+    cache_dir: str | None = field(
+        default=None, metadata=_opt("Score cache folder (default: $HF_SOUP_CACHE or $HF_HOME/hf_soup).", metavar="DIR")
+    )
+
+    def __post_init__(self) -> None:
+        if self.recipe not in get_args(Recipe):
+            raise ConfigError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(get_args(Recipe))}.")
+        if self.task and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
+            raise ConfigError(f"Unknown task {self.task!r}: choose one of glue/{', glue/'.join(GLUE_TASKS)}.")
+        if not self.task and not self.dataset and self.recipe != "uniform":
+            raise ConfigError(
+                f"--recipe {self.recipe} scores candidates: give --task glue/<name> or --dataset. "
+                "Only --recipe uniform runs without data (a plain merge)."
+            )
+        if self.dataset and not self.task and not (self.text_column and self.label_column):
+            raise ConfigError("--dataset needs --text-column and --label-column (and --text-pair-column for pairs).")
+        if not 0 < self.selection_fraction < 1:
+            raise ConfigError(f"--selection-fraction must be between 0 and 1, got {self.selection_fraction}.")
+        if self.passes < 1:
+            raise ConfigError("--passes must be at least 1.")
+        if isinstance(self.candidates, str):
+            object.__setattr__(self, "candidates", [self.candidates])
+
+    @property
+    def scored(self) -> bool:
+        return bool(self.task or self.dataset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,217 @@
+"""Turn a Mixture into tensors: on disk (`materialize`) or inside a live model for scoring (`Workbench`).
+
+Both stream tensor by tensor and accumulate in float32, whatever the input dtypes. Non-float buffers (such as
+`position_ids`) are copied from the first ingredient, never averaged. Peak memory does not grow with the number
+of ingredients: one float32 accumulator and one input tensor are alive at a time (plus one output shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+
+from .compat import CompatibilityReport, read_aligned
+from .errors import ConfigError
+from .mixture import Mixture
+from .progress import progress_bar
+from .weights import TensorSource
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"
+
+
+@dataclass
+class MaterializeStats:
+    """What `materialize` wrote, and the most tensor bytes it held at once."""
+
+    files: list[str] = field(default_factory=list)
+    tensor_sha256: dict[str, str] = field(default_factory=dict)
+    peak_live_bytes: int = 0
+    total_bytes: int = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype, bfloat16 included)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def _weights_for(mixture: Mixture, name: str) -> list[tuple[str, float]]:
+    weights = dict(mixture.weights())
+    if mixture.per_tensor_weights and name in mixture.per_tensor_weights:
+        weights = dict(mixture.per_tensor_weights[name])
+    pairs = [(cid, w) for cid, w in weights.items() if w != 0]
+    if mixture.base is not None and mixture.base.weight != 0:
+        pairs.append((BASE, mixture.base.weight))
+    return pairs
+
+
+def _read(report: CompatibilityReport, sources: dict[str, TensorSource], cid: str, name: str) -> torch.Tensor:
+    if cid == BASE:
+        base_name = report.base_names.get(name)
+        if base_name is None:
+            raise ConfigError(
+                f"The base has no tensor for {name} (usually the task head), so it cannot be given a weight there."
+            )
+        return sources[BASE].get(base_name)
+    return read_aligned(report, sources[cid], cid, name)
+
+
+def mix_tensor(
+    mixture: Mixture, report: CompatibilityReport, sources: dict[str, TensorSource], name: str
+) -> tuple[torch.Tensor, int]:
+    """The mixed value of one tensor in float32 (or copied, if not float), and the bytes held to make it."""
+    pairs = _weights_for(mixture, name)
+    first = _read(report, sources, pairs[0][0], name)
+    if not first.dtype.is_floating_point:
+        return first.clone(), _nbytes(first)
+    accumulator = torch.zeros(first.shape, dtype=torch.float32)
+    live = _nbytes(accumulator)
+    for cid, weight in pairs:
+        tensor = first if cid == pairs[0][0] else _read(report, sources, cid, name)
+        live = max(live, _nbytes(accumulator) + _nbytes(tensor))
+        accumulator.add_(tensor.to(torch.float32), alpha=weight)
+        del tensor
+    return accumulator, live
+
+
+def _output_dtype(report: CompatibilityReport, sources: dict[str, TensorSource], name: str, reference: str):
+    base_name = report.base_names.get(name)
+    if base_name is not None:
+        return sources[BASE].dtype(base_name)
+    return sources[reference].dtype(name)
+
+
+def materialize(
+    mixture: Mixture,
+    report: CompatibilityReport,
+    sources: dict[str, TensorSource],
+    output_dir: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "2GB",
+    quiet: bool = False,
+) -> MaterializeStats:
+    """Write the soup's weights to `output_dir` as (sharded) safetensors, tensor by tensor.
+
+    Args:
+        mixture (`Mixture`): what to average.
+        report (`CompatibilityReport`): label alignment and base-name mapping from the check.
+        sources (`dict[str, TensorSource]`): open weights of the base (`"__base__"`) and each ingredient.
+        output_dir (`Path`): an existing folder.
+        dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to the base's dtype.
+        max_shard_size (`str` or `int`, *optional*, defaults to `"2GB"`): the largest shard.
+    """
+    reference = mixture.ingredients[0].id
+    names = sources[reference].keys()
+    planned = {
+        name: torch.empty(
+            sources[reference].shape(name),
+            dtype=(dtype or _output_dtype(report, sources, name, reference))
+            if sources[reference].dtype(name).is_floating_point
+            else sources[reference].dtype(name),
+            device="meta",
+        )
+        for name in names
+    }
+    split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
+    stats = MaterializeStats()
+    with progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar:
+        for filename, shard_names in split.filename_to_tensors.items():
+            shard: dict[str, torch.Tensor] = {}
+            shard_bytes = 0
+            for name in shard_names:
+                mixed, live = mix_tensor(mixture, report, sources, name)
+                out = mixed.to(planned[name].dtype).contiguous()
+                del mixed
+                stats.peak_live_bytes = max(stats.peak_live_bytes, shard_bytes + live + _nbytes(out))
+                stats.tensor_sha256[name] = tensor_sha256(out)
+                shard[name] = out
+                shard_bytes += _nbytes(out)
+                bar.update(1)
+            save_file(shard, str(output_dir / filename), metadata={"format": "pt"})
+            stats.files.append(filename)
+            stats.total_bytes += shard_bytes
+            del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (output_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        stats.files.append(SAFE_WEIGHTS_INDEX_NAME)
+    return stats
+
+
+class Workbench:
+    """A live model whose weights are set to a mixture before each evaluation.
+
+    Uniform mixtures over a set of ingredients (the trials of greedy and pruned soups) are reached from the
+    previous one by adding and subtracting only the ingredients that changed, in one float32 running sum; no
+    state dict is built per trial.
+
+    Args:
+        model (`torch.nn.Module`): a model of the candidates' architecture, in float32.
+        report (`CompatibilityReport`): from the compatibility check.
+        sources (`dict[str, TensorSource]`): open weights of the base and the candidates.
+    """
+
+    def __init__(self, model: torch.nn.Module, report: CompatibilityReport, sources: dict[str, TensorSource]):
+        self.model = model
+        self.report = report
+        self.sources = sources
+        reference = report.accepted[0].id
+        state = model.state_dict()
+        self.names = [n for n in sources[reference].keys() if sources[reference].dtype(n).is_floating_point]
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ConfigError(
+                f"The model class does not have the checkpoint's tensor {missing[0]}; "
+                "make sure config.json's `architectures` names the class the weights were saved from."
+            )
+        self.targets = {n: state[n] for n in self.names}
+        self._sum: dict[str, torch.Tensor] | None = None
+        self._members: Counter[str] = Counter()
+        self.loaded: Mixture | None = None
+
+    def _is_plain_uniform(self, mixture: Mixture) -> bool:
+        weights = [i.weight for i in mixture.ingredients]
+        no_base = mixture.base is None or mixture.base.weight == 0
+        return no_base and not mixture.per_tensor_weights and max(weights) - min(weights) < 1e-12
+
+    @torch.no_grad()
+    def load(self, mixture: Mixture) -> None:
+        """Write `mixture`'s weights into the model's parameters."""
+        if self._is_plain_uniform(mixture):
+            self._load_uniform(Counter(mixture.ids()))
+        else:
+            for name in self.names:
+                mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
+                self.targets[name].copy_(mixed)
+        self.loaded = mixture
+
+    def _load_uniform(self, members: Counter[str]) -> None:
+        if self._sum is None:
+            self._sum = {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in self.targets.items()}
+            self._members = Counter()
+        added = members - self._members
+        removed = self._members - members
+        count = sum(members.values())
+        for name in self.names:
+            running = self._sum[name]
+            for cid, times in added.items():
+                running.add_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
+            for cid, times in removed.items():
+                running.sub_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
+            self.targets[name].copy_(running / count)
+        self._members = Counter(members)

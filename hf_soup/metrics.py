@@ -1,0 +1,70 @@
+"""Task metrics as `evaluate` modules.
+
+`evaluate.load("accuracy")` downloads and runs a metric script from the Hub at run time, which fails offline
+and executes remote code. So the GLUE metrics are defined here as `evaluate.Metric` subclasses with the same
+names and the same math (scikit-learn and scipy, as the Hub scripts use), and combined with
+`evaluate.combine`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import datasets
+import evaluate
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
+
+_CITATION = "Wang et al. 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (arXiv 1804.07461)."
+
+
+class TaskMetric(evaluate.Metric):
+    """One GLUE-style metric; `config_name` picks which (`accuracy`, `f1`, `matthews_correlation`, ...)."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        dtype = "float32" if self.config_name in ("pearson", "spearmanr") else "int64"
+        return evaluate.MetricInfo(
+            description=f"{self.config_name}, computed as in the GLUE metric.",
+            citation=_CITATION,
+            inputs_description="predictions and references: one value per example.",
+            features=datasets.Features(
+                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
+            ),
+        )
+
+    def _compute(self, predictions, references, pos_label: int = 1):
+        name = self.config_name
+        if name == "accuracy":
+            value = accuracy_score(references, predictions)
+        elif name == "f1":
+            value = f1_score(references, predictions, pos_label=pos_label, average="binary", zero_division=0.0)
+        elif name == "matthews_correlation":
+            value = matthews_corrcoef(references, predictions)
+        elif name == "pearson":
+            value = pearsonr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
+        elif name == "spearmanr":
+            value = spearmanr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
+        else:
+            raise ValueError(f"Unknown metric {name!r}")
+        return {name: float(value)}
+
+
+def compute_metrics(
+    names: tuple[str, ...], predictions: np.ndarray, references: np.ndarray, pos_label: int = 1
+) -> dict[str, float]:
+    """Compute each metric in `names` on one split.
+
+    Example:
+    ```python
+    >>> compute_metrics(("accuracy",), np.array([1, 0]), np.array([1, 1]))
+    {'accuracy': 0.5}
+    ```
+    """
+    results: dict[str, float] = {}
+    for name in names:
+        kwargs = {"pos_label": pos_label} if name == "f1" else {}
+        results.update(TaskMetric(config_name=name, keep_in_memory=True).compute(predictions=predictions, references=references, **kwargs))
+    return results

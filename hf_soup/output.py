@@ -1,0 +1,124 @@
+"""Write the soup folder atomically: weights, config, tokenizer, `soup.json`, model card and plots.
+
+Everything is written into a temporary sibling folder, which is renamed into place only when complete. A failure
+at any point leaves no partial output (and an existing folder untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import CONFIG_NAME
+
+from . import __version__
+from .card import write_model_card
+from .compat import CompatibilityReport
+from .errors import OutputExistsError
+from .materialize import materialize
+from .mixture import Mixture
+from .plots import write_plots
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "soup.json"
+_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "huggingface_hub", "peft", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"hf-soup": __version__}
+    for name in _PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces `target` only if the block finishes without error."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it, or choose another --output.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        _apply_umask(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(retired / target.name)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and some writers create private (0700/0600) entries; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[str, Any]:
+    """The reference candidate's config, with the aligned label map."""
+    config = dict(compatibility.accepted[0].config)
+    if compatibility.label_names is not None:
+        config["id2label"] = {str(i): name for i, name in enumerate(compatibility.label_names)}
+        config["label2id"] = {name: i for i, name in enumerate(compatibility.label_names)}
+    if dtype:
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+    return config
+
+
+def write_soup_folder(
+    output: Path,
+    config,
+    report: dict[str, Any],
+    mixture: Mixture,
+    compatibility: CompatibilityReport,
+    sources,
+    tokenizer,
+    tokenizer_dir,
+    quiet: bool = False,
+) -> None:
+    """Write the whole soup folder to `output` (atomically); also fills `report["files"]`."""
+    with atomic_folder(output, overwrite=config.overwrite) as staging:
+        stats = materialize(mixture, compatibility, sources, staging, max_shard_size=config.max_shard_size, quiet=quiet)
+        float_names = [n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point]
+        dtype = str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.") if (
+            float_names and float_names[0] in compatibility.base_names
+        ) else None
+        (staging / CONFIG_NAME).write_text(json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        plots = write_plots(staging / "plots", report) if report.get("soup") else []
+        manifest = {
+            **report,
+            "output": str(output),
+            "files": stats.files,
+            "plots": plots,
+            "tensor_sha256": stats.tensor_sha256,
+            "versions": package_versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "tokenizer_from": str(tokenizer_dir) if tokenizer_dir else None,
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        write_model_card(staging, manifest)
+        report["files"] = stats.files
+        report["plots"] = plots
+        report["tensor_sha256"] = stats.tensor_sha256

@@ -1,0 +1,22 @@
+"""Uniform soup: the plain average of every candidate (Wortsman et al. 2022, Table 2 "uniform soup")."""
+
+from __future__ import annotations
+
+from .base import RecipeResult, SoupRecipe, rank
+
+
+class UniformSoup(SoupRecipe):
+    @classmethod
+    def name(cls) -> str:
+        return "uniform"
+
+    @classmethod
+    def pretty_name(cls) -> str:
+        return "Uniform soup"
+
+    def cook(self, candidates, individual_scores, objective, revisions=None) -> RecipeResult:
+        from ..mixture import Mixture
+
+        ordered = rank(candidates, individual_scores) if individual_scores else sorted(candidates)
+        mixture = Mixture.uniform(self.name(), ordered, revisions)
+        return RecipeResult(mixture, [])

@@ -1,0 +1,44 @@
+"""Human-readable tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def compatibility_table(rows: list[tuple[str, str, str]]) -> str:
+    return format_table(["candidate", "status", "detail"], [list(r) for r in rows])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def soup_table(report: dict[str, Any]) -> str:
+    """Every candidate, then best individual / uniform / soup, with selection and report scores."""
+    metric = report["task"]["primary_metric"]
+    splits = list(report["soup"]["report"])
+    headers = ["model", "kept", "n", f"selection {metric}", *(f"{s} {metric}" for s in splits)]
+
+    def row(label: str, entry: dict, kept: str = "") -> list[str]:
+        return [label, kept, str(len(entry["ingredients"])), _fmt(entry["selection"][metric]),
+                *(_fmt(entry["report"][s][metric]) for s in splits)]
+
+    rows = [row(c["id"], c, "yes" if c["kept"] else "no") for c in report["candidates"]]
+    rows.append(["", "", "", "", *("" for _ in splits)])
+    rows.append(row(f"best individual ({report['best_individual']['name']})", report["best_individual"]))
+    rows.append(row("uniform soup", report["uniform"]))
+    rows.append(row(report["soup"]["name"], report["soup"]))
+    lines = [format_table(headers, rows)]
+    best, soup = report["best_individual"], report["soup"]
+    for split in splits:
+        delta = soup["report"][split][metric] - best["report"][split][metric]
+        lines.append(f"{report['soup']['name']} vs best individual on {split}: {delta * 100:+.2f} points of {metric}")
+    for note in report["splits"]["notes"]:
+        lines.append(f"NOTE: {note}")
+    return "\n".join(lines)

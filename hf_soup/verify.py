@@ -1,0 +1,86 @@
+"""Fingerprint each ingredient's weights (sha256 of its files) and refuse NaN or Inf values.
+
+Both need one read of every byte, so they share the pass. The result is cached by file path, size and
+modification time: a rerun on unchanged checkpoints reads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from .cache import JsonCache, cache_key
+from .compat import CompatibilityReport
+from .errors import NonFiniteWeightsError
+from .progress import progress_bar
+from .weights import TensorSource
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 16 * 1024 * 1024
+
+
+def _file_identity(source: TensorSource) -> list:
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in source.files]
+
+
+def _scan(source: TensorSource, bar) -> tuple[str, str | None]:
+    digest = hashlib.sha256()
+    for path in source.files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                bar.update(len(chunk))
+    for name in source.keys():
+        tensor = source.get(name)
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            return digest.hexdigest(), name
+    return digest.hexdigest(), None
+
+
+def fingerprint_sources(
+    ids: list[str], sources: dict[str, TensorSource], cache: JsonCache, quiet: bool = False
+) -> dict[str, str]:
+    """sha256 of each source's weight files, checking that every float tensor is finite.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN or Inf.
+    """
+    fingerprints: dict[str, str] = {}
+    todo = []
+    for cid in ids:
+        entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
+        if entry is None:
+            todo.append(cid)
+        else:
+            fingerprints[cid] = entry["sha256"]
+            if entry["non_finite"]:
+                _raise_non_finite(cid, entry["non_finite"])
+    total = sum(p.stat().st_size for cid in todo for p in sources[cid].files)
+    with progress_bar(total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet) as bar:
+        for cid in todo:
+            sha, bad_tensor = _scan(sources[cid], bar)
+            cache.put(cache_key("fingerprint", _file_identity(sources[cid])), {"sha256": sha, "non_finite": bad_tensor})
+            fingerprints[cid] = sha
+            if bad_tensor:
+                _raise_non_finite(cid, bad_tensor)
+    return fingerprints
+
+
+def _raise_non_finite(cid: str, tensor: str) -> None:
+    raise NonFiniteWeightsError(
+        f"{cid} has NaN or Inf values in {tensor}: the fine-tune diverged. Remove it from --candidates."
+    )
+
+
+def ingredient_fingerprints(
+    report: CompatibilityReport, sources: dict[str, TensorSource], cache: JsonCache, quiet: bool = False
+) -> dict[str, str]:
+    """Fingerprints of the base and of every accepted candidate, including any head permutation."""
+    ids = ["__base__", *(c.id for c in report.accepted)]
+    fingerprints = fingerprint_sources(ids, sources, cache, quiet)
+    for cid, permutation in report.permutations.items():
+        fingerprints[cid] += f"+perm{permutation}"
+    return fingerprints

@@ -1,0 +1,148 @@
+"""Lazy, per-tensor access to a checkpoint's weights, safetensors first.
+
+Only tensor *headers* are read until a tensor is asked for, so checks stay cheap and soups stream.
+Pickle (`.bin`) weights are opened only when the caller allows it, and then with `weights_only=True`, which
+refuses any payload that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+from .errors import CandidateFormatError, PickleRefusedError
+
+# safetensors' dtype codes, for headers read without loading tensors.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def find_weight_files(folder: Path) -> tuple[str, list[Path]]:
+    """The weight files of a model folder and their format (`"safetensors"` or `"pickle"`).
+
+    Raises:
+        CandidateFormatError: the folder has no weights.
+    """
+    for index_name, single_name, fmt in (
+        (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, "safetensors"),
+        (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, "pickle"),
+    ):
+        if (folder / index_name).is_file():
+            index = json.loads((folder / index_name).read_text())
+            shards = sorted(set(index["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CandidateFormatError(
+                    f"{folder}: {index_name} lists shards that are missing ({', '.join(missing)}); "
+                    "download the whole checkpoint again."
+                )
+            return fmt, [folder / s for s in shards]
+        if (folder / single_name).is_file():
+            return fmt, [folder / single_name]
+    raise CandidateFormatError(
+        f"{folder} has no model weights (expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}); "
+        "point --candidates at folders written by `save_pretrained`."
+    )
+
+
+class TensorSource:
+    """The tensors of one checkpoint, opened lazily and read one at a time.
+
+    Args:
+        folder (`Path`): a model folder (as written by `save_pretrained`).
+        allow_pickle (`bool`, *optional*, defaults to `False`): accept `.bin` weights, read with
+            `torch.load(weights_only=True)`.
+    """
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.format, self.files = find_weight_files(self.folder)
+        self._where: dict[str, int] = {}
+        self._handles: list = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        if self.format == "pickle" and not allow_pickle:
+            raise PickleRefusedError(
+                f"{self.folder} has only pickle weights ({self.files[0].name}), which can run code when loaded. "
+                "Convert it to safetensors (`model.save_pretrained(dir)`), or pass --allow-pickle to load it "
+                "with torch.load(weights_only=True)."
+            )
+        for shard_index, path in enumerate(self.files):
+            handle = self._open(path)
+            self._handles.append(handle)
+            for name in handle.keys():
+                self._where[name] = shard_index
+
+    def _open(self, path: Path):
+        if self.format == "safetensors":
+            try:
+                handle = safe_open(str(path), framework="pt")
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    self._shapes[name] = tuple(view.get_shape())
+                    self._dtypes[name] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                return handle
+            except (SafetensorError, OSError, ValueError) as error:
+                raise CandidateFormatError(
+                    f"{path} is not a valid safetensors file ({error}); the download may be truncated: "
+                    "fetch it again."
+                ) from error
+        try:
+            # mmap keeps memory flat; weights_only refuses anything but tensors and plain containers.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+            raise CandidateFormatError(
+                f"{path} could not be loaded with torch.load(weights_only=True): {str(error).splitlines()[0]}. "
+                "Only plain tensor checkpoints are accepted; convert it to safetensors."
+            ) from error
+        for name, tensor in state.items():
+            self._shapes[name] = tuple(tensor.shape)
+            self._dtypes[name] = tensor.dtype
+        return state
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handles[self._where[name]]
+        if self.format == "safetensors":
+            return handle.get_tensor(name)
+        return handle[name]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
