@@ -108,6 +108,12 @@ def _compare_tensors(reference: TensorSource, other: TensorSource) -> str | None
     return None
 
 
+def _signature(candidate: Candidate, source: TensorSource) -> tuple:
+    tensors = tuple(sorted((n, source.shape(n), source.dtype(n).is_floating_point) for n in source.keys()))
+    labels = tuple(sorted(candidate.label_names)) if candidate.label_names else None
+    return (_architecture(candidate), candidate.num_labels, tensors, labels)
+
+
 def _align_labels(reference: list[str] | None, candidate: Candidate) -> tuple[list[int] | None, str | None]:
     """The row permutation that maps `candidate`'s head onto `reference`'s label order, or a rejection."""
     names = candidate.label_names
@@ -173,6 +179,7 @@ def check_compatibility(
     reference: Candidate | None = None
     reference_labels: list[str] | None = None
 
+    readable: list[tuple[Candidate, TensorSource]] = []
     for match in matches:
         try:
             candidate = load_candidate(match)
@@ -180,12 +187,23 @@ def check_compatibility(
                 raise CandidateFormatError(
                     "its config uses custom code (auto_map); hf-soup never runs remote code"
                 )
-            source = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
+            readable.append((candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)))
         except CandidateFormatError as error:
             rejected.append(Rejection(match, str(error).removeprefix(f"{match} ")))
-            continue
-        if reference is None:
-            reference, reference_labels = candidate, candidate.label_names
+
+    if readable:
+        # The reference is the first candidate of the most common kind, so one odd folder cannot reject the rest.
+        kinds = Counter(_signature(c, s) for c, s in readable)
+        top = max(kinds.values())
+        reference, _ = next((c, s) for c, s in readable if kinds[_signature(c, s)] == top)
+        sources[reference.id] = dict((c.id, s) for c, s in readable)[reference.id]
+        reference_labels = reference.label_names or next(
+            (c.label_names for c, s in readable if c.label_names and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]),
+            None,
+        )
+
+    for candidate, source in readable:
+        assert reference is not None
         if _architecture(candidate) != _architecture(reference):
             rejected.append(
                 Rejection(
@@ -204,8 +222,6 @@ def check_compatibility(
         if problem:
             rejected.append(Rejection(candidate.id, problem))
             continue
-        if reference_labels is None and candidate.label_names is not None:
-            reference_labels = candidate.label_names
         permutation, label_problem = _align_labels(reference_labels, candidate)
         if label_problem:
             rejected.append(Rejection(candidate.id, label_problem))
@@ -218,6 +234,8 @@ def check_compatibility(
             )
         accepted.append(candidate)
         sources[candidate.id] = source
+    # Keep the reference first: its config, label order and tensor names define the soup.
+    accepted.sort(key=lambda c: c is not reference)
 
     base_names: dict[str, str] = {}
     head: list[str] = []

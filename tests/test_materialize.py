@@ -1,0 +1,121 @@
+"""The materializer and the workbench against independent averages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_soup.compat import check_compatibility
+from hf_soup.materialize import Workbench, materialize
+from hf_soup.mixture import Ingredient, Mixture
+from transformers import AutoModelForSequenceClassification
+
+from conftest import copy_model
+
+
+def independent_average(folders, weights=None):
+    states = [load_file(str(f / "model.safetensors")) for f in folders]
+    weights = weights or [1 / len(states)] * len(states)
+    out = {}
+    for name in states[0]:
+        if states[0][name].dtype.is_floating_point:
+            out[name] = sum(w * s[name].double() for w, s in zip(weights, states))
+        else:
+            out[name] = states[0][name]
+    return out
+
+
+def test_uniform_soup_equals_independent_average(zoo, tmp_path):
+    report, sources = check_compatibility(zoo["base"], [str(zoo["root"] / "runs" / "*")])
+    mixture = Mixture.uniform("uniform", [c.id for c in report.accepted])
+    stats = materialize(mixture, report, sources, tmp_path, quiet=True)
+    written = load_file(str(tmp_path / "model.safetensors"))
+    expected = independent_average([zoo[k] for k in "abcd"])
+    assert set(written) == set(expected)
+    for name, tensor in written.items():
+        assert not torch.isnan(tensor.float()).any()
+        torch.testing.assert_close(tensor.double(), expected[name].to(torch.float64), atol=1e-6, rtol=0)
+    assert stats.files == ["model.safetensors"]
+
+
+def test_non_uniform_weights(zoo, tmp_path):
+    report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(zoo["b"])])
+    mixture = Mixture("custom", (Ingredient(str(zoo["a"]), 0.25), Ingredient(str(zoo["b"]), 0.75)))
+    materialize(mixture, report, sources, tmp_path, quiet=True)
+    written = load_file(str(tmp_path / "model.safetensors"))
+    expected = independent_average([zoo["a"], zoo["b"]], [0.25, 0.75])
+    for name in written:
+        torch.testing.assert_close(written[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0)
+
+
+def test_mixed_dtypes_accumulate_in_fp32_and_write_base_dtype(zoo, tmp_path):
+    half = copy_model(zoo["b"], tmp_path / "half")
+    state = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(half / "model.safetensors"),
+              metadata={"format": "pt"})
+    report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(half)])
+    assert any("mix dtypes" in w for w in report.warnings)
+    out = tmp_path / "out"
+    out.mkdir()
+    materialize(Mixture.uniform("uniform", [str(zoo["a"]), str(half)]), report, sources, out, quiet=True)
+    written = load_file(str(out / "model.safetensors"))
+    a = load_file(str(zoo["a"] / "model.safetensors"))
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert written[name].dtype == torch.float32
+    expected = (a[name] + state[name].half().float()) / 2
+    torch.testing.assert_close(written[name], expected, atol=1e-6, rtol=0)
+
+
+def test_non_float_buffers_are_copied_and_shards_indexed(zoo, tmp_path):
+    with_buffer = []
+    for key in "ab":
+        folder = copy_model(zoo[key], tmp_path / key)
+        state = load_file(str(folder / "model.safetensors"))
+        state["bert.embeddings.position_ids"] = torch.arange(128).unsqueeze(0) + (7 if key == "b" else 0)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with_buffer.append(folder)
+    report, sources = check_compatibility(zoo["base"], [str(f) for f in with_buffer])
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = materialize(Mixture.uniform("u", [str(f) for f in with_buffer]), report, sources, out,
+                        max_shard_size="200KB", quiet=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "model.safetensors.index.json" in stats.files
+    merged = {}
+    for shard in set(index["weight_map"].values()):
+        merged.update(load_file(str(out / shard)))
+    assert torch.equal(merged["bert.embeddings.position_ids"], torch.arange(128).unsqueeze(0))  # first ingredient's
+    (out / "config.json").write_text((zoo["a"] / "config.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(out)  # transformers reads the sharded index
+    torch.testing.assert_close(model.classifier.weight, merged["classifier.weight"])
+
+
+def test_peak_memory_does_not_grow_with_candidates(zoo, tmp_path):
+    peaks = {}
+    for n in (2, 4):
+        ids = [str(zoo[k]) for k in "abcd"[:n]]
+        report, sources = check_compatibility(zoo["base"], ids)
+        out = tmp_path / f"n{n}"
+        out.mkdir()
+        stats = materialize(Mixture.uniform("u", ids), report, sources, out, max_shard_size="100KB", quiet=True)
+        peaks[n] = stats.peak_live_bytes
+        largest = max(torch.Size(sources[ids[0]].shape(k)).numel() * 4 for k in sources[ids[0]].keys())
+        # One accumulator, one input and one output tensor, plus at most one 100KB shard: never N models.
+        assert stats.peak_live_bytes <= 3 * largest + 100_000
+    assert peaks[2] == peaks[4]
+
+
+def test_workbench_trials_match_direct_average(zoo):
+    ids = [str(zoo[k]) for k in "abcd"]
+    report, sources = check_compatibility(zoo["base"], ids)
+    model = AutoModelForSequenceClassification.from_pretrained(zoo["a"])
+    bench = Workbench(model, report, sources)
+    for subset in (ids[:2], ids[:3], [ids[0], ids[1], ids[3]], ids, [ids[2]], ids[1:]):
+        bench.load(Mixture.uniform("t", subset))
+        expected = independent_average([zoo[k] for k in "abcd" if str(zoo[k]) in subset])
+        state = model.state_dict()
+        for name in bench.names:
+            torch.testing.assert_close(state[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0)
