@@ -1,0 +1,218 @@
+"""The whole pipeline on tiny real fine-tunes: scores, output folder, card, cache, split policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hf_soup import SoupConfig, cook
+from hf_soup.data import GLUE, carve_selection, load_data, plan_splits, task_spec
+
+
+def config_for(zoo, reviews, tmp_path, **overrides):
+    values = dict(
+        base=str(zoo["base"]),
+        candidates=[str(zoo["root"] / "runs" / "*")],
+        dataset=str(reviews["train"]),
+        report_split=str(reviews["test"]),
+        text_column="review",
+        label_column="score",
+        recipe="greedy",
+        selection_fraction=0.25,
+        max_length=64,
+        output=str(tmp_path / "soup"),
+    )
+    values.update(overrides)
+    return SoupConfig(**values)
+
+
+def manual_accuracy(state: dict, model_dir, texts, labels, tokenizer) -> float:
+    """Accuracy of `state` computed without hf-soup: plain transformers forward passes and sklearn."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 32):
+            batch = tokenizer(texts[start : start + 32], truncation=True, max_length=64, padding=True, return_tensors="pt")
+            predictions.extend(model(**batch).logits.argmax(-1).tolist())
+    return accuracy_score(labels, predictions)
+
+
+def average(folders):
+    states = [load_file(str(f / "model.safetensors")) for f in folders]
+    return {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+
+
+@pytest.fixture(scope="module")
+def greedy_run(zoo, reviews, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("greedy")
+    import os
+
+    os.environ["HF_SOUP_CACHE"] = str(tmp / "cache")
+    config = config_for(zoo, reviews, tmp)
+    first = cook(config, quiet=True)
+    second = cook(config.__class__(**{**config.to_dict(), "output": str(tmp / "soup2")}), quiet=True)
+    return config, first, second
+
+
+def test_scores_match_an_independent_computation(greedy_run, zoo, reviews):
+    config, result, _ = greedy_run
+    report = result.report
+    train = load_data(str(reviews["train"]), split="train")
+    _, selection = carve_selection(train, 0.25, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    texts = list(selection["review"])
+    labels = [["great", "other"].index(s) for s in selection["score"]]
+    for candidate in report["candidates"]:
+        folder = candidate["id"]
+        state = load_file(f"{folder}/model.safetensors")
+        expected = manual_accuracy(state, folder, texts, labels, tokenizer)
+        assert candidate["selection"]["accuracy"] == pytest.approx(expected)
+    # Each greedy trial scored what the recipe says it tried.
+    kept = [report["candidates"][0]["id"]]
+    for step in report["trajectory"][1:]:
+        trial = [*kept, step["candidate"]]
+        expected = manual_accuracy(average([__import__("pathlib").Path(p) for p in trial]), kept[0], texts, labels, tokenizer)
+        assert step["score"] == pytest.approx(expected, abs=1e-9)
+        if step["accepted"]:
+            kept = trial
+    assert kept == result.mixture.ids()
+
+
+def test_greedy_never_below_best_individual(greedy_run):
+    _, result, _ = greedy_run
+    report = result.report
+    best = max(c["selection"]["accuracy"] for c in report["candidates"])
+    assert report["best_individual"]["selection"]["accuracy"] == best
+    assert report["soup"]["selection"]["accuracy"] >= best
+    assert len(report["uniform"]["ingredients"]) == 4
+
+
+def test_output_loads_and_predicts_like_the_in_memory_soup(greedy_run, reviews, zoo):
+    config, result, _ = greedy_run
+    soup = AutoModelForSequenceClassification.from_pretrained(config.output)
+    tokenizer = AutoTokenizer.from_pretrained(config.output)
+    assert soup.config.id2label == {0: "great", 1: "other"}
+    in_memory = AutoModelForSequenceClassification.from_pretrained(result.mixture.ids()[0])
+    in_memory.load_state_dict(average([__import__("pathlib").Path(p) for p in result.mixture.ids()]), strict=False)
+    texts = pd.read_csv(reviews["test"])["review"].tolist()[:64]
+    batch = tokenizer(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(soup.eval()(**batch).logits, in_memory.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+    test = pd.read_csv(reviews["test"])
+    expected = manual_accuracy(soup.state_dict(), config.output, test["review"].tolist(),
+                               [["great", "other"].index(s) for s in test["score"]], tokenizer)
+    assert result.report["soup"]["report"]["test.csv"]["accuracy"] == pytest.approx(expected)
+
+
+def test_manifest_card_and_plots(greedy_run):
+    config, result, _ = greedy_run
+    from pathlib import Path
+
+    folder = Path(config.output)
+    manifest = json.loads((folder / "soup.json").read_text())
+    assert manifest["mixture"] == result.mixture.to_dict()
+    assert manifest["splits"]["same_split"] is False
+    assert set(manifest["versions"]) >= {"hf-soup", "torch", "transformers", "safetensors"}
+    written = load_file(str(folder / "model.safetensors"))
+    from hf_soup.materialize import tensor_sha256
+
+    assert {k: tensor_sha256(v) for k, v in written.items()} == manifest["tensor_sha256"]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == result.mixture.ids()
+    assert card.data.base_model_relation == "merge"
+    assert set(card.data.tags) == {"model-soup", "merge", "hf-soup"}
+    assert card.data.eval_results[0].metric_type == "accuracy"
+    assert card.data.eval_results[0].metric_value == pytest.approx(manifest["soup"]["report"]["test.csv"]["accuracy"], abs=1e-6)
+    assert "2203.05482" in card.text and "greedy soup" in card.text
+    for plot in ("plots/trajectory.png", "plots/candidates.png"):
+        assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
+    assert not list(folder.parent.glob(".soup.tmp-*"))
+
+
+def test_rerun_hits_the_score_cache_for_every_evaluation(greedy_run):
+    _, first, second = greedy_run
+    assert first.evaluations > 0
+    assert second.evaluations == 0 and second.cache_hits > 0
+    assert second.report["soup"] == first.report["soup"]
+
+
+def test_pruned_and_uniform_recipes(zoo, reviews, tmp_path):
+    pruned = cook(config_for(zoo, reviews, tmp_path, recipe="pruned", passes=2, output=None), quiet=True)
+    report = pruned.report
+    assert report["trajectory"][0]["action"] == "start"
+    assert report["trajectory"][0]["score"] == pytest.approx(report["uniform"]["selection"]["accuracy"])
+    assert report["soup"]["selection"]["accuracy"] >= report["uniform"]["selection"]["accuracy"]
+
+    merged = cook(SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"])], recipe="uniform",
+                             output=str(tmp_path / "merge")), quiet=True)
+    assert merged.report["soup"] is None and (tmp_path / "merge" / "model.safetensors").is_file()
+    assert ModelCard.load(tmp_path / "merge" / "README.md").data.base_model_relation == "merge"
+
+
+def test_split_policy(reviews, tmp_path):
+    spec = task_spec(dataset=str(reviews["train"]), text_column="review", label_column="score")
+    plan = plan_splits(spec, report_split=str(reviews["test"]), selection_fraction=0.2, seed=3)
+    assert len(plan.selection) == 80 and list(plan.reports) == ["test.csv"] and not plan.same_split
+    # A single file and no report split: two disjoint carve-outs, with a note.
+    plan = plan_splits(spec, selection_fraction=0.2)
+    report = next(iter(plan.reports.values()))
+    assert not set(plan.selection["review"]) & set(report["review"])
+    assert plan.notes
+    same = plan_splits(spec, selection_split=str(reviews["test"]), report_split=str(reviews["test"]))
+    assert same.same_split and "SAME SPLIT" in same.notes[0]
+
+
+def test_glue_tasks_have_the_right_columns_and_metrics():
+    assert set(GLUE) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+    assert GLUE["cola"].metrics == ("matthews_correlation",)
+    assert GLUE["mrpc"].metrics == ("accuracy", "f1") and GLUE["qqp"].text_pair_column == "question2"
+    assert GLUE["stsb"].regression and GLUE["stsb"].metrics == ("pearson", "spearmanr")
+    assert GLUE["mnli"].report_splits == ("validation_matched", "validation_mismatched")
+    assert (GLUE["qnli"].text_column, GLUE["qnli"].text_pair_column) == ("question", "sentence")
+    assert GLUE["rte"].metrics == ("accuracy",) and GLUE["sst2"].text_column == "sentence"
+
+
+def test_glue_task_on_a_local_copy(zoo, reviews, tmp_path):
+    """`--task glue/sst2 --dataset DIR` reads GLUE-format data offline, with ClassLabel names."""
+    import datasets
+
+    def to_sst2(path):
+        frame = pd.read_csv(path)
+        features = datasets.Features({"sentence": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=["great", "other"])})
+        return datasets.Dataset.from_dict({"sentence": frame["review"].tolist(),
+                                           "label": [["great", "other"].index(s) for s in frame["score"]]}, features)
+
+    folder = tmp_path / "sst2"
+    datasets.DatasetDict({"train": to_sst2(reviews["train"]), "validation": to_sst2(reviews["test"])}).save_to_disk(folder)
+    for split in ("train", "validation"):
+        datasets.load_from_disk(folder)[split].to_parquet(folder / f"{split}.parquet")
+    result = cook(SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"])], task="glue/sst2",
+                             dataset=str(folder), recipe="greedy", max_length=64), quiet=True)
+    assert list(result.report["soup"]["report"]) == ["validation"]
+    assert result.report["splits"]["selection"]["name"].startswith("train carve-out")
+
+
+def test_metrics_match_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from hf_soup.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    got = compute_metrics(("accuracy", "f1", "matthews_correlation"), p, y)
+    assert got == pytest.approx({"accuracy": np.mean(y == p), "f1": f1_score(y, p), "matthews_correlation": matthews_corrcoef(y, p)})
+    a, b = rng.normal(size=100), rng.normal(size=100)
+    got = compute_metrics(("pearson", "spearmanr"), a, b)
+    assert got == pytest.approx({"pearson": pearsonr(b, a)[0], "spearmanr": spearmanr(b, a)[0]}, abs=1e-6)
