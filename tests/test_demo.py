@@ -1,0 +1,27 @@
+"""`hf-soup demo --quick` on the real pretrained MiniLM and the bundled reviews, through the entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_demo_quick_runs_offline(tmp_path):
+    out = tmp_path / "soup-demo"
+    run = subprocess.run(
+        [shutil.which("hf-soup"), "demo", "--quick", "--output", str(out), "--format", "json", "--quiet"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)  # stdout holds only the JSON report (Trainer logs go to stderr)
+    assert len(report["candidates"]) == 3
+    assert report["soup"]["selection"]["accuracy"] >= report["best_individual"]["selection"]["accuracy"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "great", 1: "other"}
+    assert json.loads((out / "soup.json").read_text())["mixture"] == report["mixture"]
