@@ -4,12 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import SoupResult, check, cook  # noqa: E402
-from .compat import CompatibilityReport  # noqa: E402
-from .config import SoupConfig  # noqa: E402
-from .data import carve_selection  # noqa: E402
-from .errors import HfSoupError  # noqa: E402
-from .mixture import Ingredient, Mixture, Recipe  # noqa: E402
+from .api import SoupResult, check, cook
+from .compat import CompatibilityReport
+from .config import SoupConfig
+from .data import carve_selection
+from .errors import HfSoupError
+from .mixture import Ingredient, Mixture, Recipe
 
 __all__ = [
     "CompatibilityReport",

@@ -77,7 +77,9 @@ def _entry(name: str, mixture: Mixture, selection, reports: dict) -> dict[str, A
     }
 
 
-def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet: bool = False, **kwargs) -> SoupResult:
+def cook(
+    config: SoupConfig | None = None, *, command: str | None = None, quiet: bool = False, **kwargs
+) -> SoupResult:
     """Build, evaluate and (with `output`) write a soup.
 
     Args:
@@ -94,9 +96,13 @@ def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet:
     timings: dict[str, float] = {}
     output = Path(config.output) if config.output else None
     if output is not None and output.exists() and not config.overwrite:
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it, or choose another --output.")
+        raise OutputExistsError(
+            f"{output} already exists; pass --overwrite to replace it, or choose another --output."
+        )
 
-    compatibility, sources = check_compatibility(config.base, config.candidates, allow_pickle=config.allow_pickle)
+    compatibility, sources = check_compatibility(
+        config.base, config.candidates, allow_pickle=config.allow_pickle
+    )
     compatibility.raise_if_unusable(strict=config.strict)
     timings["check"] = time.perf_counter() - started
 
@@ -108,7 +114,11 @@ def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet:
     tokenizer, tokenizer_dir = _load_tokenizer(compatibility)
 
     report: dict[str, Any] = {
-        "recipe": {"name": recipe.name(), "pretty_name": recipe.pretty_name(), "reference_url": recipe.reference_url()},
+        "recipe": {
+            "name": recipe.name(),
+            "pretty_name": recipe.pretty_name(),
+            "reference_url": recipe.reference_url(),
+        },
         "base": config.base,
         "compatibility": compatibility.to_dict(),
         "command": command or " ".join(sys.argv),
@@ -122,8 +132,12 @@ def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet:
         report.update({"task": None, "splits": None, "candidates": [{"id": i, "kept": True} for i in ids]})
         report.update({"best_individual": None, "uniform": None, "soup": None, "ensemble": None})
     else:
-        spec = task_spec(config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column)
-        scorer, plan = _prepare_scorer(config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet)
+        spec = task_spec(
+            config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column
+        )
+        scorer, plan = _prepare_scorer(
+            config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
+        )
         timings["data"] = time.perf_counter() - started - sum(timings.values())
 
         def selection(mixture: Mixture):
@@ -142,14 +156,25 @@ def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet:
 
         kept = set(mixture.ids())
         report["candidates"] = [
-            {**_entry(cid, singles[cid], selection(singles[cid]), reports(singles[cid])), "id": cid, "kept": cid in kept}
+            {
+                **_entry(cid, singles[cid], selection(singles[cid]), reports(singles[cid])),
+                "id": cid,
+                "kept": cid in kept,
+            }
             for cid in rank(ids, individual)
         ]
-        report["best_individual"] = _entry(best_id, singles[best_id], selection(singles[best_id]), reports(singles[best_id]))
+        report["best_individual"] = _entry(
+            best_id, singles[best_id], selection(singles[best_id]), reports(singles[best_id])
+        )
         report["uniform"] = _entry("uniform soup", uniform, selection(uniform), reports(uniform))
         report["soup"] = _entry(f"{recipe.name()} soup", mixture, selection(mixture), reports(mixture))
-        report["task"] = {"name": spec.name, "metrics": list(spec.metrics), "primary_metric": spec.primary_metric,
-                          "dataset": spec.dataset or "", "dataset_config": spec.dataset_config}
+        report["task"] = {
+            "name": spec.name,
+            "metrics": list(spec.metrics),
+            "primary_metric": spec.primary_metric,
+            "dataset": spec.dataset or "",
+            "dataset_config": spec.dataset_config,
+        }
         report["splits"] = {
             "selection": {"name": plan.selection_name, "size": len(scorer.splits["selection"])},
             "report": {name: {"size": len(scorer.splits[name])} for name in report_names},
@@ -160,9 +185,15 @@ def cook(config: SoupConfig | None = None, *, command: str | None = None, quiet:
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
     report["mixture"] = mixture.to_dict()
-    report["cache"] = {"hits": cache.hits, "misses": cache.misses, "evaluations": scorer.evaluations if scorer else 0}
+    report["cache"] = {
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "evaluations": scorer.evaluations if scorer else 0,
+    }
     if output is not None:
-        write_soup_folder(output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet)
+        write_soup_folder(
+            output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet
+        )
         timings["write"] = time.perf_counter() - started - sum(timings.values())
     report["output"] = str(output) if output else None
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -211,8 +242,16 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
     model = AutoModelForSequenceClassification.from_pretrained(reference.local_dir, dtype=torch.float32)
     workbench = Workbench(model, compatibility, sources)
     collator = DataCollatorWithPadding(tokenizer)
-    scorer = Scorer(workbench, spec, splits, fingerprints, collator, None if config.no_cache else cache,
-                    config.batch_size, quiet)
+    scorer = Scorer(
+        workbench,
+        spec,
+        splits,
+        fingerprints,
+        collator,
+        None if config.no_cache else cache,
+        config.batch_size,
+        quiet,
+    )
     return scorer, plan
 
 
@@ -228,8 +267,13 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     from .scoring import predict, score_logits
 
     candidate = load_candidate(model_dir)
-    spec = task_spec(options.get("task"), options.get("dataset"), options.get("text_column"),
-                     options.get("text_pair_column"), options.get("label_column"))
+    spec = task_spec(
+        options.get("task"),
+        options.get("dataset"),
+        options.get("text_column"),
+        options.get("text_pair_column"),
+        options.get("label_column"),
+    )
     plan = plan_splits(
         spec,
         selection_split=options.get("selection_split"),
@@ -241,13 +285,22 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model.") from error
+        raise ConfigError(
+            f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
+        ) from error
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     collator = DataCollatorWithPadding(tokenizer)
     scores = {}
     for name, data in plan.reports.items():
-        split = encode_split(name, data, spec, tokenizer, candidate.label_names, candidate.num_labels,
-                             options.get("max_length") or 128)
+        split = encode_split(
+            name,
+            data,
+            spec,
+            tokenizer,
+            candidate.label_names,
+            candidate.num_labels,
+            options.get("max_length") or 128,
+        )
         logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}

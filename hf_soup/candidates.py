@@ -70,7 +70,9 @@ def read_config(folder: Path) -> dict[str, Any]:
         hint = ""
         if (folder / "adapter_config.json").is_file():
             hint = " It holds a PEFT adapter; merge it first with `model.merge_and_unload().save_pretrained(dir)`."
-        raise CandidateFormatError(f"{folder} has no {CONFIG_NAME}; it is not a transformers model folder.{hint}")
+        raise CandidateFormatError(
+            f"{folder} has no {CONFIG_NAME}; it is not a transformers model folder.{hint}"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -48,7 +48,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] 
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=FORMATS, default="human", help="human tables, or one JSON object on stdout")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="human", help="human tables, or one JSON object on stdout"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
 
 
@@ -73,15 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a model folder")
     add_config_arguments(
         evaluate,
-        only=("task", "dataset", "text_column", "text_pair_column", "label_column", "selection_split", "report_split",
-              "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size"),
+        only=(
+            "task",
+            "dataset",
+            "text_column",
+            "text_pair_column",
+            "label_column",
+            "selection_split",
+            "report_split",
+            "selection_fraction",
+            "seed",
+            "max_eval_examples",
+            "max_length",
+            "batch_size",
+        ),
     )
     _common(evaluate)
 
-    demo = verbs.add_parser("demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline")
+    demo = verbs.add_parser(
+        "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
+    )
     demo.add_argument("--quick", action="store_true", help="a tiny run for tests (about a minute)")
-    demo.add_argument("--output", default="./soup-demo", help="where to write the soup (default: ./soup-demo)")
-    demo.add_argument("--workdir", default=None, help="where the fine-tuned variants go (default: a temp folder)")
+    demo.add_argument(
+        "--output", default="./soup-demo", help="where to write the soup (default: ./soup-demo)"
+    )
+    demo.add_argument(
+        "--workdir", default=None, help="where the fine-tuned variants go (default: a temp folder)"
+    )
     _common(demo)
     return parser
 
@@ -128,8 +148,12 @@ def _run(args, argv: list[str]) -> int:
         from .api import evaluate_model
 
         scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
-        human = "\n".join(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
-                          + f", loss={s['loss']:.4f} (n={s['n']})" for split, s in scores.items())
+        human = "\n".join(
+            f"{split}: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
+            + f", loss={s['loss']:.4f} (n={s['n']})"
+            for split, s in scores.items()
+        )
         _emit(args, scores, human)
         return 0
     if args.verb == "demo":
@@ -143,7 +167,11 @@ def _run(args, argv: list[str]) -> int:
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
-    human = soup_table(result.report) if result.report.get("soup") else f"Merged {len(result.mixture.ingredients)} models (no scoring)."
+    human = (
+        soup_table(result.report)
+        if result.report.get("soup")
+        else f"Merged {len(result.mixture.ingredients)} models (no scoring)."
+    )
     if result.output:
         human += f"\nSoup written to {result.output}"
     _emit(args, result.report, human)
@@ -151,8 +179,20 @@ def _run(args, argv: list[str]) -> int:
 
 
 def _config_from_eval(args) -> dict:
-    keys = ("task", "dataset", "text_column", "text_pair_column", "label_column", "selection_split", "report_split",
-            "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")
+    keys = (
+        "task",
+        "dataset",
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "selection_split",
+        "report_split",
+        "selection_fraction",
+        "seed",
+        "max_eval_examples",
+        "max_length",
+        "batch_size",
+    )
     return {k: getattr(args, k) for k in keys}
 
 

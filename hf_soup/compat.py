@@ -198,7 +198,11 @@ def check_compatibility(
         reference, _ = next((c, s) for c, s in readable if kinds[_signature(c, s)] == top)
         sources[reference.id] = dict((c.id, s) for c, s in readable)[reference.id]
         reference_labels = reference.label_names or next(
-            (c.label_names for c, s in readable if c.label_names and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]),
+            (
+                c.label_names
+                for c, s in readable
+                if c.label_names and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]
+            ),
             None,
         )
 
@@ -257,7 +261,9 @@ def check_compatibility(
         head = _head_tensors(reference_source, accepted[0].num_labels, base_names)
         dtypes = {str(sources[c.id].dtype(n)) for c in accepted for n in list(sources[c.id].keys())[:1]}
         if len(dtypes) > 1:
-            warnings.append(f"candidates mix dtypes ({', '.join(sorted(dtypes))}); they are averaged in float32")
+            warnings.append(
+                f"candidates mix dtypes ({', '.join(sorted(dtypes))}); they are averaged in float32"
+            )
     for message in warnings:
         logger.warning(message)
     report = CompatibilityReport(
@@ -273,7 +279,9 @@ def check_compatibility(
     return report, sources
 
 
-def read_aligned(report: CompatibilityReport, source: TensorSource, candidate_id: str, name: str) -> torch.Tensor:
+def read_aligned(
+    report: CompatibilityReport, source: TensorSource, candidate_id: str, name: str
+) -> torch.Tensor:
     """Read one tensor of a candidate, with its head rows in the reference label order."""
     tensor = source.get(name)
     permutation = report.permutations.get(candidate_id)

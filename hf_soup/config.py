@@ -25,9 +25,13 @@ class SoupConfig:
     ```
     """
 
-    base: str = field(metadata=_opt("The pretrained model every candidate was fine-tuned from (a folder).", required=True))
+    base: str = field(
+        metadata=_opt("The pretrained model every candidate was fine-tuned from (a folder).", required=True)
+    )
     candidates: list[str] = field(
-        metadata=_opt("Candidate folders or globs, e.g. './runs/*' or 'out/checkpoint-*'.", required=True, nargs="+")
+        metadata=_opt(
+            "Candidate folders or globs, e.g. './runs/*' or 'out/checkpoint-*'.", required=True, nargs="+"
+        )
     )
     task: str | None = field(
         default=None, metadata=_opt(f"A GLUE task: glue/<{'|'.join(GLUE_TASKS)}>.", metavar="glue/TASK")
@@ -64,7 +68,8 @@ class SoupConfig:
     )
     seed: int = field(default=0, metadata=_opt("Seed of the selection carve-out and subsampling."))
     max_eval_examples: int | None = field(
-        default=None, metadata=_opt("Evaluate on at most N examples per split (seeded subsample).", metavar="N")
+        default=None,
+        metadata=_opt("Evaluate on at most N examples per split (seeded subsample).", metavar="N"),
     )
     max_length: int = field(default=128, metadata=_opt("Truncate inputs to this many tokens."))
     batch_size: int = field(default=64, metadata=_opt("Evaluation batch size."))
@@ -73,12 +78,15 @@ class SoupConfig:
     strict: bool = field(default=False, metadata=_opt("Fail if any candidate is rejected."))
     allow_pickle: bool = field(
         default=False,
-        metadata=_opt("Accept .bin weights, loaded with torch.load(weights_only=True). Safetensors is preferred."),
+        metadata=_opt(
+            "Accept .bin weights, loaded with torch.load(weights_only=True). Safetensors is preferred."
+        ),
     )
     max_shard_size: str = field(default="2GB", metadata=_opt("Largest safetensors shard of the output."))
     no_cache: bool = field(default=False, metadata=_opt("Neither read nor write the score cache."))
     cache_dir: str | None = field(
-        default=None, metadata=_opt("Score cache folder (default: $HF_SOUP_CACHE or $HF_HOME/hf_soup).", metavar="DIR")
+        default=None,
+        metadata=_opt("Score cache folder (default: $HF_SOUP_CACHE or $HF_HOME/hf_soup).", metavar="DIR"),
     )
 
     def __post_init__(self) -> None:
@@ -92,7 +100,9 @@ class SoupConfig:
                 "Only --recipe uniform runs without data (a plain merge)."
             )
         if self.dataset and not self.task and not (self.text_column and self.label_column):
-            raise ConfigError("--dataset needs --text-column and --label-column (and --text-pair-column for pairs).")
+            raise ConfigError(
+                "--dataset needs --text-column and --label-column (and --text-pair-column for pairs)."
+            )
         if not 0 < self.selection_fraction < 1:
             raise ConfigError(f"--selection-fraction must be between 0 and 1, got {self.selection_fraction}.")
         if self.passes < 1:

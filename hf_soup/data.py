@@ -94,15 +94,23 @@ def task_spec(
     if task:
         key = task.lower().removeprefix("glue/")
         if key not in GLUE:
-            raise DatasetError(f"Unknown task {task!r}: choose one of {', '.join('glue/' + t for t in GLUE_TASKS)}.")
+            raise DatasetError(
+                f"Unknown task {task!r}: choose one of {', '.join('glue/' + t for t in GLUE_TASKS)}."
+            )
         spec = GLUE[key]
-        overrides = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+        overrides = {
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "label_column": label_column,
+        }
         spec = replace(spec, **{k: v for k, v in overrides.items() if v})
         return replace(spec, dataset=dataset, dataset_config=None) if dataset else spec
     if not dataset:
         raise DatasetError("Give --task glue/<name>, or --dataset with --text-column and --label-column.")
     if not text_column or not label_column:
-        raise DatasetError("--dataset needs --text-column and --label-column (and --text-pair-column for pairs).")
+        raise DatasetError(
+            "--dataset needs --text-column and --label-column (and --text-pair-column for pairs)."
+        )
     metrics = ("pearson", "spearmanr") if regression else ("accuracy",)
     return TaskSpec("custom", text_column, label_column, text_pair_column, metrics, regression, (), dataset)
 
@@ -183,7 +191,9 @@ def plan_splits(
         name = Path(report_split).name if Path(report_split).is_file() else report_split
         reports = {name: _resolve_split(spec, loaded, report_split)}
     else:
-        names = [s for s in spec.report_splits if s in loaded] or [s for s in ("test", "validation") if s in loaded]
+        names = [s for s in spec.report_splits if s in loaded] or [
+            s for s in ("test", "validation") if s in loaded
+        ]
         reports = {name: loaded[name] for name in names}
 
     if selection_split:
@@ -194,7 +204,9 @@ def plan_splits(
         selection_name = f"train carve-out ({selection_fraction:g}, seed {seed})"
         if not reports:
             # A single-file dataset: carve the report split from the rest of it, disjoint from selection.
-            _, report = carve_selection(rest, min(0.5, selection_fraction / (1 - selection_fraction)), seed + 1)
+            _, report = carve_selection(
+                rest, min(0.5, selection_fraction / (1 - selection_fraction)), seed + 1
+            )
             reports = {f"train carve-out #2 (seed {seed + 1})": report}
             notes.append(
                 "The report split was carved from the same file as the selection split (disjoint rows). "
@@ -205,7 +217,9 @@ def plan_splits(
             f"{spec.dataset} has no train split to carve a selection split from; pass --selection-split."
         )
     if not reports:
-        raise DatasetError(f"{spec.dataset} has no test or validation split to report on; pass --report-split.")
+        raise DatasetError(
+            f"{spec.dataset} has no test or validation split to report on; pass --report-split."
+        )
 
     same = selection_split is not None and selection_split in (report_split, *reports)
     if same:
@@ -218,7 +232,9 @@ def plan_splits(
         reports = {name: _subsample(data, max_eval_examples, seed) for name, data in reports.items()}
     for name, data in [("selection", selection), *reports.items()]:
         if len(data) == 0:
-            raise DatasetError(f"The {name} split is empty; choose another split or a larger --selection-fraction.")
+            raise DatasetError(
+                f"The {name} split is empty; choose another split or a larger --selection-fraction."
+            )
     return SplitPlan(selection, reports, selection_name, same, notes)
 
 
@@ -228,7 +244,9 @@ def _subsample(data: Dataset, limit: int, seed: int) -> Dataset:
 
 def check_columns(spec: TaskSpec, data: Dataset, split_name: str) -> None:
     """Fail with the available columns when a needed column is missing."""
-    needed = [spec.text_column, spec.label_column] + ([spec.text_pair_column] if spec.text_pair_column else [])
+    needed = [spec.text_column, spec.label_column] + (
+        [spec.text_pair_column] if spec.text_pair_column else []
+    )
     missing = [c for c in needed if c not in data.column_names]
     if missing:
         raise DatasetError(

@@ -71,7 +71,10 @@ def make_start(pretrained: Path, folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        pretrained, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+        pretrained,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
     )
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(pretrained).save_pretrained(folder)
@@ -117,7 +120,9 @@ def fine_tune(start: Path, variant: Variant, train, folder: Path, quiet: bool = 
             disable_tqdm=quiet,
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=DataCollatorWithPadding(tokenizer))
+        trainer = Trainer(
+            model=model, args=args, train_dataset=encoded, data_collator=DataCollatorWithPadding(tokenizer)
+        )
         with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout is for the report
             trainer.train()
     model.save_pretrained(folder)
@@ -126,7 +131,10 @@ def fine_tune(start: Path, variant: Variant, train, folder: Path, quiet: bool = 
 
 
 def run_demo(
-    quick: bool = False, output: str | Path = "./soup-demo", workdir: str | Path | None = None, quiet: bool = False
+    quick: bool = False,
+    output: str | Path = "./soup-demo",
+    workdir: str | Path | None = None,
+    quiet: bool = False,
 ) -> SoupResult:
     """Fine-tune the sweep, cook a greedy soup of it and write it to `output`.
 

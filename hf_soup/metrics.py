@@ -40,7 +40,9 @@ class TaskMetric(evaluate.Metric):
         if name == "accuracy":
             value = accuracy_score(references, predictions)
         elif name == "f1":
-            value = f1_score(references, predictions, pos_label=pos_label, average="binary", zero_division=0.0)
+            value = f1_score(
+                references, predictions, pos_label=pos_label, average="binary", zero_division=0.0
+            )
         elif name == "matthews_correlation":
             value = matthews_corrcoef(references, predictions)
         elif name == "pearson":
@@ -66,5 +68,9 @@ def compute_metrics(
     results: dict[str, float] = {}
     for name in names:
         kwargs = {"pos_label": pos_label} if name == "f1" else {}
-        results.update(TaskMetric(config_name=name, keep_in_memory=True).compute(predictions=predictions, references=references, **kwargs))
+        results.update(
+            TaskMetric(config_name=name, keep_in_memory=True).compute(
+                predictions=predictions, references=references, **kwargs
+            )
+        )
     return results

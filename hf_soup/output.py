@@ -31,7 +31,16 @@ from .plots import write_plots
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "soup.json"
-_PACKAGES = ("torch", "transformers", "datasets", "evaluate", "accelerate", "huggingface_hub", "peft", "safetensors")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "evaluate",
+    "accelerate",
+    "huggingface_hub",
+    "peft",
+    "safetensors",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -47,7 +56,9 @@ def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces `target` only if the block finishes without error."""
     target = Path(target)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it, or choose another --output.")
+        raise OutputExistsError(
+            f"{target} already exists; pass --overwrite to replace it, or choose another --output."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -98,12 +109,20 @@ def write_soup_folder(
 ) -> None:
     """Write the whole soup folder to `output` (atomically); also fills `report["files"]`."""
     with atomic_folder(output, overwrite=config.overwrite) as staging:
-        stats = materialize(mixture, compatibility, sources, staging, max_shard_size=config.max_shard_size, quiet=quiet)
-        float_names = [n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point]
-        dtype = str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.") if (
-            float_names and float_names[0] in compatibility.base_names
-        ) else None
-        (staging / CONFIG_NAME).write_text(json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n")
+        stats = materialize(
+            mixture, compatibility, sources, staging, max_shard_size=config.max_shard_size, quiet=quiet
+        )
+        float_names = [
+            n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point
+        ]
+        dtype = (
+            str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.")
+            if (float_names and float_names[0] in compatibility.base_names)
+            else None
+        )
+        (staging / CONFIG_NAME).write_text(
+            json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n"
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         plots = write_plots(staging / "plots", report) if report.get("soup") else []
@@ -117,7 +136,9 @@ def write_soup_folder(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer_from": str(tokenizer_dir) if tokenizer_dir else None,
         }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / MANIFEST_NAME).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+        )
         write_model_card(staging, manifest)
         report["files"] = stats.files
         report["plots"] = plots

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _first_report(entry: dict[str, Any], metric: str) -> float:
@@ -50,7 +50,13 @@ def write_plots(folder: Path, report: dict[str, Any]) -> list[str]:
     )
     for key, marker in (("uniform", "s"), ("soup", "*")):
         entry = report[key]
-        ax.scatter(entry["selection"][metric], _first_report(entry, metric), marker=marker, s=150, label=entry["name"])
+        ax.scatter(
+            entry["selection"][metric],
+            _first_report(entry, metric),
+            marker=marker,
+            s=150,
+            label=entry["name"],
+        )
     ax.set_xlabel(f"selection {metric}")
     ax.set_ylabel(f"report {metric}")
     ax.set_title("Candidates and soups")

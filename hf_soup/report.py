@@ -26,8 +26,13 @@ def soup_table(report: dict[str, Any]) -> str:
     headers = ["model", "kept", "n", f"selection {metric}", *(f"{s} {metric}" for s in splits)]
 
     def row(label: str, entry: dict, kept: str = "") -> list[str]:
-        return [label, kept, str(len(entry["ingredients"])), _fmt(entry["selection"][metric]),
-                *(_fmt(entry["report"][s][metric]) for s in splits)]
+        return [
+            label,
+            kept,
+            str(len(entry["ingredients"])),
+            _fmt(entry["selection"][metric]),
+            *(_fmt(entry["report"][s][metric]) for s in splits),
+        ]
 
     rows = [row(c["id"], c, "yes" if c["kept"] else "no") for c in report["candidates"]]
     rows.append(["", "", "", "", *("" for _ in splits)])
@@ -38,7 +43,9 @@ def soup_table(report: dict[str, Any]) -> str:
     best, soup = report["best_individual"], report["soup"]
     for split in splits:
         delta = soup["report"][split][metric] - best["report"][split][metric]
-        lines.append(f"{report['soup']['name']} vs best individual on {split}: {delta * 100:+.2f} points of {metric}")
+        lines.append(
+            f"{report['soup']['name']} vs best individual on {split}: {delta * 100:+.2f} points of {metric}"
+        )
     for note in report["splits"]["notes"]:
         lines.append(f"NOTE: {note}")
     return "\n".join(lines)

@@ -95,7 +95,9 @@ def encode_split(
     for feature in features:
         digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes())
     digest.update(labels.tobytes())
-    return EncodedSplit(name, features, labels, np.argsort(-lengths, kind="stable"), digest.hexdigest(), positive)
+    return EncodedSplit(
+        name, features, labels, np.argsort(-lengths, kind="stable"), digest.hexdigest(), positive
+    )
 
 
 @dataclass
@@ -165,7 +167,9 @@ class Scorer:
         cache (`JsonCache`, *optional*): the score cache; `None` disables caching.
     """
 
-    def __init__(self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False):
+    def __init__(
+        self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False
+    ):
         self.workbench: Workbench = workbench
         self.spec: TaskSpec = spec
         self.splits: dict[str, EncodedSplit] = splits

@@ -62,7 +62,10 @@ def fingerprint_sources(
     with progress_bar(total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet) as bar:
         for cid in todo:
             sha, bad_tensor = _scan(sources[cid], bar)
-            cache.put(cache_key("fingerprint", _file_identity(sources[cid])), {"sha256": sha, "non_finite": bad_tensor})
+            cache.put(
+                cache_key("fingerprint", _file_identity(sources[cid])),
+                {"sha256": sha, "non_finite": bad_tensor},
+            )
             fingerprints[cid] = sha
             if bad_tensor:
                 _raise_non_finite(cid, bad_tensor)

@@ -55,8 +55,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 def tiny_config(**overrides) -> BertConfig:
     values = dict(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=2, id2label=dict(enumerate(LABELS)),
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
         label2id={n: i for i, n in enumerate(LABELS)},
     )
     values.update(overrides)
@@ -67,9 +73,11 @@ def fine_tune(model, tokenizer, texts, labels, lr, seed, steps=40, batch=16):
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(texts), (batch,)).tolist()
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=64, padding=True, return_tensors="pt"
+        )
         loss = model(**enc, labels=torch.tensor([labels[i] for i in idx])).loss
         loss.backward()
         optimizer.step()

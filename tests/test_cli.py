@@ -8,28 +8,54 @@ import subprocess
 
 import pytest
 import torch
+from conftest import copy_model
 from safetensors.torch import load_file
+from test_compat import permute_labels, rewrite, to_pickle
 
 from hf_soup.cli import main
-
-from conftest import copy_model
-from test_compat import permute_labels, rewrite, to_pickle
 
 HF_SOUP = shutil.which("hf-soup")
 
 
 def data_args(reviews):
-    return ["--dataset", str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-            "--label-column", "score", "--max-length", "64", "--selection-fraction", "0.25"]
+    return [
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--selection-fraction",
+        "0.25",
+    ]
 
 
 def test_entry_point_cook_json_and_check(zoo, reviews, tmp_path):
     assert HF_SOUP, "the hf-soup console script is not installed"
     out = tmp_path / "soup"
     run = subprocess.run(
-        [HF_SOUP, "--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), *data_args(reviews),
-         "--recipe", "greedy", "--output", str(out), "--format", "json", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        [
+            HF_SOUP,
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            str(zoo["root"] / "runs" / "*"),
+            *data_args(reviews),
+            "--recipe",
+            "greedy",
+            "--output",
+            str(out),
+            "--format",
+            "json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
@@ -37,18 +63,37 @@ def test_entry_point_cook_json_and_check(zoo, reviews, tmp_path):
     assert report["output"] == str(out) and (out / "soup.json").is_file()
     assert "Scoring" not in run.stderr and "Materializing" not in run.stderr  # --quiet silences progress bars
 
-    human = subprocess.run([HF_SOUP, "check", "--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"])],
-                           capture_output=True, text=True, timeout=300)
+    human = subprocess.run(
+        [HF_SOUP, "check", "--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert human.returncode == 0 and "accepted" in human.stdout
 
 
 def test_entry_point_error_is_one_line(zoo, tmp_path):
-    run = subprocess.run([HF_SOUP, "--base", str(zoo["base"]), "--candidates", str(tmp_path / "none-*"),
-                          "--recipe", "uniform", "--output", str(tmp_path / "out")], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            HF_SOUP,
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            str(tmp_path / "none-*"),
+            "--recipe",
+            "uniform",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("hf-soup: error: No candidate folder matches") and "Traceback" not in run.stderr
+    assert (
+        lines[-1].startswith("hf-soup: error: No candidate folder matches") and "Traceback" not in run.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -63,31 +108,73 @@ def test_evaluate_verb(zoo, reviews, tmp_path, capsys):
 
 
 def nan_weights(folder):
-    return rewrite(folder, change_state=lambda s: s["bert.encoder.layer.0.output.dense.weight"].__setitem__((0, 0), float("nan")))
+    return rewrite(
+        folder,
+        change_state=lambda s: s["bert.encoder.layer.0.output.dense.weight"].__setitem__(
+            (0, 0), float("nan")
+        ),
+    )
 
 
 BAD_INPUTS = {
     "no candidate matches": (lambda z, t: [str(t / "missing-*")], "No candidate folder matches"),
     "folder without config": (
         lambda z, t: [str(z["a"]), str(rewrite_unlink(copy_model(z["b"], t / "noconfig"), "config.json"))],
-        "no config.json"),
+        "no config.json",
+    ),
     "folder without weights": (
-        lambda z, t: [str(z["a"]), str(rewrite_unlink(copy_model(z["b"], t / "noweights"), "model.safetensors"))],
-        "no model weights"),
+        lambda z, t: [
+            str(z["a"]),
+            str(rewrite_unlink(copy_model(z["b"], t / "noweights"), "model.safetensors")),
+        ],
+        "no model weights",
+    ),
     "architectures differ": (
-        lambda z, t: [str(z["a"]), str(rewrite(copy_model(z["b"], t / "arch"),
-                                               change_config=lambda c: c.update(architectures=["BertForMaskedLM"])))],
-        "architecture"),
+        lambda z, t: [
+            str(z["a"]),
+            str(
+                rewrite(
+                    copy_model(z["b"], t / "arch"),
+                    change_config=lambda c: c.update(architectures=["BertForMaskedLM"]),
+                )
+            ),
+        ],
+        "architecture",
+    ),
     "tensor shape differs": (
-        lambda z, t: [str(z["a"]), str(rewrite(copy_model(z["b"], t / "shape"),
-                                               change_state=lambda s: s.update({"bert.pooler.dense.bias": torch.zeros(5)})))],
-        "shape"),
+        lambda z, t: [
+            str(z["a"]),
+            str(
+                rewrite(
+                    copy_model(z["b"], t / "shape"),
+                    change_state=lambda s: s.update({"bert.pooler.dense.bias": torch.zeros(5)}),
+                )
+            ),
+        ],
+        "shape",
+    ),
     "label sets differ": (
-        lambda z, t: [str(z["a"]), str(rewrite(copy_model(z["b"], t / "labels"), change_config=lambda c: c.update(
-            id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})))],
-        "label set"),
-    "only .bin weights": (lambda z, t: [str(z["a"]), str(to_pickle(copy_model(z["b"], t / "pickle")))], "--allow-pickle"),
-    "NaN in a candidate": (lambda z, t: [str(z["a"]), str(nan_weights(copy_model(z["b"], t / "nan")))], "NaN or Inf"),
+        lambda z, t: [
+            str(z["a"]),
+            str(
+                rewrite(
+                    copy_model(z["b"], t / "labels"),
+                    change_config=lambda c: c.update(
+                        id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1}
+                    ),
+                )
+            ),
+        ],
+        "label set",
+    ),
+    "only .bin weights": (
+        lambda z, t: [str(z["a"]), str(to_pickle(copy_model(z["b"], t / "pickle")))],
+        "--allow-pickle",
+    ),
+    "NaN in a candidate": (
+        lambda z, t: [str(z["a"]), str(nan_weights(copy_model(z["b"], t / "nan")))],
+        "NaN or Inf",
+    ),
     "fewer than 2 candidates": (lambda z, t: [str(z["a"])], "at least 2"),
 }
 
@@ -101,8 +188,18 @@ def rewrite_unlink(folder, name):
 def test_bad_input_fails_cleanly(case, zoo, reviews, tmp_path, capsys):
     make_candidates, message = BAD_INPUTS[case]
     out = tmp_path / "soup"
-    code = main(["--base", str(zoo["base"]), "--candidates", *make_candidates(zoo, tmp_path), *data_args(reviews),
-                 "--output", str(out), "--quiet"])
+    code = main(
+        [
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            *make_candidates(zoo, tmp_path),
+            *data_args(reviews),
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("hf-soup: error:") == 1
@@ -112,8 +209,19 @@ def test_bad_input_fails_cleanly(case, zoo, reviews, tmp_path, capsys):
 def test_missing_dataset_column(zoo, reviews, tmp_path, capsys):
     args = data_args(reviews)
     args[args.index("review")] = "text"
-    code = main(["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), *args,
-                 "--output", str(tmp_path / "soup"), "--quiet"])
+    code = main(
+        [
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            str(zoo["a"]),
+            str(zoo["b"]),
+            *args,
+            "--output",
+            str(tmp_path / "soup"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no column 'text'" in err and "--text-column" in err
     assert not (tmp_path / "soup").exists()
@@ -123,8 +231,18 @@ def test_existing_output_needs_overwrite(zoo, tmp_path, capsys):
     out = tmp_path / "soup"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform",
-            "--output", str(out), "--quiet"]
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     assert main([*args, "--overwrite"]) == 0
@@ -134,17 +252,46 @@ def test_existing_output_needs_overwrite(zoo, tmp_path, capsys):
 def test_allow_pickle_loads_bin_candidates(zoo, tmp_path, capsys):
     pickled = to_pickle(copy_model(zoo["b"], tmp_path / "pickle"))
     out = tmp_path / "soup"
-    assert main(["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(pickled), "--recipe", "uniform",
-                 "--allow-pickle", "--output", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--base",
+                str(zoo["base"]),
+                "--candidates",
+                str(zoo["a"]),
+                str(pickled),
+                "--recipe",
+                "uniform",
+                "--allow-pickle",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     written = load_file(str(out / "model.safetensors"))
     a, b = load_file(str(zoo["a"] / "model.safetensors")), load_file(str(zoo["b"] / "model.safetensors"))
-    torch.testing.assert_close(written["classifier.weight"], (a["classifier.weight"] + b["classifier.weight"]) / 2)
+    torch.testing.assert_close(
+        written["classifier.weight"], (a["classifier.weight"] + b["classifier.weight"]) / 2
+    )
 
 
 def test_strict_makes_rejections_fatal(zoo, tmp_path, capsys):
     permuted = permute_labels(copy_model(zoo["c"], tmp_path / "permuted"))
-    bad = rewrite(copy_model(zoo["b"], tmp_path / "arch"), change_config=lambda c: c.update(architectures=["X"]))
-    base_args = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(permuted), str(bad), "--recipe", "uniform"]
+    bad = rewrite(
+        copy_model(zoo["b"], tmp_path / "arch"), change_config=lambda c: c.update(architectures=["X"])
+    )
+    base_args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(permuted),
+        str(bad),
+        "--recipe",
+        "uniform",
+    ]
     assert main([*base_args, "--output", str(tmp_path / "lenient"), "--quiet"]) == 0
     assert main([*base_args, "--strict", "--output", str(tmp_path / "strict"), "--quiet"]) == 2
     assert "--strict" in capsys.readouterr().err and not (tmp_path / "strict").exists()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import copy_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -14,8 +15,6 @@ from hf_soup.errors import IncompatibleCandidatesError, NoCandidatesError, Pickl
 from hf_soup.materialize import Workbench
 from hf_soup.mixture import Mixture
 from hf_soup.weights import TensorSource
-
-from conftest import copy_model, tiny_config
 
 
 def rewrite(folder, change_state=None, change_config=None):
@@ -60,22 +59,39 @@ def test_permuted_labels_are_aligned_and_predict_the_same(zoo, tmp_path, reviews
         souped = model(**batch).logits
         reference = original(**batch).logits
     for column, label in enumerate(report.label_names):
-        torch.testing.assert_close(souped[:, column], reference[:, original.config.label2id[label]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            souped[:, column], reference[:, original.config.label2id[label]], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize(
     "mutate, reason",
     [
-        (lambda f: rewrite(f, change_config=lambda c: c.update(id2label={"0": "neg", "1": "pos"},
-                                                               label2id={"neg": 0, "pos": 1})), "label set"),
+        (
+            lambda f: rewrite(
+                f,
+                change_config=lambda c: c.update(
+                    id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1}
+                ),
+            ),
+            "label set",
+        ),
         (lambda f: rewrite(f, change_state=lambda s: s.update({"classifier.bias": torch.zeros(3)})), "shape"),
         (lambda f: rewrite(f, change_state=lambda s: s.pop("bert.pooler.dense.bias")), "tensor names differ"),
-        (lambda f: rewrite(f, change_config=lambda c: c.update(architectures=["BertForMaskedLM"])), "architecture"),
-        (lambda f: rewrite(f, change_config=lambda c: c.update(auto_map={"AutoModel": "x.Y"})), "custom code"),
+        (
+            lambda f: rewrite(f, change_config=lambda c: c.update(architectures=["BertForMaskedLM"])),
+            "architecture",
+        ),
+        (
+            lambda f: rewrite(f, change_config=lambda c: c.update(auto_map={"AutoModel": "x.Y"})),
+            "custom code",
+        ),
         (lambda f: (f / "config.json").unlink(), "no config.json"),
         (lambda f: (f / "model.safetensors").unlink(), "no model weights"),
-        (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1"),
-         "not a valid safetensors"),
+        (
+            lambda f: (f / "model.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1'),
+            "not a valid safetensors",
+        ),
     ],
 )
 def test_bad_candidates_are_rejected_with_reason(zoo, tmp_path, mutate, reason):
@@ -140,7 +156,9 @@ def test_pickle_weights_are_refused_without_flag_and_safe_with_it(zoo, tmp_path)
     with pytest.raises(PickleRefusedError, match="--allow-pickle"):
         TensorSource(plain)
     source = TensorSource(plain, allow_pickle=True)
-    assert torch.equal(source.get("classifier.bias"), load_file(str(zoo["b"] / "model.safetensors"))["classifier.bias"])
+    assert torch.equal(
+        source.get("classifier.bias"), load_file(str(zoo["b"] / "model.safetensors"))["classifier.bias"]
+    )
 
     marker = tmp_path / "pwned"
     evil = to_pickle(copy_model(zoo["c"], tmp_path / "evil"), Payload(str(marker)))

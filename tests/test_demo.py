@@ -16,7 +16,10 @@ def test_demo_quick_runs_offline(tmp_path):
     out = tmp_path / "soup-demo"
     run = subprocess.run(
         [shutil.which("hf-soup"), "demo", "--quick", "--output", str(out), "--format", "json", "--quiet"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)  # stdout holds only the JSON report (Trainer logs go to stderr)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
+from conftest import copy_model
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
 
 from hf_soup.compat import check_compatibility
 from hf_soup.materialize import Workbench, materialize
 from hf_soup.mixture import Ingredient, Mixture
-from transformers import AutoModelForSequenceClassification
-
-from conftest import copy_model
 
 
 def independent_average(folders, weights=None):
@@ -48,14 +46,19 @@ def test_non_uniform_weights(zoo, tmp_path):
     written = load_file(str(tmp_path / "model.safetensors"))
     expected = independent_average([zoo["a"], zoo["b"]], [0.25, 0.75])
     for name in written:
-        torch.testing.assert_close(written[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            written[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0
+        )
 
 
 def test_mixed_dtypes_accumulate_in_fp32_and_write_base_dtype(zoo, tmp_path):
     half = copy_model(zoo["b"], tmp_path / "half")
     state = load_file(str(half / "model.safetensors"))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(half / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+        str(half / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(half)])
     assert any("mix dtypes" in w for w in report.warnings)
     out = tmp_path / "out"
@@ -80,14 +83,22 @@ def test_non_float_buffers_are_copied_and_shards_indexed(zoo, tmp_path):
     report, sources = check_compatibility(zoo["base"], [str(f) for f in with_buffer])
     out = tmp_path / "out"
     out.mkdir()
-    stats = materialize(Mixture.uniform("u", [str(f) for f in with_buffer]), report, sources, out,
-                        max_shard_size="200KB", quiet=True)
+    stats = materialize(
+        Mixture.uniform("u", [str(f) for f in with_buffer]),
+        report,
+        sources,
+        out,
+        max_shard_size="200KB",
+        quiet=True,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and "model.safetensors.index.json" in stats.files
     merged = {}
     for shard in set(index["weight_map"].values()):
         merged.update(load_file(str(out / shard)))
-    assert torch.equal(merged["bert.embeddings.position_ids"], torch.arange(128).unsqueeze(0))  # first ingredient's
+    assert torch.equal(
+        merged["bert.embeddings.position_ids"], torch.arange(128).unsqueeze(0)
+    )  # first ingredient's
     (out / "config.json").write_text((zoo["a"] / "config.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(out)  # transformers reads the sharded index
     torch.testing.assert_close(model.classifier.weight, merged["classifier.weight"])
@@ -100,7 +111,9 @@ def test_peak_memory_does_not_grow_with_candidates(zoo, tmp_path):
         report, sources = check_compatibility(zoo["base"], ids)
         out = tmp_path / f"n{n}"
         out.mkdir()
-        stats = materialize(Mixture.uniform("u", ids), report, sources, out, max_shard_size="100KB", quiet=True)
+        stats = materialize(
+            Mixture.uniform("u", ids), report, sources, out, max_shard_size="100KB", quiet=True
+        )
         peaks[n] = stats.peak_live_bytes
         largest = max(torch.Size(sources[ids[0]].shape(k)).numel() * 4 for k in sources[ids[0]].keys())
         # One accumulator, one input and one output tensor, plus at most one 100KB shard: never N models.
@@ -118,4 +131,6 @@ def test_workbench_trials_match_direct_average(zoo):
         expected = independent_average([zoo[k] for k in "abcd" if str(zoo[k]) in subset])
         state = model.state_dict()
         for name in bench.names:
-            torch.testing.assert_close(state[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                state[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0
+            )

@@ -42,7 +42,9 @@ def manual_accuracy(state: dict, model_dir, texts, labels, tokenizer) -> float:
     predictions = []
     with torch.no_grad():
         for start in range(0, len(texts), 32):
-            batch = tokenizer(texts[start : start + 32], truncation=True, max_length=64, padding=True, return_tensors="pt")
+            batch = tokenizer(
+                texts[start : start + 32], truncation=True, max_length=64, padding=True, return_tensors="pt"
+            )
             predictions.extend(model(**batch).logits.argmax(-1).tolist())
     return accuracy_score(labels, predictions)
 
@@ -65,7 +67,7 @@ def greedy_run(zoo, reviews, tmp_path_factory):
 
 
 def test_scores_match_an_independent_computation(greedy_run, zoo, reviews):
-    config, result, _ = greedy_run
+    _config, result, _ = greedy_run
     report = result.report
     train = load_data(str(reviews["train"]), split="train")
     _, selection = carve_selection(train, 0.25, seed=0)
@@ -81,7 +83,9 @@ def test_scores_match_an_independent_computation(greedy_run, zoo, reviews):
     kept = [report["candidates"][0]["id"]]
     for step in report["trajectory"][1:]:
         trial = [*kept, step["candidate"]]
-        expected = manual_accuracy(average([__import__("pathlib").Path(p) for p in trial]), kept[0], texts, labels, tokenizer)
+        expected = manual_accuracy(
+            average([__import__("pathlib").Path(p) for p in trial]), kept[0], texts, labels, tokenizer
+        )
         assert step["score"] == pytest.approx(expected, abs=1e-9)
         if step["accepted"]:
             kept = trial
@@ -103,14 +107,23 @@ def test_output_loads_and_predicts_like_the_in_memory_soup(greedy_run, reviews, 
     tokenizer = AutoTokenizer.from_pretrained(config.output)
     assert soup.config.id2label == {0: "great", 1: "other"}
     in_memory = AutoModelForSequenceClassification.from_pretrained(result.mixture.ids()[0])
-    in_memory.load_state_dict(average([__import__("pathlib").Path(p) for p in result.mixture.ids()]), strict=False)
+    in_memory.load_state_dict(
+        average([__import__("pathlib").Path(p) for p in result.mixture.ids()]), strict=False
+    )
     texts = pd.read_csv(reviews["test"])["review"].tolist()[:64]
     batch = tokenizer(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(soup.eval()(**batch).logits, in_memory.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            soup.eval()(**batch).logits, in_memory.eval()(**batch).logits, atol=1e-5, rtol=1e-5
+        )
     test = pd.read_csv(reviews["test"])
-    expected = manual_accuracy(soup.state_dict(), config.output, test["review"].tolist(),
-                               [["great", "other"].index(s) for s in test["score"]], tokenizer)
+    expected = manual_accuracy(
+        soup.state_dict(),
+        config.output,
+        test["review"].tolist(),
+        [["great", "other"].index(s) for s in test["score"]],
+        tokenizer,
+    )
     assert result.report["soup"]["report"]["test.csv"]["accuracy"] == pytest.approx(expected)
 
 
@@ -132,7 +145,9 @@ def test_manifest_card_and_plots(greedy_run):
     assert card.data.base_model_relation == "merge"
     assert set(card.data.tags) == {"model-soup", "merge", "hf-soup"}
     assert card.data.eval_results[0].metric_type == "accuracy"
-    assert card.data.eval_results[0].metric_value == pytest.approx(manifest["soup"]["report"]["test.csv"]["accuracy"], abs=1e-6)
+    assert card.data.eval_results[0].metric_value == pytest.approx(
+        manifest["soup"]["report"]["test.csv"]["accuracy"], abs=1e-6
+    )
     assert "2203.05482" in card.text and "greedy soup" in card.text
     for plot in ("plots/trajectory.png", "plots/candidates.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
@@ -153,8 +168,15 @@ def test_pruned_and_uniform_recipes(zoo, reviews, tmp_path):
     assert report["trajectory"][0]["score"] == pytest.approx(report["uniform"]["selection"]["accuracy"])
     assert report["soup"]["selection"]["accuracy"] >= report["uniform"]["selection"]["accuracy"]
 
-    merged = cook(SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"])], recipe="uniform",
-                             output=str(tmp_path / "merge")), quiet=True)
+    merged = cook(
+        SoupConfig(
+            base=str(zoo["base"]),
+            candidates=[str(zoo["a"]), str(zoo["b"])],
+            recipe="uniform",
+            output=str(tmp_path / "merge"),
+        ),
+        quiet=True,
+    )
     assert merged.report["soup"] is None and (tmp_path / "merge" / "model.safetensors").is_file()
     assert ModelCard.load(tmp_path / "merge" / "README.md").data.base_model_relation == "merge"
 
@@ -188,17 +210,34 @@ def test_glue_task_on_a_local_copy(zoo, reviews, tmp_path):
 
     def to_sst2(path):
         frame = pd.read_csv(path)
-        features = datasets.Features({"sentence": datasets.Value("string"),
-                                      "label": datasets.ClassLabel(names=["great", "other"])})
-        return datasets.Dataset.from_dict({"sentence": frame["review"].tolist(),
-                                           "label": [["great", "other"].index(s) for s in frame["score"]]}, features)
+        features = datasets.Features(
+            {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["great", "other"])}
+        )
+        return datasets.Dataset.from_dict(
+            {
+                "sentence": frame["review"].tolist(),
+                "label": [["great", "other"].index(s) for s in frame["score"]],
+            },
+            features,
+        )
 
     folder = tmp_path / "sst2"
-    datasets.DatasetDict({"train": to_sst2(reviews["train"]), "validation": to_sst2(reviews["test"])}).save_to_disk(folder)
+    datasets.DatasetDict(
+        {"train": to_sst2(reviews["train"]), "validation": to_sst2(reviews["test"])}
+    ).save_to_disk(folder)
     for split in ("train", "validation"):
         datasets.load_from_disk(folder)[split].to_parquet(folder / f"{split}.parquet")
-    result = cook(SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"])], task="glue/sst2",
-                             dataset=str(folder), recipe="greedy", max_length=64), quiet=True)
+    result = cook(
+        SoupConfig(
+            base=str(zoo["base"]),
+            candidates=[str(zoo["a"]), str(zoo["b"])],
+            task="glue/sst2",
+            dataset=str(folder),
+            recipe="greedy",
+            max_length=64,
+        ),
+        quiet=True,
+    )
     assert list(result.report["soup"]["report"]) == ["validation"]
     assert result.report["splits"]["selection"]["name"].startswith("train carve-out")
 
@@ -212,7 +251,9 @@ def test_metrics_match_sklearn_and_scipy():
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
     got = compute_metrics(("accuracy", "f1", "matthews_correlation"), p, y)
-    assert got == pytest.approx({"accuracy": np.mean(y == p), "f1": f1_score(y, p), "matthews_correlation": matthews_corrcoef(y, p)})
+    assert got == pytest.approx(
+        {"accuracy": np.mean(y == p), "f1": f1_score(y, p), "matthews_correlation": matthews_corrcoef(y, p)}
+    )
     a, b = rng.normal(size=100), rng.normal(size=100)
     got = compute_metrics(("pearson", "spearmanr"), a, b)
     assert got == pytest.approx({"pearson": pearsonr(b, a)[0], "spearmanr": spearmanr(b, a)[0]}, abs=1e-6)

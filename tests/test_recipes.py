@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from hf_soup.errors import ConfigError
 from hf_soup.mixture import Mixture
 from hf_soup.recipes import GreedySoup, PrunedSoup, UniformSoup, get_recipe
-from hf_soup.errors import ConfigError
 
 
 def scripted(table: dict[frozenset, float], calls: list):
@@ -59,7 +59,14 @@ def test_pruned_removes_while_not_worse():
     result = PrunedSoup(passes=3).cook(list(individual), individual, scripted(table, calls))
     assert result.mixture.ids() == ["a", "b"]
     # Pass 1 tries c, b, a; pass 2 tries b and a again and removes nothing, so it stops.
-    assert calls == [frozenset("abc"), frozenset("ab"), frozenset("a"), frozenset("b"), frozenset("a"), frozenset("b")]
+    assert calls == [
+        frozenset("abc"),
+        frozenset("ab"),
+        frozenset("a"),
+        frozenset("b"),
+        frozenset("a"),
+        frozenset("b"),
+    ]
 
 
 def test_pruned_single_pass_limit():
