@@ -12,13 +12,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from .cache import JsonCache, default_cache_dir
@@ -26,8 +29,9 @@ from .compat import CompatibilityReport, check_compatibility
 from .config import SoupConfig
 from .data import TaskSpec, plan_splits, task_spec
 from .errors import OutputExistsError
+from .hub import check_push_target, push
 from .materialize import Workbench
-from .mixture import Mixture
+from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
 from .recipes import RecipeResult, get_recipe, rank
 from .scoring import Scorer, encode_split
@@ -100,8 +104,23 @@ def cook(
             f"{output} already exists; pass --overwrite to replace it, or choose another --output."
         )
 
+    api = HfApi()
+    if config.push_to:  # before any work: a push that would be refused must not cost a whole run
+        check_push_target(config.push_to, config.overwrite, api)
+    staging = None
+    if config.push_to and output is None:
+        staging = tempfile.mkdtemp(prefix="hf-soup-push-")
+        output = Path(staging) / config.push_to.split("/")[-1]
+    try:
+        return _cook(config, output, api, command, quiet, started, timings)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started, timings) -> SoupResult:
     compatibility, sources = check_compatibility(
-        config.base, config.candidates, allow_pickle=config.allow_pickle
+        config.base, config.candidates, allow_pickle=config.allow_pickle, api=api
     )
     compatibility.raise_if_unusable(strict=config.strict)
     timings["check"] = time.perf_counter() - started
@@ -184,6 +203,7 @@ def cook(
         report["trajectory"] = [vars(step) for step in recipe_result.trajectory]
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
+    mixture = replace(mixture, base=Ingredient(compatibility.base.id, 0.0, compatibility.base.revision))
     report["mixture"] = mixture.to_dict()
     report["cache"] = {
         "hits": cache.hits,
@@ -195,7 +215,11 @@ def cook(
             output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet
         )
         timings["write"] = time.perf_counter() - started - sum(timings.values())
-    report["output"] = str(output) if output else None
+    report["output"] = str(output) if config.output else None
+    if config.push_to:
+        message = f"hf-soup: {mixture.recipe} soup of {len(mixture.ingredients)} ingredients"
+        report["push"] = push(output, config.push_to, config.private, message, api)
+        logger.info("Pushed to %s", report["push"]["commit_url"])
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return SoupResult(
         report=report,

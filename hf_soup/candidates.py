@@ -84,7 +84,9 @@ def load_candidate(path: str | Path, candidate_id: str | None = None) -> Candida
     return Candidate(id=candidate_id or str(path), local_dir=folder, config=read_config(folder))
 
 
-def resolve_patterns(patterns: list[str], exclude: list[Path] | None = None) -> list[str]:
+def resolve_patterns(
+    patterns: list[str], exclude: list[Path] | None = None, allow_empty: bool = False
+) -> list[str]:
     """Expand folder paths and globs into a sorted, de-duplicated list of folders.
 
     Raises:
@@ -99,7 +101,7 @@ def resolve_patterns(patterns: list[str], exclude: list[Path] | None = None) -> 
             resolved = Path(match).resolve()
             if Path(match).is_dir() and resolved not in excluded and resolved not in found:
                 found[resolved] = match
-    if not found:
+    if not found and not allow_empty:
         raise NoCandidatesError(
             f"No candidate folder matches {' '.join(patterns)}. Pass model folders or globs such as "
             "'./runs/*' or 'out/checkpoint-*' (quote globs so the shell does not expand them)."
@@ -107,6 +109,88 @@ def resolve_patterns(patterns: list[str], exclude: list[Path] | None = None) -> 
     return sorted(found.values())
 
 
-def collect_candidates(patterns: list[str], exclude: list[Path] | None = None) -> list[Candidate]:
-    """Resolve `patterns` and read each match's config (never its weights)."""
-    return [load_candidate(match) for match in resolve_patterns(patterns, exclude)]
+def split_patterns(patterns: list[str]) -> tuple[list[str], list[str]]:
+    """`(local, hub)` patterns. A local folder or glob that matches something wins over a Hub id of that name."""
+    from .hub import is_hub_pattern
+
+    local, hub = [], []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.glob(expanded) or not is_hub_pattern(pattern):
+            local.append(pattern)
+        else:
+            hub.append(pattern)
+    return local, hub
+
+
+def gather_candidates(
+    patterns: list[str], base: Candidate, allow_pickle: bool = False, api=None
+) -> tuple[list[tuple[Candidate, Any]], list[tuple[str, str]]]:
+    """Stage 1: every candidate's config and tensor headers, local or Hub, without reading tensor data.
+
+    Hub revisions are pinned to commit SHAs first; when `base` is a Hub model, Hub candidates must declare it
+    (card `base_model` or config `_name_or_path`).
+
+    Returns:
+        `(readable, rejected)`: `(candidate, headers)` pairs, and `(id, reason)` pairs.
+    """
+    from .hub import expand, fetch_config, fetch_headers, pin
+    from .weights import TensorSource
+
+    local, hub = split_patterns(patterns)
+    readable: list[tuple[Candidate, Any]] = []
+    rejected: list[tuple[str, str]] = []
+    matches = resolve_patterns(local, exclude=[base.local_dir], allow_empty=bool(hub)) if local else []
+    for match in matches:
+        try:
+            candidate = load_candidate(match)
+            _refuse_custom_code(candidate)
+            readable.append((candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)))
+        except CandidateFormatError as error:
+            rejected.append((match, str(error).removeprefix(f"{match} ")))
+    refs = [(repo_id, rev) for pattern in hub for repo_id, rev in expand(pattern, api)]
+    refs = [(r, v) for r, v in dict.fromkeys(refs) if r != base.id]
+    for repo_id, revision in refs:
+        ref = pin(repo_id, revision, api)
+        try:
+            folder = fetch_config(ref)
+            candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
+            _refuse_custom_code(candidate)
+            if base.source == "hub" and not _derives_from(ref, candidate.config, base.id):
+                raise CandidateFormatError(f"does not declare {base.id} as its base_model (card or config)")
+            readable.append((candidate, fetch_headers(ref, api)))
+        except CandidateFormatError as error:
+            rejected.append((repo_id, str(error)))
+    if not readable and not rejected:
+        raise NoCandidatesError(
+            f"No candidate matches {' '.join(patterns)}. Pass model folders, globs such as './runs/*', or Hub "
+            "patterns such as 'org/*' (quote globs so the shell does not expand them)."
+        )
+    return readable, rejected
+
+
+def _derives_from(ref, config, base_id) -> bool:
+    from .hub import derives_from
+
+    return derives_from(ref, config, base_id)
+
+
+def _refuse_custom_code(candidate: Candidate) -> None:
+    if candidate.config.get("auto_map"):
+        raise CandidateFormatError("its config uses custom code (auto_map); hf-soup never runs remote code")
+
+
+def resolve_base(base: str, allow_pickle: bool = False, api=None) -> tuple[Candidate, Any]:
+    """The base model, local or on the Hub, with its tensor headers (Hub: config and tokenizer files only)."""
+    from .hub import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, download, is_hub_pattern, pin, split_revision
+    from .weights import TensorSource
+
+    if Path(base).is_dir() or not is_hub_pattern(base):
+        candidate = load_candidate(base)
+        return candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
+    repo_id, revision = split_revision(base)
+    ref = pin(repo_id, revision, api)
+    # The whole base is fetched: its tokenizer is the soup's, and its weights anchor the diagnostics.
+    folder = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS])
+    candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
+    return candidate, TensorSource(folder, allow_pickle=allow_pickle)

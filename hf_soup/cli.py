@@ -18,7 +18,8 @@ from . import __version__
 from .config import SoupConfig
 from .errors import EXIT_CODE, HfSoupError
 
-VERBS = ("cook", "check", "evaluate", "demo")
+VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo")
+MISMATCH_EXIT_CODE = 1
 FORMATS = ("human", "json")
 
 
@@ -92,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(evaluate)
 
+    push = verbs.add_parser("push", help="push a soup folder to the Hub as one commit")
+    push.add_argument("folder", help="a soup folder written by `hf-soup cook --output`")
+    push.add_argument("--to", required=True, dest="push_to", metavar="ORG/NAME", help="the Hub repo")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--overwrite", action="store_true", help="replace other files in the repo")
+    _common(push)
+
+    reproduce = verbs.add_parser(
+        "reproduce", help="rebuild a soup from its soup.json and check every tensor hash"
+    )
+    reproduce.add_argument("target", metavar="REPO_OR_DIR[@REV]", help="a soup folder or a Hub repo")
+    _common(reproduce)
+
     demo = verbs.add_parser(
         "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
     )
@@ -120,6 +134,9 @@ def _setup_logging(quiet: bool) -> None:
     datasets.logging.set_verbosity_error()
     if quiet:
         datasets.disable_progress_bars()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _emit(args, payload: dict, human: str) -> None:
@@ -135,7 +152,7 @@ def _config_from(args) -> SoupConfig:
 
 
 def _run(args, argv: list[str]) -> int:
-    from .report import compatibility_table, soup_table
+    from .report import compatibility_table, format_table, soup_table
 
     if args.verb == "check":
         from .api import check
@@ -156,6 +173,20 @@ def _run(args, argv: list[str]) -> int:
         )
         _emit(args, scores, human)
         return 0
+    if args.verb == "push":
+        return _push(args)
+    if args.verb == "reproduce":
+        from .reproduce import reproduce
+
+        result = reproduce(args.target, quiet=args.quiet)
+        rows = [
+            [g, "pass" if v["ok"] else "FAIL", f"{v['matched']}/{v['tensors']}"]
+            for g, v in result.groups.items()
+        ]
+        human = format_table(["tensor group", "result", "tensors matching"], rows)
+        human += f"\n{'Reproduced bit-exactly' if result.ok else 'MISMATCH'}: {args.target}"
+        _emit(args, result.to_dict(), human)
+        return 0 if result.ok else MISMATCH_EXIT_CODE
     if args.verb == "demo":
         from .demo import run_demo
 
@@ -174,7 +205,30 @@ def _run(args, argv: list[str]) -> int:
     )
     if result.output:
         human += f"\nSoup written to {result.output}"
+    if result.report.get("push"):
+        human += f"\nPushed: {result.report['push']['commit_url']}"
     _emit(args, result.report, human)
+    return 0
+
+
+def _push(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    from .errors import HubError
+    from .hub import check_push_target, push
+
+    folder = Path(args.folder)
+    if not (folder / "soup.json").is_file():
+        raise HubError(f"{folder} has no soup.json; push folders written by `hf-soup cook --output`.")
+    manifest = _json.loads((folder / "soup.json").read_text())
+    api = HfApi()
+    check_push_target(args.push_to, args.overwrite, api)
+    recipe, count = manifest["mixture"]["recipe"], len(manifest["mixture"]["ingredients"])
+    pushed = push(folder, args.push_to, args.private, f"hf-soup: {recipe} soup of {count} ingredients", api)
+    _emit(args, pushed, f"Pushed: {pushed['commit_url']}")
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .candidates import Candidate, load_candidate, resolve_patterns
-from .errors import CandidateFormatError, IncompatibleCandidatesError, NoCandidatesError
+from .candidates import Candidate, gather_candidates, resolve_base
+from .errors import IncompatibleCandidatesError, NoCandidatesError
 from .weights import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -159,37 +159,34 @@ def check_compatibility(
     base_dir: str | Path,
     patterns: list[str],
     allow_pickle: bool = False,
+    label_order: list[str] | None = None,
+    api=None,
+    download: bool = True,
 ) -> tuple[CompatibilityReport, dict[str, TensorSource]]:
-    """Resolve `patterns`, then check every candidate against the first readable one and against the base.
+    """Resolve `patterns`, then check every candidate against a reference and against the base.
 
-    Only configs and tensor headers are read.
+    Only configs and tensor headers are read. Hub candidates that pass are then downloaded (`download=True`).
+
+    Args:
+        label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
 
     Returns:
         `(report, sources)`: the report, and an open `TensorSource` for the base and each accepted candidate.
     """
-    base = load_candidate(base_dir)
-    base_source = TensorSource(base.local_dir, allow_pickle=allow_pickle)
-    matches = resolve_patterns(patterns, exclude=[Path(base_dir)])
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    base, base_source = resolve_base(str(base_dir), allow_pickle=allow_pickle, api=api)
+    found, refused = gather_candidates(list(patterns), base, allow_pickle=allow_pickle, api=api)
 
     accepted: list[Candidate] = []
-    rejected: list[Rejection] = []
+    rejected: list[Rejection] = [Rejection(cid, reason) for cid, reason in refused]
     sources: dict[str, TensorSource] = {"__base__": base_source}
     permutations: dict[str, list[int]] = {}
     warnings: list[str] = []
     reference: Candidate | None = None
     reference_labels: list[str] | None = None
-
-    readable: list[tuple[Candidate, TensorSource]] = []
-    for match in matches:
-        try:
-            candidate = load_candidate(match)
-            if candidate.config.get("auto_map"):
-                raise CandidateFormatError(
-                    "its config uses custom code (auto_map); hf-soup never runs remote code"
-                )
-            readable.append((candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)))
-        except CandidateFormatError as error:
-            rejected.append(Rejection(match, str(error).removeprefix(f"{match} ")))
+    readable = found
 
     if readable:
         # The reference is the first candidate of the most common kind, so one odd folder cannot reject the rest.
@@ -197,13 +194,18 @@ def check_compatibility(
         top = max(kinds.values())
         reference, _ = next((c, s) for c, s in readable if kinds[_signature(c, s)] == top)
         sources[reference.id] = dict((c.id, s) for c, s in readable)[reference.id]
-        reference_labels = reference.label_names or next(
-            (
-                c.label_names
-                for c, s in readable
-                if c.label_names and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]
-            ),
-            None,
+        reference_labels = (
+            label_order
+            or reference.label_names
+            or next(
+                (
+                    c.label_names
+                    for c, s in readable
+                    if c.label_names
+                    and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]
+                ),
+                None,
+            )
         )
 
     for candidate, source in readable:
@@ -240,6 +242,8 @@ def check_compatibility(
         sources[candidate.id] = source
     # Keep the reference first: its config, label order and tensor names define the soup.
     accepted.sort(key=lambda c: c is not reference)
+    if download:
+        _download_hub_candidates(accepted, sources, allow_pickle)
 
     base_names: dict[str, str] = {}
     head: list[str] = []
@@ -277,6 +281,17 @@ def check_compatibility(
         warnings=warnings,
     )
     return report, sources
+
+
+def _download_hub_candidates(accepted: list[Candidate], sources: dict, allow_pickle: bool) -> None:
+    """Fetch the accepted Hub candidates at their pinned SHAs, and open their weights."""
+    from .hub import WEIGHT_PATTERNS, HubRef
+    from .hub import download as hub_download
+
+    for candidate in accepted:
+        if candidate.source == "hub":
+            candidate.local_dir = hub_download(HubRef(candidate.id, candidate.revision), WEIGHT_PATTERNS)
+            sources[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
 
 
 def read_aligned(

@@ -74,7 +74,15 @@ class SoupConfig:
     max_length: int = field(default=128, metadata=_opt("Truncate inputs to this many tokens."))
     batch_size: int = field(default=64, metadata=_opt("Evaluation batch size."))
     output: str | None = field(default=None, metadata=_opt("Where to write the soup folder.", metavar="DIR"))
-    overwrite: bool = field(default=False, metadata=_opt("Replace an existing --output folder."))
+    overwrite: bool = field(
+        default=False,
+        metadata=_opt("Replace an existing --output folder, or other files in the --push-to repo."),
+    )
+    push_to: str | None = field(
+        default=None,
+        metadata=_opt("Push the soup to this Hub repo as one commit (needs HF_TOKEN).", metavar="ORG/NAME"),
+    )
+    private: bool = field(default=False, metadata=_opt("Create the --push-to repo as private."))
     strict: bool = field(default=False, metadata=_opt("Fail if any candidate is rejected."))
     allow_pickle: bool = field(
         default=False,
@@ -105,6 +113,10 @@ class SoupConfig:
             )
         if not 0 < self.selection_fraction < 1:
             raise ConfigError(f"--selection-fraction must be between 0 and 1, got {self.selection_fraction}.")
+        if self.push_to:
+            from .hub import check_repo_id
+
+            check_repo_id(self.push_to)
         if self.passes < 1:
             raise ConfigError("--passes must be at least 1.")
         if isinstance(self.candidates, str):

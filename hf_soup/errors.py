@@ -47,3 +47,11 @@ class ConfigError(HfSoupError, ValueError):
 
 class DemoError(HfSoupError, RuntimeError):
     """The demo's bundled model or data is missing."""
+
+
+class HubError(HfSoupError, OSError):
+    """The Hub refused or failed a request (not found, private, offline, HTTP error)."""
+
+
+class ReproduceMismatchError(HfSoupError, ValueError):
+    """A rebuilt soup does not match its manifest, or its ingredients cannot be fetched again."""

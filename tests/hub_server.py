@@ -64,10 +64,16 @@ class HubStore:
         with self.lock:
             repo = Repo(repo_id, private)
             self.repos[repo_id] = repo
-        self.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit")
+        self.commit(
+            repo_id,
+            {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+            "initial commit",
+        )
         return repo
 
-    def commit(self, repo_id: str, added: dict[str, bytes | str], message: str, deleted=(), replace_all=False) -> str:
+    def commit(
+        self, repo_id: str, added: dict[str, bytes | str], message: str, deleted=(), replace_all=False
+    ) -> str:
         """Add (`bytes`, or the sha256 of a stored blob) and delete files in one new commit; return its SHA."""
         with self.lock:
             repo = self.repos[repo_id]
@@ -75,7 +81,9 @@ class HubStore:
             if replace_all and repo.main and ".gitattributes" in repo.commits[repo.main].files:
                 files[".gitattributes"] = repo.commits[repo.main].files[".gitattributes"]
             for path in deleted:
-                files = {p: s for p, s in files.items() if p != path and not p.startswith(path.rstrip("/") + "/")}
+                files = {
+                    p: s for p, s in files.items() if p != path and not p.startswith(path.rstrip("/") + "/")
+                }
             for path, content in added.items():
                 files[path] = self.put_blob(content) if isinstance(content, bytes) else content
             payload = json.dumps([repo.main, message, sorted(files.items()), len(repo.commits)]).encode()
@@ -110,7 +118,7 @@ class HubServer:
 
     def __init__(self, root: Path):
         self.store = HubStore(root)
-        self.log: list[tuple[str, str, int]] = []
+        self.log: list[tuple[str, str, int]] = []  # (method, path, status); ranged reads log as "GET-RANGE"
         self.tokens: dict[str, str] = {}
         self.faults: list[dict] = []  # {"method", "pattern", "status", "times"}
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -127,12 +135,16 @@ class HubServer:
 
     def inject(self, method: str, pattern: str, status: int, times: int = 1_000) -> None:
         """Answer the next `times` requests whose path matches `pattern` with `status`."""
-        self.faults.append({"method": method, "pattern": re.compile(pattern), "status": status, "times": times})
+        self.faults.append(
+            {"method": method, "pattern": re.compile(pattern), "status": status, "times": times}
+        )
 
     def requests(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]
 
-    def upload_folder(self, repo_id: str, folder: Path, private: bool = False, message: str = "upload") -> str:
+    def upload_folder(
+        self, repo_id: str, folder: Path, private: bool = False, message: str = "upload"
+    ) -> str:
         """Seed a repo directly (bypassing HTTP) with every file of `folder`."""
         if repo_id not in self.store.repos:
             self.store.create_repo(repo_id, private)
@@ -153,18 +165,21 @@ class _Handler(BaseHTTPRequestHandler):
         return self.hub.tokens.get(auth.removeprefix("Bearer ").strip()) if auth else None
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
-        self.hub.log.append((self.command, self.path, status))
+        method = "GET-RANGE" if self.command == "GET" and self.headers.get("range") else self.command
+        self.hub.log.append((method, self.path, status))
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, str(value))
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head and body:
+        if not head and body and self.command != "HEAD":
             self.wfile.write(body)
 
     def _json(self, status: int, payload, headers: dict | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
+        self._send(
+            status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})}
+        )
 
     def _error(self, status: int, code: str, message: str) -> None:
         self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
@@ -175,7 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _fault(self) -> bool:
         for fault in self.hub.faults:
-            if fault["times"] > 0 and fault["method"] in (self.command, "*") and fault["pattern"].search(self.path):
+            if (
+                fault["times"] > 0
+                and fault["method"] in (self.command, "*")
+                and fault["pattern"].search(self.path)
+            ):
                 fault["times"] -= 1
                 self._body()
                 self._error(fault["status"], "Injected", f"injected fault {fault['status']}")
@@ -240,8 +259,10 @@ class _Handler(BaseHTTPRequestHandler):
             match = re.match(pattern, path)
             if route_method == method and match:
                 kwargs = {k: v for k, v in match.groupdict().items() if v is not None or k == "sub"}
-                return handler(query=query, head=head, **kwargs) if handler == self._resolve else handler(
-                    query=query, **kwargs
+                return (
+                    handler(query=query, head=head, **kwargs)
+                    if handler == self._resolve
+                    else handler(query=query, **kwargs)
                 )
         self._error(404, "NotFound", f"no route for {self.command} {path}")
 
@@ -253,7 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"type": "user", "name": user, "orgs": [], "auth": {"type": "access_token"}})
 
     def _info(self, repo: Repo, commit: Commit) -> dict:
-        siblings = [{"rfilename": p, "size": len(self.hub.store.blob(s))} for p, s in sorted(commit.files.items())]
+        siblings = [
+            {"rfilename": p, "size": len(self.hub.store.blob(s))} for p, s in sorted(commit.files.items())
+        ]
         return {
             "id": repo.repo_id,
             "modelId": repo.repo_id,
@@ -326,8 +349,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{file} does not exist on {rev}")
         digest = commit.files[file]
         data = self.hub.store.blob(digest)
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{digest}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit.sha,
+            "ETag": f'"{digest}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if file.endswith(_LFS_SUFFIXES):
             headers.update({"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
         status, body = 200, data
@@ -350,9 +377,13 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = payload.get("organization") or user
         repo_id = f"{namespace}/{payload['name']}"
         if namespace != user:
-            return self._error(403, "Forbidden", f"You don't have the rights to create a repo under {namespace}")
+            return self._error(
+                403, "Forbidden", f"You don't have the rights to create a repo under {namespace}"
+            )
         if repo_id in self.hub.store.repos:
-            return self._json(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"})
+            return self._json(
+                409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}
+            )
         self.hub.store.create_repo(repo_id, bool(payload.get("private")))
         self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
@@ -372,8 +403,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         files = json.loads(self._body())["files"]
         modes = [
-            {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(_LFS_SUFFIXES) else "regular",
-             "shouldIgnore": False}
+            {
+                "path": f["path"],
+                "uploadMode": "lfs" if f["path"].endswith(_LFS_SUFFIXES) else "regular",
+                "shouldIgnore": False,
+            }
             for f in files
         ]
         self._json(200, {"files": modes, "commitOid": self.hub.store.repos[repo].main})
@@ -419,5 +453,12 @@ class _Handler(BaseHTTPRequestHandler):
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
         sha = self.hub.store.commit(repo, added, summary, deleted)
-        self._json(200, {"commitUrl": f"{self.hub.url}/{repo}/commit/{sha}", "commitOid": sha,
-                         "success": True, "pullRequestUrl": None})
+        self._json(
+            200,
+            {
+                "commitUrl": f"{self.hub.url}/{repo}/commit/{sha}",
+                "commitOid": sha,
+                "success": True,
+                "pullRequestUrl": None,
+            },
+        )

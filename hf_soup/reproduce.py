@@ -1,0 +1,128 @@
+"""`hf-soup reproduce`: rebuild a soup from its `soup.json` and check every output tensor's sha256.
+
+The manifest pins every Hub ingredient (and the base) to a commit SHA, so a candidate that changes on the Hub
+after the run does not change the rebuild. The expected result is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .compat import check_compatibility
+from .errors import HubError, ReproduceMismatchError
+from .hub import hub_errors, is_hub_pattern, split_revision
+from .materialize import materialize
+from .mixture import Mixture
+from .output import MANIFEST_NAME
+
+
+@dataclass
+class ReproduceResult:
+    """Per tensor group: how many tensors matched the manifest, and which did not."""
+
+    target: str
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "ok": self.ok, "groups": self.groups, "mismatched": self.mismatched}
+
+
+def load_manifest(target: str) -> dict[str, Any]:
+    """`soup.json` from a local soup folder, or from a Hub repo (`org/name[@rev]`)."""
+    folder = Path(target)
+    if folder.is_dir():
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            raise HubError(f"{target} has no {MANIFEST_NAME}; it was not written by hf-soup.")
+        return json.loads(path.read_text())
+    if not is_hub_pattern(target):
+        raise HubError(f"{target} is neither a soup folder nor a Hub repo id ('org/name[@rev]').")
+    from huggingface_hub import hf_hub_download
+
+    repo_id, revision = split_revision(target)
+    with hub_errors(f"{repo_id}: {MANIFEST_NAME}"):
+        return json.loads(Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision)).read_text())
+
+
+def published_hashes(target: str) -> dict[str, str]:
+    """sha256 of every tensor the soup folder (or Hub repo) actually holds."""
+    from .materialize import tensor_sha256
+    from .weights import TensorSource
+
+    folder = Path(target)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        repo_id, revision = split_revision(target)
+        with hub_errors(f"Downloading {target}"):
+            folder = Path(
+                snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+            )
+    source = TensorSource(folder)
+    return {name: tensor_sha256(tensor) for name, tensor in source.items()}
+
+
+def tensor_group(name: str) -> str:
+    """`bert.encoder.layer.3.attention.self.query.weight` → `bert.encoder.layer.3`; `classifier.bias` → `classifier`."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def _pinned(ingredient) -> str:
+    return f"{ingredient.id}@{ingredient.revision}" if ingredient.revision else ingredient.id
+
+
+def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
+    """Rebuild the soup described by `target`'s manifest; check the rebuild *and* the published weights against
+    the manifest's tensor hashes.
+
+    Args:
+        target (`str`): a soup folder, or a Hub repo id with an optional `@revision`.
+
+    Raises:
+        ReproduceMismatchError: some tensors differ (the result still lists which).
+    """
+    manifest = load_manifest(target)
+    mixture = Mixture.from_dict(manifest["mixture"])
+    expected: dict[str, str] = manifest["tensor_sha256"]
+    options = manifest.get("config") or {}
+    base = _pinned(mixture.base) if mixture.base else manifest["base"]
+    report, sources = check_compatibility(
+        base,
+        [_pinned(i) for i in mixture.ingredients],
+        allow_pickle=bool(options.get("allow_pickle")),
+        label_order=manifest["compatibility"].get("label_names"),
+    )
+    missing = sorted(set(mixture.ids()) - {c.id for c in report.accepted})
+    if missing:
+        reasons = "; ".join(f"{r.candidate_id}: {r.reason}" for r in report.rejected)
+        raise ReproduceMismatchError(
+            f"Ingredients could not be used again: {', '.join(missing)} ({reasons})."
+        )
+    with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
+        stats = materialize(mixture, report, sources, Path(scratch), quiet=quiet)
+    published = published_hashes(target)
+    result = ReproduceResult(target)
+    for name in sorted(set(expected) | set(stats.tensor_sha256) | set(published)):
+        group = result.groups.setdefault(tensor_group(name), {"tensors": 0, "matched": 0})
+        group["tensors"] += 1
+        # Both the rebuild and the published weights must match the manifest.
+        if expected.get(name) == stats.tensor_sha256.get(name) == published.get(name):
+            group["matched"] += 1
+        else:
+            result.mismatched.append(name)
+    for group in result.groups.values():
+        group["ok"] = group["matched"] == group["tensors"]
+    return result

@@ -1,0 +1,221 @@
+"""The Hub path end to end: the real CLI and the unmodified `huggingface_hub` client against a local test Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import copy_model, tiny_config
+from hub_server import HubServer
+from safetensors.torch import load_file, save_file
+from transformers import BertForSequenceClassification
+
+HF_SOUP = shutil.which("hf-soup")
+TOKEN = "hf_test_token_org"
+
+
+def card(base: str) -> str:
+    return f"---\nbase_model: {base}\nlibrary_name: transformers\n---\n# fine-tune\n"
+
+
+@pytest.fixture
+def hub(tmp_path, zoo):
+    server = HubServer(tmp_path / "hub").start()
+    server.tokens[TOKEN] = "org"
+    server.upload_folder("org/base", zoo["base"])
+    for key in "abcd":
+        folder = copy_model(zoo[key], tmp_path / "seed" / key)
+        (folder / "README.md").write_text(card("org/base"))
+        server.upload_folder(f"org/ft-{key}", folder)
+    wide = tmp_path / "seed" / "wide"  # declares the base, but its shapes differ: rejected from headers
+    BertForSequenceClassification(tiny_config(hidden_size=48, intermediate_size=96)).save_pretrained(wide)
+    (wide / "README.md").write_text(card("org/base"))
+    server.upload_folder("org/ft-wide", wide)
+    stranger = copy_model(zoo["a"], tmp_path / "seed" / "stranger")  # fine-tuned from some other base
+    (stranger / "README.md").write_text(card("someone/else"))
+    server.upload_folder("org/ft-stranger", stranger)
+    yield server
+    server.stop()
+
+
+def hub_env(server, tmp_path, token=TOKEN, offline=False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(
+        HF_ENDPOINT=server.url if server else "http://127.0.0.1:9",
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_SOUP_CACHE=str(tmp_path / "soup_cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1" if offline else "0",
+        HF_DATASETS_OFFLINE="1",
+    )
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run(args, env, timeout=600):
+    return subprocess.run([HF_SOUP, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def data_args(reviews):
+    return ["--dataset", str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
+            "--label-column", "score", "--max-length", "64", "--selection-fraction", "0.25",
+            "--max-eval-examples", "60"]  # fmt: skip
+
+
+def test_full_hub_session(hub, tmp_path, reviews):
+    env = hub_env(hub, tmp_path)
+    commits_before = len(hub.store.repos["org/ft-a"].commits)
+    cooked = run(["--base", "org/base", "--candidates", "org/ft-*", *data_args(reviews), "--recipe", "greedy",
+                  "--push-to", "org/soup", "--format", "json", "--quiet"], env)  # fmt: skip
+    assert cooked.returncode == 0, cooked.stderr
+    report = json.loads(cooked.stdout)
+
+    # Discovery: the glob listed org/ft-*, the base filter and the header check rejected the odd ones.
+    accepted = report["compatibility"]["accepted"]
+    assert sorted(accepted) == ["org/ft-a", "org/ft-b", "org/ft-c", "org/ft-d"]
+    reasons = {r["id"]: r["reason"] for r in report["compatibility"]["rejected"]}
+    assert (
+        "someone/else" not in reasons.get("org/ft-stranger", "")
+        and "base_model" in reasons["org/ft-stranger"]
+    )
+    assert "shape" in reasons["org/ft-wide"]
+    print(cooked.stderr)  # the discovery table, for the closing note
+
+    # Pinning: every ingredient carries the SHA it was read at.
+    for ingredient in report["mixture"]["ingredients"]:
+        assert ingredient["revision"] == hub.store.repos[ingredient["id"]].main
+    assert report["mixture"]["base"]["revision"] == hub.store.repos["org/base"].main
+
+    # Check before download: the rejected repos' weights were only read through Range requests (headers).
+    for rejected in ("org/ft-wide", "org/ft-stranger"):
+        assert not [p for p in hub.requests("GET", rejected) if p.endswith(".safetensors")]
+    assert hub.requests("GET-RANGE", "org/ft-wide/resolve")
+
+    # One commit, holding weights, manifest, card and plots.
+    soup = hub.store.repos["org/soup"]
+    assert len(soup.commits) == 2  # the repo's initial commit + the soup
+    files = soup.commits[soup.main].files
+    assert {"model.safetensors", "config.json", "soup.json", "README.md", "plots/trajectory.png"} <= set(
+        files
+    )
+    assert soup.commits[soup.main].message.startswith("hf-soup: greedy soup of")
+    assert report["push"]["commit_url"].endswith(soup.main)
+
+    # The card, read back with ModelCard.load against the server.
+    script = ("import json; from huggingface_hub import ModelCard; d = ModelCard.load('org/soup').data; "
+              "print(json.dumps([d.base_model, d.base_model_relation, d.eval_results[0].metric_type]))")  # fmt: skip
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    base_model, relation, metric = json.loads(loaded.stdout)
+    assert base_model == [i["id"] for i in report["mixture"]["ingredients"]]
+    assert relation == "merge" and metric == "accuracy"
+
+    # A candidate changes on the Hub after the run: reproduce still uses the pinned SHAs and passes.
+    changed = copy_model(tmp_path / "seed" / "a", tmp_path / "changed")
+    state = load_file(str(changed / "model.safetensors"))
+    state["classifier.bias"] += 1.0
+    save_file(state, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    hub.upload_folder("org/ft-a", changed, message="retrained")
+    assert len(hub.store.repos["org/ft-a"].commits) == commits_before + 1
+    reproduced = run(["reproduce", "org/soup"], env)
+    assert reproduced.returncode == 0, reproduced.stderr
+    assert "Reproduced bit-exactly" in reproduced.stdout and "FAIL" not in reproduced.stdout
+    print(reproduced.stdout)
+
+    # Tamper with one published tensor: reproduce names the group and exits non-zero.
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    weights = load_file(str(Path(hub.store.root) / "blobs" / files["model.safetensors"]))
+    weights["classifier.weight"] = weights["classifier.weight"] * 1.001
+    save_file(weights, str(tampered / "model.safetensors"), metadata={"format": "pt"})
+    hub.upload_folder("org/soup", tampered, message="tamper")
+    failed = run(["reproduce", "org/soup"], env)
+    assert failed.returncode == 1
+    assert "classifier" in failed.stdout and "FAIL" in failed.stdout and "MISMATCH" in failed.stdout
+
+
+def test_offline_with_a_warm_cache(hub, tmp_path):
+    args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b@main", "--recipe", "uniform",
+            "--format", "json", "--quiet"]  # fmt: skip
+    online = run([*args, "--output", str(tmp_path / "online")], hub_env(hub, tmp_path))
+    assert online.returncode == 0, online.stderr
+    hub.stop()  # no server at all from here on
+    offline = run([*args, "--output", str(tmp_path / "offline")], hub_env(None, tmp_path, offline=True))
+    assert offline.returncode == 0, offline.stderr
+    assert json.loads(offline.stdout)["mixture"] == json.loads(online.stdout)["mixture"]
+    globbed = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-[ab]"], hub_env(None, tmp_path, offline=True)
+    )
+    assert globbed.returncode == 0 and "org/ft-a" in globbed.stdout and "org/ft-b" in globbed.stdout
+
+
+def test_private_repo_without_token(hub, tmp_path):
+    hub.upload_folder("org/secret-ft", tmp_path / "seed" / "a", private=True)
+    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", "org/secret-ft"],
+                 hub_env(hub, tmp_path, token=None))  # fmt: skip
+    assert result.returncode == 2
+    assert "org/secret-ft: repository not found" in result.stderr and "HF_TOKEN" in result.stderr
+    with_token = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-a", "org/secret-ft"], hub_env(hub, tmp_path)
+    )
+    assert with_token.returncode == 0, with_token.stderr
+
+
+def test_no_match_is_a_clear_error(hub, tmp_path):
+    result = run(["--base", "org/base", "--candidates", "org/zzz-*", "--recipe", "uniform", "--output",
+                  str(tmp_path / "out")], hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 2 and "No candidate matches org/zzz-*" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_error_mid_download_leaves_nothing(hub, tmp_path):
+    hub.inject("GET", r"^/org/ft-b/resolve/[0-9a-f]+/model\.safetensors$", 500)
+    result = run(["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform",
+                  "--output", str(tmp_path / "out"), "--push-to", "org/soup"], hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    assert "HTTP 500" in result.stderr and "Traceback" not in result.stderr
+    assert len(hub.requests("GET", "/org/ft-b/resolve")) > 1  # the client's own retries ran
+    assert not (tmp_path / "out").exists() and "org/soup" not in hub.store.repos
+
+
+def test_push_errors_are_clear_and_commit_nothing(hub, tmp_path):
+    args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform"]
+    denied = run([*args, "--push-to", "someone-else/soup"], hub_env(hub, tmp_path))
+    assert denied.returncode == 2 and "HTTP 403" in denied.stderr and "HF_TOKEN" in denied.stderr
+    assert "someone-else/soup" not in hub.store.repos
+    hub.upload_folder("org/taken", tmp_path / "seed" / "a")
+    refused = run([*args, "--push-to", "org/taken"], hub_env(hub, tmp_path))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert len(hub.store.repos["org/taken"].commits) == 2
+    replaced = run([*args, "--push-to", "org/taken", "--overwrite"], hub_env(hub, tmp_path))
+    assert replaced.returncode == 0, replaced.stderr
+    taken = hub.store.repos["org/taken"]
+    assert len(taken.commits) == 3 and "README.md" in taken.commits[taken.main].files
+    assert "soup.json" in taken.commits[taken.main].files
+
+
+def test_hf_cli_dispatches_to_hf_soup(tmp_path):
+    """`hf soup ...` runs the installed `hf-soup`, registered the way `hf extensions install` does."""
+    from datetime import datetime, timezone
+
+    from huggingface_hub.cli.extensions import ExtensionManifest
+
+    home = tmp_path / "home"
+    manifest = ExtensionManifest(owner="hf-soup", repo="hf-soup", repo_id="hf-soup/hf-soup", short_name="soup",
+                                 executable_path=HF_SOUP, type="python", installed_at=datetime.now(timezone.utc))  # fmt: skip
+    manifest.save(home / ".local" / "share" / "hf" / "extensions" / "hf-soup")
+    env = {**hub_env(None, tmp_path, offline=True), "HOME": str(home)}
+    result = subprocess.run(
+        [shutil.which("hf"), "soup", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: hf-soup" in result.stdout and "reproduce" in result.stdout
