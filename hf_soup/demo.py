@@ -41,6 +41,9 @@ class Variant:
     seed: int
     epochs: float
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    scheduler: str = "constant"
+    warmup: float = 0.0
 
 
 # A short budget, so a constant learning rate: with linear decay, 32 steps barely move the head off the majority class.
@@ -81,7 +84,9 @@ def make_start(pretrained: Path, folder: Path) -> Path:
     return folder
 
 
-def fine_tune(start: Path, variant: Variant, train, folder: Path, quiet: bool = False) -> Path:
+def fine_tune(
+    start: Path, variant: Variant, train, folder: Path, quiet: bool = False, max_length: int = MAX_LENGTH
+) -> Path:
     """Fine-tune `start` with `transformers.Trainer`; skipped when `folder` already holds the result."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -97,7 +102,7 @@ def fine_tune(start: Path, variant: Variant, train, folder: Path, quiet: bool = 
     label_ids = {name: i for i, name in enumerate(LABELS)}
     encoded = train.map(
         lambda batch: {
-            **tokenizer(batch["review"], truncation=True, max_length=MAX_LENGTH),
+            **tokenizer(batch["review"], truncation=True, max_length=max_length),
             "labels": [label_ids[s] for s in batch["score"]],
         },
         batched=True,
@@ -111,7 +116,9 @@ def fine_tune(start: Path, variant: Variant, train, folder: Path, quiet: bool = 
             num_train_epochs=variant.epochs,
             weight_decay=variant.weight_decay,
             per_device_train_batch_size=16,
-            lr_scheduler_type="constant",
+            lr_scheduler_type=variant.scheduler,
+            warmup_steps=variant.warmup,
+            label_smoothing_factor=variant.label_smoothing,
             seed=variant.seed,
             train_sampling_strategy="group_by_length",
             save_strategy="no",
