@@ -164,10 +164,12 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
 
         singles = {cid: Mixture.uniform("single", [cid], revisions) for cid in ids}
         individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
-        recipe_result = recipe.cook(ids, individual, scorer.selection_value, revisions)
+        losses = {cid: selection(m).loss for cid, m in singles.items()}  # breaks ties on coarse metrics
+        recipe_result = recipe.cook(ids, individual, scorer.selection_value, revisions, tie_break=losses)
         mixture = recipe_result.mixture
-        uniform = Mixture.uniform("uniform", rank(ids, individual), revisions)
-        best_id = rank(ids, individual)[0]
+        ranked = rank(ids, individual, losses)
+        uniform = Mixture.uniform("uniform", ranked, revisions)
+        best_id = ranked[0]
         report_names = [name for name in scorer.splits if name != "selection"]
 
         def reports(m: Mixture) -> dict:
@@ -180,7 +182,7 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
                 "id": cid,
                 "kept": cid in kept,
             }
-            for cid in rank(ids, individual)
+            for cid in ranked
         ]
         report["best_individual"] = _entry(
             best_id, singles[best_id], selection(singles[best_id]), reports(singles[best_id])
@@ -191,6 +193,7 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
             "name": spec.name,
             "metrics": list(spec.metrics),
             "primary_metric": spec.primary_metric,
+            "selection_metric": scorer.selection_metric,
             "dataset": spec.dataset or "",
             "dataset_config": spec.dataset_config,
         }
@@ -209,6 +212,8 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         "hits": cache.hits,
         "misses": cache.misses,
         "evaluations": scorer.evaluations if scorer else 0,
+        "examples_forwarded": scorer.examples_forwarded if scorer else 0,
+        "early_stops": scorer.early_stops if scorer else 0,
     }
     if output is not None:
         write_soup_folder(
@@ -275,6 +280,8 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
         None if config.no_cache else cache,
         config.batch_size,
         quiet,
+        selection_metric=config.selection_metric,
+        early_rejection=not config.no_early_rejection,
     )
     return scorer, plan
 

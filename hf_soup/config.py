@@ -47,6 +47,20 @@ class SoupConfig:
         default="greedy", metadata=_opt("How to choose ingredients.", choices=get_args(Recipe))
     )
     passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
+    selection_metric: str | None = field(
+        default=None,
+        metadata=_opt(
+            "What ranks candidates and accepts trials on the selection split: 'loss' (mean cross-entropy; MSE for "
+            "regression), 'accuracy', or any metric the task computes ('f1', 'matthews_correlation', 'pearson').",
+            metavar="METRIC",
+        ),
+    )
+    no_early_rejection: bool = field(
+        default=False,
+        metadata=_opt(
+            "Evaluate every trial in full, even once it provably cannot be accepted (same result, slower)."
+        ),
+    )
     selection_split: str | None = field(
         default=None,
         metadata=_opt(

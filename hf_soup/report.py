@@ -19,18 +19,24 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def selection_score(entry: dict[str, Any], metric: str) -> float:
+    """An entry's selection score in the selection metric's own units (loss is not negated here)."""
+    return entry["selection_loss"] if metric == "loss" else entry["selection"][metric]
+
+
 def soup_table(report: dict[str, Any]) -> str:
     """Every candidate, then best individual / uniform / soup, with selection and report scores."""
     metric = report["task"]["primary_metric"]
+    chosen_by = report["task"].get("selection_metric", metric)
     splits = list(report["soup"]["report"])
-    headers = ["model", "kept", "n", f"selection {metric}", *(f"{s} {metric}" for s in splits)]
+    headers = ["model", "kept", "n", f"selection {chosen_by}", *(f"{s} {metric}" for s in splits)]
 
     def row(label: str, entry: dict, kept: str = "") -> list[str]:
         return [
             label,
             kept,
             str(len(entry["ingredients"])),
-            _fmt(entry["selection"][metric]),
+            _fmt(selection_score(entry, chosen_by)),
             *(_fmt(entry["report"][s][metric]) for s in splits),
         ]
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .cache import JsonCache, cache_key
 from .data import TaskSpec, check_columns, dataset_label_names
@@ -118,41 +119,76 @@ class SplitScore:
 
 
 @torch.inference_mode()
-def predict(
-    model: torch.nn.Module,
-    split: EncodedSplit,
-    collator: DataCollatorWithPadding,
-    batch_size: int = 64,
-    quiet: bool = False,
-) -> np.ndarray:
-    """Logits of `model` on `split`, in the split's original order."""
+def iter_logits(
+    model: torch.nn.Module, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False
+):
+    """Yield `(example indices, logits)` batch by batch, longest examples first."""
     device = PartialState().device
     model.to(device).eval()
-    outputs: list[np.ndarray] = []
     with progress_bar(total=len(split), desc=f"Scoring {split.name}", unit="ex", quiet=quiet) as bar:
         for start in range(0, len(split), batch_size):
             indices = split.order[start : start + batch_size]
             batch = collator([split.features[i] for i in indices])
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            outputs.append(logits.float().cpu().numpy())
             bar.update(len(indices))
-    logits = np.concatenate(outputs) if outputs else np.zeros((0, 1), dtype=np.float32)
-    unsorted = np.empty_like(logits)
-    unsorted[split.order] = logits
-    return unsorted
+            yield indices, logits.float().cpu().numpy()
+
+
+def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False) -> np.ndarray:
+    """Logits of `model` on `split`, in the split's original order."""
+    logits = np.zeros((len(split), 1), dtype=np.float32)
+    for index, (indices, batch) in enumerate(iter_logits(model, split, collator, batch_size, quiet)):
+        if index == 0:
+            logits = np.zeros((len(split), batch.shape[1]), dtype=np.float32)
+        logits[indices] = batch
+    return logits
+
+
+def per_example_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -> np.ndarray:
+    """Cross-entropy per example (squared error for regression); every value is >= 0."""
+    if regression:
+        return (logits[:, 0] - labels) ** 2
+    log_probs = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
+    return -log_probs[np.arange(len(labels)), labels]
 
 
 def score_logits(logits: np.ndarray, split: EncodedSplit, spec: TaskSpec) -> SplitScore:
     """Task metrics and mean loss (cross-entropy, or MSE for regression) from logits."""
-    if spec.regression:
-        predictions = logits[:, 0]
-        loss = float(np.mean((predictions - split.labels) ** 2))
-    else:
-        predictions = logits.argmax(axis=1)
-        log_probs = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
-        loss = float(-np.mean(log_probs[np.arange(len(split)), split.labels]))
+    predictions = logits[:, 0] if spec.regression else logits.argmax(axis=1)
+    loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression)))
     metrics = compute_metrics(spec.metrics, predictions, split.labels, pos_label=split.pos_label)
     return SplitScore(metrics, loss, len(split), predictions.tolist())
+
+
+SELECTION_LOSS = "loss"
+
+
+class RejectionBound:
+    """Follows a trial's evaluation example by example; says when it provably cannot reach `must_reach`.
+
+    - accuracy (`update` gets 1/0 per example): correct so far + examples remaining < the count needed;
+    - loss (`update` gets each example's loss, all >= 0): the running sum already exceeds the allowed total.
+
+    `must_reach` is in "higher is better" units (the negated mean loss for `loss`). Stopping never changes the
+    accept/reject decision of a full evaluation; a small tolerance errs on the side of evaluating in full.
+    """
+
+    def __init__(self, metric: str, n: int, must_reach: float):
+        self.metric, self.n, self.seen, self.total = metric, n, 0, 0.0
+        if metric == SELECTION_LOSS:
+            self.budget = -must_reach * n * (1 + 1e-9) + 1e-9
+        else:
+            self.needed = math.ceil(must_reach * n - 1e-9)
+
+    def update(self, outcomes: np.ndarray) -> bool:
+        """Add one batch of per-example outcomes; True once the trial is hopeless (and not yet finished)."""
+        self.seen += len(outcomes)
+        self.total += float(np.sum(outcomes, dtype=np.float64))
+        if self.seen >= self.n:
+            return False
+        if self.metric == SELECTION_LOSS:
+            return self.total > self.budget
+        return self.total + (self.n - self.seen) < self.needed
 
 
 class Scorer:
@@ -165,11 +201,12 @@ class Scorer:
         fingerprints (`dict[str, str]`): content hashes of each ingredient, for cache keys.
         collator (`DataCollatorWithPadding`): pads batches.
         cache (`JsonCache`, *optional*): the score cache; `None` disables caching.
+        selection_metric (`str`, *optional*): `"loss"` or one of the task's metrics; defaults to the primary one.
+        early_rejection (`bool`, *optional*, defaults to `True`): stop a trial as soon as it cannot reach the bar.
     """
 
-    def __init__(
-        self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False
-    ):
+    def __init__(self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False,
+                 selection_metric=None, early_rejection=True):  # fmt: skip
         self.workbench: Workbench = workbench
         self.spec: TaskSpec = spec
         self.splits: dict[str, EncodedSplit] = splits
@@ -178,22 +215,84 @@ class Scorer:
         self.cache: JsonCache | None = cache
         self.batch_size = batch_size
         self.quiet = quiet
+        self.selection_metric = selection_metric or spec.primary_metric
+        if self.selection_metric not in (SELECTION_LOSS, *spec.metrics):
+            raise DatasetError(
+                f"--selection-metric {self.selection_metric!r} is not computed for {spec.name}; choose "
+                f"{SELECTION_LOSS} or one of {', '.join(spec.metrics)}."
+            )
+        self.early_rejection = early_rejection
         self.evaluations = 0
+        self.examples_forwarded = 0
+        self.early_stops = 0
 
-    def score(self, mixture: Mixture, split_name: str) -> SplitScore:
-        split = self.splits[split_name]
-        key = cache_key("score", mixture.content_key(self.fingerprints), split.fingerprint, self.spec.metrics)
+    def _key(self, mixture: Mixture, split: EncodedSplit) -> str:
+        return cache_key(
+            "score", mixture.content_key(self.fingerprints), split.fingerprint, self.spec.metrics
+        )
+
+    def _cached(self, key: str) -> SplitScore | None:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return SplitScore.from_dict(hit)
-        if self.workbench.loaded != mixture:
-            self.workbench.load(mixture)
-        logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet)
-        self.evaluations += 1
-        result = score_logits(logits, split, self.spec)
+        return None
+
+    def _store(self, key: str, result: SplitScore) -> SplitScore:
         if self.cache is not None:
             self.cache.put(key, result.to_dict())
         return result
 
-    def selection_value(self, mixture: Mixture) -> float:
-        """The selection objective (the task's primary metric; higher is better)."""
-        return self.score(mixture, "selection").metrics[self.spec.primary_metric]
+    def score(self, mixture: Mixture, split_name: str) -> SplitScore:
+        split = self.splits[split_name]
+        key = self._key(mixture, split)
+        if (hit := self._cached(key)) is not None:
+            return hit
+        if self.workbench.loaded != mixture:
+            self.workbench.load(mixture)
+        logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet)
+        self.evaluations += 1
+        self.examples_forwarded += len(split)
+        return self._store(key, score_logits(logits, split, self.spec))
+
+    def value(self, score: SplitScore) -> float:
+        """The selection objective of a score, as "higher is better" (losses are negated)."""
+        return (
+            -score.loss if self.selection_metric == SELECTION_LOSS else score.metrics[self.selection_metric]
+        )
+
+    def selection_value(self, mixture: Mixture, must_reach: float | None = None) -> float | None:
+        """The selection objective of `mixture` (higher is better).
+
+        With `must_reach`, the trial is evaluated batch by batch and abandoned (returning `None`) as soon as it
+        can no longer reach `must_reach` even if every remaining example came out perfect. This is exact for
+        accuracy (correct so far + remaining < needed) and for loss (every per-example loss is >= 0): the
+        accept/reject decision is the same as after a full evaluation.
+        """
+        split = self.splits["selection"]
+        key = self._key(mixture, split)
+        if (hit := self._cached(key)) is not None:
+            return self.value(hit)
+        exact = self.selection_metric == SELECTION_LOSS or (
+            self.selection_metric == "accuracy" and not self.spec.regression
+        )
+        if must_reach is None or not self.early_rejection or not exact:
+            return self.value(self.score(mixture, "selection"))
+        if self.workbench.loaded != mixture:
+            self.workbench.load(mixture)
+        n = len(split)
+        logits = None
+        bound = RejectionBound(self.selection_metric, n, must_reach)
+        for indices, batch in iter_logits(self.workbench.model, split, self.collator, self.batch_size, True):
+            if logits is None:
+                logits = np.zeros((n, batch.shape[1]), dtype=np.float32)
+            logits[indices] = batch
+            self.examples_forwarded += len(indices)
+            labels = split.labels[indices]
+            if self.selection_metric == SELECTION_LOSS:
+                outcomes = per_example_loss(batch, labels, self.spec.regression)
+            else:
+                outcomes = (batch.argmax(axis=1) == labels).astype(np.float64)
+            if bound.update(outcomes):
+                self.early_stops += 1
+                return None
+        self.evaluations += 1
+        return self.value(self._store(key, score_logits(logits, split, self.spec)))

@@ -48,12 +48,16 @@ def sweep(count: int, seed: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=str(SHARED), help="folder with train.csv and test.csv")
     parser.add_argument("--workdir", default=str(ROOT / "results" / "runs"), help="where variants are saved")
     parser.add_argument("--results", default=str(ROOT / "results"), help="where the table goes")
     parser.add_argument("--variants", type=int, default=8)
-    parser.add_argument("--train-rows", type=int, default=1600, help="training rows per variant (after carve-out)")
+    parser.add_argument(
+        "--train-rows", type=int, default=1600, help="training rows per variant (after carve-out)"
+    )
     parser.add_argument("--selection-fraction", type=float, default=0.15)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -113,7 +117,9 @@ def recipes():
     return [("greedy soup", {"recipe": "greedy"}), ("pruned soup", {"recipe": "pruned", "passes": 2})]
 
 
-def write_results(results: Path, rows, reports, variants, args, metric, split, trained, selection_size) -> None:
+def write_results(
+    results: Path, rows, reports, variants, args, metric, split, trained, selection_size
+) -> None:
     results.mkdir(parents=True, exist_ok=True)
     candidates = next(iter(reports.values()))["candidates"]
     lines = [
@@ -137,10 +143,18 @@ def write_results(results: Path, rows, reports, variants, args, metric, split, t
     for c in candidates:
         v = by_name[Path(c["id"]).name]
         hyper = f"lr {v.learning_rate:.1e}, wd {v.weight_decay}, ls {v.label_smoothing}, {v.epochs} ep, seed {v.seed}"
-        lines.append(f"| {v.name} | {hyper} | {c['selection'][metric]:.4f} | {c['report'][split][metric]:.4f} |")
-    lines += ["", f"Fine-tuning took {trained / 60:.1f} min. Reproduce: `python scripts/reproduce_fine_foods.py`.", ""]
+        lines.append(
+            f"| {v.name} | {hyper} | {c['selection'][metric]:.4f} | {c['report'][split][metric]:.4f} |"
+        )
+    lines += [
+        "",
+        f"Fine-tuning took {trained / 60:.1f} min. Reproduce: `python scripts/reproduce_fine_foods.py`.",
+        "",
+    ]
     (results / "fine_foods.md").write_text("\n".join(lines))
-    (results / "fine_foods.json").write_text(json.dumps({"rows": rows, "reports": reports}, indent=2, default=str))
+    (results / "fine_foods.json").write_text(
+        json.dumps({"rows": rows, "reports": reports}, indent=2, default=str)
+    )
     print("\n".join(lines))
 
 

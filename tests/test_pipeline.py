@@ -257,3 +257,49 @@ def test_metrics_match_sklearn_and_scipy():
     a, b = rng.normal(size=100), rng.normal(size=100)
     got = compute_metrics(("pearson", "spearmanr"), a, b)
     assert got == pytest.approx({"pearson": pearsonr(b, a)[0], "spearmanr": spearmanr(b, a)[0]}, abs=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_selection_metric_and_exact_early_rejection(zoo, reviews, tmp_path, metric):
+    def run(early: bool, cache: str):
+        config = config_for(zoo, reviews, tmp_path, selection_metric=metric, no_early_rejection=not early,
+                            output=None, cache_dir=str(tmp_path / cache))  # fmt: skip
+        return cook(config, quiet=True).report
+
+    full, early = run(False, "full"), run(True, "early")
+    assert early["mixture"] == full["mixture"]  # same decisions, whatever was stopped early
+    assert [t["accepted"] for t in early["trajectory"]] == [t["accepted"] for t in full["trajectory"]]
+    assert early["cache"]["examples_forwarded"] <= full["cache"]["examples_forwarded"]
+    assert full["cache"]["early_stops"] == 0
+    key = (lambda c: c["selection_loss"]) if metric == "loss" else (lambda c: -c["selection"]["accuracy"])
+    values = [key(c) for c in full["candidates"]]
+    assert values == sorted(values)  # ranked by the selection metric
+    assert full["task"]["selection_metric"] == metric
+
+
+def test_selection_metric_f1_on_a_pair_task(zoo, reviews, tmp_path):
+    import datasets
+
+    def pairs(path):
+        frame = pd.read_csv(path)
+        halves = [(r[: len(r) // 2], r[len(r) // 2 :]) for r in frame["review"]]
+        features = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=["great", "other"])})  # fmt: skip
+        return datasets.Dataset.from_dict(
+            {"sentence1": [a for a, _ in halves], "sentence2": [b for _, b in halves],
+             "label": [["great", "other"].index(s) for s in frame["score"]]}, features)  # fmt: skip
+
+    folder = tmp_path / "mrpc"
+    folder.mkdir()
+    pairs(reviews["train"]).to_parquet(folder / "train.parquet")
+    pairs(reviews["test"]).to_parquet(folder / "validation.parquet")
+    config = SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["root"] / "runs" / "*")], task="glue/mrpc",
+                        dataset=str(folder), selection_metric="f1", max_length=64)  # fmt: skip
+    report = cook(config, quiet=True).report
+    f1s = [c["selection"]["f1"] for c in report["candidates"]]
+    assert f1s == sorted(f1s, reverse=True) and set(report["soup"]["report"]["validation"]) == {
+        "accuracy",
+        "f1",
+    }
+    with pytest.raises(Exception, match="not computed"):
+        cook(SoupConfig(**{**config.to_dict(), "selection_metric": "matthews_correlation"}), quiet=True)

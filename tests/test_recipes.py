@@ -6,11 +6,11 @@ import pytest
 
 from hf_soup.errors import ConfigError
 from hf_soup.mixture import Mixture
-from hf_soup.recipes import GreedySoup, PrunedSoup, UniformSoup, get_recipe
+from hf_soup.recipes import GreedySoup, PrunedSoup, UniformSoup, get_recipe, rank
 
 
 def scripted(table: dict[frozenset, float], calls: list):
-    def objective(mixture: Mixture) -> float:
+    def objective(mixture: Mixture, must_reach: float | None = None) -> float:
         members = frozenset(mixture.ids())
         calls.append(members)
         return table[members]
@@ -77,7 +77,7 @@ def test_pruned_single_pass_limit():
 
 
 def test_uniform_weights_all_equally():
-    result = UniformSoup().cook(["a", "b", "c", "d"], {}, lambda m: 0.0)
+    result = UniformSoup().cook(["a", "b", "c", "d"], {}, lambda m, bar=None: 0.0)
     assert result.mixture.weights() == {k: 0.25 for k in "abcd"}
 
 
@@ -93,3 +93,27 @@ def test_mixture_round_trips_and_cache_key_ignores_order():
     fingerprints = {"a": "1", "b": "2"}
     assert m1.content_key(fingerprints) == m2.content_key(fingerprints)
     assert m1.content_key(fingerprints) != Mixture.uniform("x", ["a"]).content_key(fingerprints)
+
+
+def test_greedy_by_loss_accepts_when_loss_does_not_rise():
+    """Scorers hand recipes negated losses, so Recipe 1's `>=` is `<=` on loss."""
+    losses = {"a": 0.40, "b": 0.35, "c": 0.50}
+    table = {frozenset("ba"): -0.35, frozenset("bac"): -0.36}  # equal loss: kept; higher loss: rejected
+    result = GreedySoup().cook(list(losses), {k: -v for k, v in losses.items()}, scripted(table, []))
+    assert result.mixture.ids() == ["b", "a"]
+    assert [s.accepted for s in result.trajectory] == [True, True, False]
+
+
+def test_ties_are_broken_by_loss_then_id():
+    scores = {"x": 0.9, "y": 0.9, "z": 0.9}
+    losses = {"x": 0.5, "y": 0.3, "z": 0.3}
+    assert rank(list(scores), scores, losses) == ["y", "z", "x"]
+    result = GreedySoup().cook(list(scores), scores, lambda m, bar=None: 0.0, tie_break=losses)
+    assert result.trajectory[0].candidate == "y"
+
+
+def test_an_early_stopped_trial_is_rejected():
+    individual = {"a": 0.9, "b": 0.8}
+    result = GreedySoup().cook(list(individual), individual, lambda m, bar=None: None)
+    assert result.mixture.ids() == ["a"]
+    assert result.trajectory[1].stopped_early and not result.trajectory[1].accepted

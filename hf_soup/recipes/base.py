@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from ..mixture import Mixture
 
-# Scores a mixture on the selection split. Higher is better: scorers negate losses before returning them.
-Objective = Callable[[Mixture], float]
+# Scores a mixture on the selection split; higher is better (scorers negate losses). The second argument is the
+# score the trial must reach to be accepted: a scorer may stop early and return None once it provably cannot.
+Objective = Callable[[Mixture, "float | None"], "float | None"]
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,10 @@ class Step:
     step: int
     action: str  # "seed", "add", "remove" or "start"
     candidate: str | None
-    score: float
+    score: float | None  # None: stopped early, provably below the bar
     accepted: bool
     size: int
+    stopped_early: bool = False
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SoupRecipe(ABC):
         individual_scores: dict[str, float],
         objective: Objective,
         revisions: dict[str, str | None] | None = None,
+        tie_break: dict[str, float] | None = None,
     ) -> RecipeResult:
         """Choose a mixture of `candidates`.
 
@@ -62,9 +65,17 @@ class SoupRecipe(ABC):
             individual_scores (`dict[str, float]`): each candidate's own selection score (higher is better).
             objective (`Callable[[Mixture], float]`): scores a trial mixture on the selection split.
             revisions (`dict[str, str | None]`, *optional*): pinned revisions to record in the mixture.
+            tie_break (`dict[str, float]`, *optional*): lower wins among equal scores (the selection loss).
         """
 
 
-def rank(candidates: Sequence[str], individual_scores: dict[str, float]) -> list[str]:
-    """Candidates from best to worst selection score; ties go to the smaller id, so the order is stable."""
-    return sorted(candidates, key=lambda cid: (-individual_scores[cid], cid))
+def rank(
+    candidates: Sequence[str], individual_scores: dict[str, float], tie_break: dict[str, float] | None = None
+) -> list[str]:
+    """Candidates from best to worst selection score.
+
+    Ties go to the lower `tie_break` value (the selection loss), then to the smaller id, so the order is
+    always well defined.
+    """
+    tie_break = tie_break or {}
+    return sorted(candidates, key=lambda cid: (-individual_scores[cid], tie_break.get(cid, 0.0), cid))

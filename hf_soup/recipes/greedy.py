@@ -20,17 +20,17 @@ class GreedySoup(SoupRecipe):
     def pretty_name(cls) -> str:
         return "Greedy soup"
 
-    def cook(self, candidates, individual_scores, objective, revisions=None) -> RecipeResult:
-        ordered = rank(candidates, individual_scores)
+    def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
+        ordered = rank(candidates, individual_scores, tie_break)
         soup = [ordered[0]]
         best = individual_scores[ordered[0]]
         trajectory = [Step(0, "seed", ordered[0], best, True, 1)]
         for step, candidate in enumerate(ordered[1:], start=1):
             trial = Mixture.uniform(self.name(), [*soup, candidate], revisions)
-            score = objective(trial)
-            accepted = score >= best
+            score = objective(trial, best)
+            accepted = score is not None and score >= best
             if accepted:
                 soup.append(candidate)
                 best = score
-            trajectory.append(Step(step, "add", candidate, score, accepted, len(soup)))
+            trajectory.append(Step(step, "add", candidate, score, accepted, len(soup), score is None))
         return RecipeResult(Mixture.uniform(self.name(), soup, revisions), trajectory)

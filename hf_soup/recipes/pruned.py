@@ -23,9 +23,9 @@ class PrunedSoup(SoupRecipe):
     def pretty_name(cls) -> str:
         return "Pruned soup"
 
-    def cook(self, candidates, individual_scores, objective, revisions=None) -> RecipeResult:
-        soup = rank(candidates, individual_scores)
-        best = objective(Mixture.uniform(self.name(), soup, revisions))
+    def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
+        soup = rank(candidates, individual_scores, tie_break)
+        best = objective(Mixture.uniform(self.name(), soup, revisions), None)
         trajectory = [Step(0, "start", None, best, True, len(soup))]
         step = 0
         for _ in range(self.passes):
@@ -35,11 +35,11 @@ class PrunedSoup(SoupRecipe):
                     break
                 step += 1
                 rest = [c for c in soup if c != candidate]
-                score = objective(Mixture.uniform(self.name(), rest, revisions))
-                accepted = score >= best
+                score = objective(Mixture.uniform(self.name(), rest, revisions), best)
+                accepted = score is not None and score >= best
                 if accepted:
                     soup, best, removed_any = rest, score, True
-                trajectory.append(Step(step, "remove", candidate, score, accepted, len(soup)))
+                trajectory.append(Step(step, "remove", candidate, score, accepted, len(soup), score is None))
             if not removed_any:
                 break
         return RecipeResult(Mixture.uniform(self.name(), soup, revisions), trajectory)

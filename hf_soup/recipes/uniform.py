@@ -14,9 +14,9 @@ class UniformSoup(SoupRecipe):
     def pretty_name(cls) -> str:
         return "Uniform soup"
 
-    def cook(self, candidates, individual_scores, objective, revisions=None) -> RecipeResult:
+    def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
         from ..mixture import Mixture
 
-        ordered = rank(candidates, individual_scores) if individual_scores else sorted(candidates)
+        ordered = rank(candidates, individual_scores, tie_break) if individual_scores else sorted(candidates)
         mixture = Mixture.uniform(self.name(), ordered, revisions)
         return RecipeResult(mixture, [])
