@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
@@ -35,6 +36,7 @@ from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
 from .recipes import RecipeResult, get_recipe, rank
 from .scoring import Scorer, encode_split
+from .stats import compare, small_split_warning
 from .verify import ingredient_fingerprints
 
 logger = logging.getLogger(__name__)
@@ -204,6 +206,9 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
             "notes": plan.notes,
         }
         report["trajectory"] = [vars(step) for step in recipe_result.trajectory]
+        report["comparisons"] = _comparisons(scorer, report_names, singles[best_id], uniform, mixture, config)
+        report["ties"] = _ties(ranked, individual, losses)
+        report["warnings"] = _warnings(scorer, spec, [selection(singles[c]) for c in ids])
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
     mixture = replace(mixture, base=Ingredient(compatibility.base.id, 0.0, compatibility.base.revision))
@@ -237,6 +242,53 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         evaluations=scorer.evaluations if scorer else 0,
         timings=timings,
     )
+
+
+def _comparisons(scorer: Scorer, splits, best: Mixture, uniform: Mixture, soup: Mixture, config) -> dict:
+    """Paired differences vs the best individual on each report split, from the predictions already made."""
+    out = {}
+    for split in splits:
+        encoded, reference = scorer.splits[split], scorer.score(best, split)
+        out[split] = {}
+        for name, mixture in (("soup", soup), ("uniform", uniform)):
+            out[split][name] = compare(
+                scorer.spec.metrics,
+                encoded.labels,
+                np.asarray(scorer.score(mixture, split).predictions),
+                np.asarray(reference.predictions),
+                resamples=config.bootstrap,
+                seed=config.seed,
+                pos_label=encoded.pos_label,
+            )
+    return out
+
+
+def _ties(ranked: list[str], individual: dict[str, float], losses: dict[str, float]) -> list[dict]:
+    """Groups of candidates with the same selection score, in the order the tie was broken."""
+    groups: dict[float, list[str]] = {}
+    for cid in ranked:
+        groups.setdefault(individual[cid], []).append(cid)
+    return [
+        {
+            "score": score,
+            "candidates": members,
+            "losses": [losses[c] for c in members],
+            "broken_by": "selection loss, then candidate id",
+        }  # fmt: skip
+        for score, members in groups.items()
+        if len(members) > 1
+    ]
+
+
+def _warnings(scorer: Scorer, spec: TaskSpec, singles) -> list[str]:
+    warnings = []
+    if "accuracy" in spec.metrics:
+        scores = [s.metrics["accuracy"] for s in singles]
+        message = small_split_warning(scores, len(scorer.splits["selection"]))
+        if message:
+            logger.warning(message)
+            warnings.append(message)
+    return warnings
 
 
 def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, tokenizer, cache, quiet):

@@ -85,6 +85,9 @@ class SoupConfig:
         default=None,
         metadata=_opt("Evaluate on at most N examples per split (seeded subsample).", metavar="N"),
     )
+    bootstrap: int = field(
+        default=1000, metadata=_opt("Paired bootstrap resamples for the report-split intervals.", metavar="N")
+    )
     max_length: int = field(default=128, metadata=_opt("Truncate inputs to this many tokens."))
     batch_size: int = field(default=64, metadata=_opt("Evaluation batch size."))
     output: str | None = field(default=None, metadata=_opt("Where to write the soup folder.", metavar="DIR"))

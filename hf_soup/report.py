@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .stats import format_delta
+
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
@@ -52,6 +54,20 @@ def soup_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{report['soup']['name']} vs best individual on {split}: {delta * 100:+.2f} points of {metric}"
         )
+    for split, comparisons in (report.get("comparisons") or {}).items():
+        for name, by_metric in comparisons.items():
+            for metric_name, result in by_metric.items():
+                verdict = "significant at 95%" if result["significant"] else "not significant at 95%"
+                extra = f", McNemar p={result['mcnemar']['p_value']:.3f}" if "mcnemar" in result else ""
+                lines.append(
+                    f"  {name} − best individual, {split} {metric_name}: {format_delta(result)} points "
+                    f"(paired bootstrap 95% CI{extra}; {verdict})"
+                )
+    for tie in report.get("ties") or []:
+        order = ", ".join(f"{c} (loss {l:.4f})" for c, l in zip(tie["candidates"], tie["losses"]))
+        lines.append(f"TIE at selection {tie['score']:.4f}: {order}; broken by {tie['broken_by']}.")
+    for warning in report.get("warnings") or []:
+        lines.append(f"WARNING: {warning}")
     for note in report["splits"]["notes"]:
         lines.append(f"NOTE: {note}")
     return "\n".join(lines)

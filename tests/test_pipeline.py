@@ -149,6 +149,10 @@ def test_manifest_card_and_plots(greedy_run):
         manifest["soup"]["report"]["test.csv"]["accuracy"], abs=1e-6
     )
     assert "2203.05482" in card.text and "greedy soup" in card.text
+    # Is the gain real: a paired interval per report metric, and a plain statement in the card.
+    comparison = manifest["comparisons"]["test.csv"]["soup"]["accuracy"]
+    assert comparison["low"] <= comparison["delta"] <= comparison["high"] and "mcnemar" in comparison
+    assert "statistically significant at 95%" in card.text
     for plot in ("plots/trajectory.png", "plots/candidates.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
     assert not list(folder.parent.glob(".soup.tmp-*"))

@@ -1,0 +1,64 @@
+"""Paired uncertainty and the small-split warning, against independent computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import f1_score
+
+from hf_soup.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
+
+
+@pytest.fixture
+def predictions():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 400)
+    a = np.where(rng.random(400) < 0.85, labels, 1 - labels)
+    b = np.where(rng.random(400) < 0.80, labels, 1 - labels)
+    return labels, a, b
+
+
+def test_bootstrap_matches_plain_numpy_resampling(predictions):
+    labels, a, b = predictions
+    ours = paired_bootstrap("accuracy", labels, a, b, resamples=1000, seed=3)
+    rng = np.random.default_rng(3)
+    diffs = []
+    for row in rng.integers(0, len(labels), size=(1000, len(labels))):
+        diffs.append(np.mean(a[row] == labels[row]) - np.mean(b[row] == labels[row]))
+    assert ours["delta"] == pytest.approx(np.mean(a == labels) - np.mean(b == labels))
+    assert ours["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert ours["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+
+    f1 = paired_bootstrap("f1", labels, a, b, resamples=200, seed=5)
+    rng = np.random.default_rng(5)
+    expected = [
+        f1_score(labels[r], a[r]) - f1_score(labels[r], b[r]) for r in rng.integers(0, 400, (200, 400))
+    ]
+    assert f1["low"] == pytest.approx(np.percentile(expected, 2.5), abs=1e-9)
+
+
+def test_mcnemar_matches_scipy_binomtest(predictions):
+    labels, a, b = predictions
+    ours = mcnemar_exact(labels, a, b)
+    only_a = int(np.sum((a == labels) & (b != labels)))
+    only_b = int(np.sum((a != labels) & (b == labels)))
+    assert (ours["only_a"], ours["only_b"]) == (only_a, only_b)
+    assert ours["p_value"] == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-9)
+    assert mcnemar_exact(labels, a, a)["p_value"] == 1.0
+
+
+def test_significance_follows_the_interval(predictions):
+    labels, a, _ = predictions
+    worse = np.where(np.arange(400) < 120, 1 - labels, labels)  # 30 points worse
+    result = compare(("accuracy",), labels, a, worse, resamples=500)["accuracy"]
+    assert result["significant"] and result["low"] > 0 and result["mcnemar"]["p_value"] < 0.001
+    same = compare(("accuracy",), labels, a, a, resamples=100)["accuracy"]
+    assert not same["significant"]
+
+
+def test_small_split_warning():
+    # 50 examples, candidates within one point of each other: the standard error (~5 points) swamps the spread.
+    assert "too small" in small_split_warning([0.80, 0.81, 0.805], n=50)
+    # 5000 examples and a 10-point spread: well separated.
+    assert small_split_warning([0.70, 0.80, 0.75], n=5000) is None
