@@ -274,7 +274,7 @@ def _ties(ranked: list[str], individual: dict[str, float], losses: dict[str, flo
             "candidates": members,
             "losses": [losses[c] for c in members],
             "broken_by": "selection loss, then candidate id",
-        }  # fmt: skip
+        }
         for score, members in groups.items()
         if len(members) > 1
     ]

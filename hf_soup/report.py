@@ -64,7 +64,7 @@ def soup_table(report: dict[str, Any]) -> str:
                     f"(paired bootstrap 95% CI{extra}; {verdict})"
                 )
     for tie in report.get("ties") or []:
-        order = ", ".join(f"{c} (loss {l:.4f})" for c, l in zip(tie["candidates"], tie["losses"]))
+        order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in zip(tie["candidates"], tie["losses"]))
         lines.append(f"TIE at selection {tie['score']:.4f}: {order}; broken by {tie['broken_by']}.")
     for warning in report.get("warnings") or []:
         lines.append(f"WARNING: {warning}")
