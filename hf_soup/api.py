@@ -219,6 +219,7 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         "evaluations": scorer.evaluations if scorer else 0,
         "examples_forwarded": scorer.examples_forwarded if scorer else 0,
         "early_stops": scorer.early_stops if scorer else 0,
+        "forward_passes": scorer.log if scorer else [],
     }
     if output is not None:
         write_soup_folder(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,6 +226,7 @@ class Scorer:
         self.evaluations = 0
         self.examples_forwarded = 0
         self.early_stops = 0
+        self.log: list[dict] = []  # one entry per forward pass over a split (full or stopped early)
 
     def _key(self, mixture: Mixture, split: EncodedSplit) -> str:
         return cache_key(
@@ -246,12 +248,18 @@ class Scorer:
         key = self._key(mixture, split)
         if (hit := self._cached(key)) is not None:
             return hit
+        started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
         logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet)
         self.evaluations += 1
         self.examples_forwarded += len(split)
+        self._record(split_name, len(split), started, early=False)
         return self._store(key, score_logits(logits, split, self.spec))
+
+    def _record(self, split: str, examples: int, started: float, early: bool) -> None:
+        self.log.append({"split": split, "examples": examples, "seconds": time.perf_counter() - started,
+                         "stopped_early": early})  # fmt: skip
 
     def value(self, score: SplitScore) -> float:
         """The selection objective of a score, as "higher is better" (losses are negated)."""
@@ -276,6 +284,7 @@ class Scorer:
         )
         if must_reach is None or not self.early_rejection or not exact:
             return self.value(self.score(mixture, "selection"))
+        started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
         n = len(split)
@@ -293,6 +302,8 @@ class Scorer:
                 outcomes = (batch.argmax(axis=1) == labels).astype(np.float64)
             if bound.update(outcomes):
                 self.early_stops += 1
+                self._record("selection", bound.seen, started, early=True)
                 return None
+        self._record("selection", n, started, early=False)
         self.evaluations += 1
         return self.value(self._store(key, score_logits(logits, split, self.spec)))

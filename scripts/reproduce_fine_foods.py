@@ -100,21 +100,33 @@ def main() -> int:
     best = first["best_individual"]
     oracle = max(first["candidates"], key=lambda c: c["report"][split][metric])
 
-    def row(name, entry):
-        return {"name": name, "selection": entry["selection"][metric], "report": entry["report"][split][metric],
-                "ingredients": len(entry["ingredients"])}  # fmt: skip
+    def row(name, entry, comparison=None):
+        return {"name": name, "selection": entry["selection"][metric], "selection_loss": entry["selection_loss"],
+                "report": entry["report"][split][metric], "ingredients": len(entry["ingredients"]),
+                "vs_best": comparison}  # fmt: skip
 
-    rows.append(row(f"best individual ({Path(best['name']).name}, chosen on selection)", best))
+    rows.append(row(f"best individual by accuracy ({Path(best['name']).name})", best))
     rows.append(row(f"oracle best on report ({Path(oracle['id']).name}; not a fair comparison)", oracle))
-    rows.append(row("uniform soup", first["uniform"]))
+    rows.append(row("uniform soup", first["uniform"], first["comparisons"][split]["uniform"][metric]))
     for label, report in reports.items():
-        rows.append(row(label, report["soup"]))
+        rows.append(row(label, report["soup"], report["comparisons"][split]["soup"][metric]))
     write_results(results, rows, reports, variants, args, metric, split, trained, len(selection))
     return 0
 
 
 def recipes():
-    return [("greedy soup", {"recipe": "greedy"}), ("pruned soup", {"recipe": "pruned", "passes": 2})]
+    return [
+        ("greedy soup, by accuracy (paper)", {"recipe": "greedy", "selection_metric": "accuracy"}),
+        ("greedy soup, by loss", {"recipe": "greedy", "selection_metric": "loss"}),
+        ("pruned soup, by accuracy", {"recipe": "pruned", "passes": 2, "selection_metric": "accuracy"}),
+        ("pruned soup, by loss", {"recipe": "pruned", "passes": 2, "selection_metric": "loss"}),
+    ]
+
+
+def format_delta(result) -> str:
+    from hf_soup.stats import format_delta as _format
+
+    return _format(result)
 
 
 def write_results(
@@ -130,9 +142,18 @@ def write_results(
         f"report: {split} ({len(candidates) and next(iter(reports.values()))['splits']['report'][split]['size']} "
         f"reviews). Metric: {metric}.",
         "",
-        f"| model | selection {metric} | report {metric} | ingredients |",
-        "|---|---|---|---|",
-        *(f"| {r['name']} | {r['selection']:.4f} | {r['report']:.4f} | {r['ingredients']} |" for r in rows),
+        f"| model | selection {metric} | selection loss | report {metric} | vs best individual, points [95% CI] "
+        "| ingredients |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {r['name']} | {r['selection']:.4f} | {r['selection_loss']:.4f} | {r['report']:.4f} | "
+            f"{format_delta(r['vs_best']) + (' *' if r['vs_best']['significant'] else '') if r['vs_best'] else ''} "
+            f"| {r['ingredients']} |"
+            for r in rows
+        ),
+        "",
+        "Intervals: paired bootstrap over report examples (1000 resamples); * = significant at 95%. "
+        "The best individual is chosen by selection accuracy (ties broken by selection loss).",
         "",
         "## Candidates",
         "",
