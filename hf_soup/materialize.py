@@ -47,7 +47,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, bfloat16 included)."""
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(flat.numpy())).hexdigest()  # no copy of the tensor's bytes
 
 
 def _weights_for(mixture: Mixture, name: str) -> list[tuple[str, float]]:
@@ -79,10 +79,11 @@ def mix_tensor(
     first = _read(report, sources, pairs[0][0], name)
     if not first.dtype.is_floating_point:
         return first.clone(), _nbytes(first)
-    accumulator = torch.zeros(first.shape, dtype=torch.float32)
-    live = _nbytes(accumulator)
-    for cid, weight in pairs:
-        tensor = first if cid == pairs[0][0] else _read(report, sources, cid, name)
+    accumulator = first.to(torch.float32) * pairs[0][1]  # a new float32 tensor, whatever the input dtype
+    live = _nbytes(accumulator) + _nbytes(first)
+    del first
+    for cid, weight in pairs[1:]:
+        tensor = _read(report, sources, cid, name)
         live = max(live, _nbytes(accumulator) + _nbytes(tensor))
         accumulator.add_(tensor.to(torch.float32), alpha=weight)
         del tensor
