@@ -20,6 +20,9 @@ from .errors import EXIT_CODE, HfSoupError
 
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo")
 MISMATCH_EXIT_CODE = 1
+# The `SoupConfig` fields that `hf-soup evaluate` takes.
+EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "selection_split",
+                    "report_split", "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")  # fmt: skip
 FORMATS = ("human", "json")
 
 
@@ -74,23 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser("evaluate", help="score one model folder on the report split(s)")
     evaluate.add_argument("model", help="a model folder")
-    add_config_arguments(
-        evaluate,
-        only=(
-            "task",
-            "dataset",
-            "text_column",
-            "text_pair_column",
-            "label_column",
-            "selection_split",
-            "report_split",
-            "selection_fraction",
-            "seed",
-            "max_eval_examples",
-            "max_length",
-            "batch_size",
-        ),
-    )
+    add_config_arguments(evaluate, only=EVALUATE_OPTIONS)
     _common(evaluate)
 
     push = verbs.add_parser("push", help="push a soup folder to the Hub as one commit")
@@ -233,21 +220,7 @@ def _push(args) -> int:
 
 
 def _config_from_eval(args) -> dict:
-    keys = (
-        "task",
-        "dataset",
-        "text_column",
-        "text_pair_column",
-        "label_column",
-        "selection_split",
-        "report_split",
-        "selection_fraction",
-        "seed",
-        "max_eval_examples",
-        "max_length",
-        "batch_size",
-    )
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in EVALUATE_OPTIONS}
 
 
 def main(argv: list[str] | None = None) -> int:
