@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -130,7 +131,8 @@ def fine_tune(
         trainer = Trainer(
             model=model, args=args, train_dataset=encoded, data_collator=DataCollatorWithPadding(tokenizer)
         )
-        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout is for the report
+        # Trainer prints its logs; stdout is for the report (and --quiet means quiet).
+        with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
             trainer.train()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -176,7 +178,7 @@ def run_demo(
         trained = time.perf_counter()
         config = SoupConfig(
             base=str(start),
-            candidates=[str(workdir / "runs" / "*")],
+            candidates=[str(workdir / "runs" / v.name) for v in variants],  # this sweep only
             dataset=str(train_file),
             report_split=str(test_file),
             text_column="review",
