@@ -48,7 +48,8 @@ class SoupConfig:
     )
     passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
     selection_metric: str | None = field(
-        default=None,
+        # Loss by default: on two real sweeps, greedy by loss beat greedy by accuracy on held-out data (README).
+        default="loss",
         metadata=_opt(
             "What ranks candidates and accepts trials on the selection split: 'loss' (mean cross-entropy; MSE for "
             "regression), 'accuracy', or any metric the task computes ('f1', 'matthews_correlation', 'pearson').",

@@ -24,7 +24,8 @@ def test_demo_quick_runs_offline(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)  # stdout holds only the JSON report (Trainer logs go to stderr)
     assert len(report["candidates"]) == 3
-    assert report["soup"]["selection"]["accuracy"] >= report["best_individual"]["selection"]["accuracy"]
+    assert report["task"]["selection_metric"] == "loss"  # the default
+    assert report["soup"]["selection_loss"] <= report["best_individual"]["selection_loss"]
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "great", 1: "other"}
     assert json.loads((out / "soup.json").read_text())["mixture"] == report["mixture"]

@@ -28,6 +28,7 @@ def config_for(zoo, reviews, tmp_path, **overrides):
         recipe="greedy",
         selection_fraction=0.25,
         max_length=64,
+        selection_metric="accuracy",
         output=str(tmp_path / "soup"),
     )
     values.update(overrides)
