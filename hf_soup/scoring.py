@@ -284,6 +284,11 @@ class Scorer:
         )
         if must_reach is None or not self.early_rejection or not exact:
             return self.value(self.score(mixture, "selection"))
+        # A trial stopped early is cached too, with the bar it could not reach: the same trial against the same
+        # bar gets the same answer, so a rerun forwards nothing.
+        early_key = cache_key("early", key, self.selection_metric, repr(must_reach))
+        if self.cache is not None and self.cache.get(early_key) is not None:
+            return None
         started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
@@ -303,6 +308,8 @@ class Scorer:
             if bound.update(outcomes):
                 self.early_stops += 1
                 self._record("selection", bound.seen, started, early=True)
+                if self.cache is not None:
+                    self.cache.put(early_key, {"stopped_early": True, "examples": bound.seen})
                 return None
         self._record("selection", n, started, early=False)
         self.evaluations += 1
