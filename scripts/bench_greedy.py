@@ -71,7 +71,7 @@ def main() -> int:
     evaluations = len(passes)
     selection_seconds = sum(p["seconds"] for p in passes)
     forwarded_full = sum(p["examples"] for p in passes)  # greedy's passes only, in both runs
-    forwarded_early = sum(p["examples"] for p in selection(early)[: len(selection(early)) - 1])
+    forwarded_early = sum(p["examples"] for p in selection(early)[: 2 * n - 1])
     assert early["mixture"] == full["mixture"], "early rejection changed the soup"
 
     print(f"{n} candidates; selection split {full['splits']['selection']['size']} examples; "
