@@ -170,11 +170,12 @@ def write_results(
         lines.append(
             f"| {v.name} | {hyper} | {c['selection'][metric]:.4f} | {c['report'][split][metric]:.4f} |"
         )
-    lines += [
-        "",
-        f"Fine-tuning took {trained / 60:.1f} min. Reproduce: `python scripts/reproduce_fine_foods.py`.",
-        "",
-    ]
+    timing = (
+        f"Fine-tuning took {trained / 60:.1f} min."
+        if trained > 1
+        else "Fine-tuning was resumed: every variant was already saved."
+    )
+    lines += ["", f"{timing} Reproduce: `python scripts/reproduce_fine_foods.py`.", ""]
     (results / "fine_foods.md").write_text("\n".join(lines))
     (results / "fine_foods.json").write_text(
         json.dumps({"rows": rows, "reports": reports}, indent=2, default=str)
