@@ -31,7 +31,9 @@ def soup_table(report: dict[str, Any]) -> str:
     metric = report["task"]["primary_metric"]
     chosen_by = report["task"].get("selection_metric", metric)
     splits = list(report["soup"]["report"])
-    headers = ["model", "kept", "n", f"selection {chosen_by}", *(f"{s} {metric}" for s in splits)]
+    also = [metric] if chosen_by != metric else []  # e.g. selection accuracy beside selection loss
+    headers = ["model", "kept", "n", f"selection {chosen_by}", *(f"selection {m}" for m in also),
+               *(f"{s} {metric}" for s in splits)]  # fmt: skip
 
     def row(label: str, entry: dict, kept: str = "") -> list[str]:
         return [
@@ -39,11 +41,12 @@ def soup_table(report: dict[str, Any]) -> str:
             kept,
             str(len(entry["ingredients"])),
             _fmt(selection_score(entry, chosen_by)),
+            *(_fmt(entry["selection"][m]) for m in also),
             *(_fmt(entry["report"][s][metric]) for s in splits),
         ]
 
     rows = [row(c["id"], c, "yes" if c["kept"] else "no") for c in report["candidates"]]
-    rows.append(["", "", "", "", *("" for _ in splits)])
+    rows.append(["" for _ in headers])
     rows.append(row(f"best individual ({report['best_individual']['name']})", report["best_individual"]))
     rows.append(row("uniform soup", report["uniform"]))
     rows.append(row(report["soup"]["name"], report["soup"]))
