@@ -134,7 +134,7 @@ def gather_candidates(
     Returns:
         `(readable, rejected)`: `(candidate, headers)` pairs, and `(id, reason)` pairs.
     """
-    from .hub import expand, fetch_config, fetch_headers, pin
+    from .hub import derives_from, expand, fetch_config, fetch_headers, pin
     from .weights import TensorSource
 
     local, hub = split_patterns(patterns)
@@ -156,7 +156,7 @@ def gather_candidates(
             folder = fetch_config(ref)
             candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
             _refuse_custom_code(candidate)
-            if base.source == "hub" and not _derives_from(ref, candidate.config, base.id):
+            if base.source == "hub" and not derives_from(ref, candidate.config, base.id):
                 raise CandidateFormatError(f"does not declare {base.id} as its base_model (card or config)")
             readable.append((candidate, fetch_headers(ref, api)))
         except CandidateFormatError as error:
@@ -167,12 +167,6 @@ def gather_candidates(
             "patterns such as 'org/*' (quote globs so the shell does not expand them)."
         )
     return readable, rejected
-
-
-def _derives_from(ref, config, base_id) -> bool:
-    from .hub import derives_from
-
-    return derives_from(ref, config, base_id)
 
 
 def _refuse_custom_code(candidate: Candidate) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import CandidateFormatError, HubError
+from .weights import SAFETENSORS_DTYPES
 
 # Files a soup ingredient needs; never optimizer states, pickles or other frameworks' weights.
 WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -44,10 +44,6 @@ TOKENIZER_PATTERNS = [
     "*.model", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
 ]  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-*?\[\]]+)?$")
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ class RemoteHeaders:
         return tuple(self._tensors[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES.get(self._tensors[name].dtype, torch.float32)
+        return SAFETENSORS_DTYPES.get(self._tensors[name].dtype, torch.float32)
 
     def get(self, name: str):
         raise CandidateFormatError("Tensor data of a Hub checkpoint is read only after it is downloaded.")
@@ -213,10 +209,6 @@ def derives_from(ref: HubRef, config: dict[str, Any], base_id: str) -> bool:
     declared = (ref.card_data or {}).get("base_model") or []
     declared = [declared] if isinstance(declared, str) else list(declared)
     return base_id in declared or config.get("_name_or_path") == base_id
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def check_repo_id(repo_id: str) -> None:

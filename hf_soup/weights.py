@@ -24,7 +24,7 @@ from transformers.utils import (
 from .errors import CandidateFormatError, PickleRefusedError
 
 # safetensors' dtype codes, for headers read without loading tensors.
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -101,7 +101,7 @@ class TensorSource:
                 for name in handle.keys():
                     view = handle.get_slice(name)
                     self._shapes[name] = tuple(view.get_shape())
-                    self._dtypes[name] = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                    self._dtypes[name] = SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
                 return handle
             except (SafetensorError, OSError, ValueError) as error:
                 raise CandidateFormatError(
@@ -142,7 +142,3 @@ class TensorSource:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)
-
-
-def is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
