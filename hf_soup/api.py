@@ -20,23 +20,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from huggingface_hub import HfApi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from .cache import JsonCache, default_cache_dir
+from .cache import JsonCache, cache_key, default_cache_dir
 from .compat import CompatibilityReport, check_compatibility
 from .config import SoupConfig
 from .data import TaskSpec, plan_splits, task_spec
+from .diagnostics import Diagnostics, diagnose
 from .errors import OutputExistsError
 from .hub import check_push_target, push
 from .materialize import Workbench
 from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
-from .recipes import RecipeResult, get_recipe, rank
+from .recipes import (
+    LearnedOptions,
+    LearnedSoup,
+    MixingTrainer,
+    RecipeResult,
+    WiseSoup,
+    get_recipe,
+    parse_alphas,
+    rank,
+)
 from .scoring import Scorer, encode_split
-from .stats import compare, small_split_warning
+from .summary import Summary, ties
 from .verify import ingredient_fingerprints
 
 logger = logging.getLogger(__name__)
@@ -61,6 +70,18 @@ def check(base: str, candidates: list[str], allow_pickle: bool = False) -> Compa
     """Check candidates against each other and the base from configs and tensor headers only."""
     report, _ = check_compatibility(base, candidates, allow_pickle=allow_pickle)
     return report
+
+
+def check_with_diagnostics(
+    base: str, candidates: list[str], allow_pickle: bool = False, quiet: bool = False
+) -> tuple[CompatibilityReport, Diagnostics]:
+    """`check`, then each accepted candidate's distance to the base and the angles between their task vectors.
+
+    Unlike `check`, this reads every weight (streamed, tensor by tensor).
+    """
+    report, sources = check_compatibility(base, candidates, allow_pickle=allow_pickle)
+    report.raise_if_unusable(minimum=1)
+    return report, diagnose(report, sources, quiet=quiet)
 
 
 def _load_tokenizer(report: CompatibilityReport):
@@ -131,15 +152,10 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
     fingerprints = ingredient_fingerprints(compatibility, sources, cache, quiet=quiet)
     revisions = {c.id: c.revision for c in compatibility.accepted}
     ids = [c.id for c in compatibility.accepted]
-    recipe = get_recipe(config.recipe, passes=config.passes)
     tokenizer, tokenizer_dir = _load_tokenizer(compatibility)
 
     report: dict[str, Any] = {
-        "recipe": {
-            "name": recipe.name(),
-            "pretty_name": recipe.pretty_name(),
-            "reference_url": recipe.reference_url(),
-        },
+        "recipe": _describe(get_recipe("uniform")),  # an unscored run is a plain uniform merge
         "base": config.base,
         "compatibility": compatibility.to_dict(),
         "command": command or " ".join(sys.argv),
@@ -151,7 +167,7 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
     if not config.scored:
         mixture = Mixture.uniform("uniform", ids, revisions)
         report.update({"task": None, "splits": None, "candidates": [{"id": i, "kept": True} for i in ids]})
-        report.update({"best_individual": None, "uniform": None, "soup": None, "ensemble": None})
+        report.update({"best_individual": None, "uniform": None, "soup": None, "ensembles": None})
     else:
         spec = task_spec(
             config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column
@@ -160,37 +176,32 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
             config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
         )
         timings["data"] = time.perf_counter() - started - sum(timings.values())
-
-        def selection(mixture: Mixture):
-            return scorer.score(mixture, "selection")
+        recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
+        report["recipe"] = _describe(recipe)
 
         singles = {cid: Mixture.uniform("single", [cid], revisions) for cid in ids}
+        summary = Summary(scorer, singles)
         individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
-        losses = {cid: selection(m).loss for cid, m in singles.items()}  # breaks ties on coarse metrics
+        # Losses break ties on coarse metrics such as accuracy.
+        losses = {cid: scorer.score(m, "selection").loss for cid, m in singles.items()}
         recipe_result = recipe.cook(ids, individual, scorer.selection_value, revisions, tie_break=losses)
         mixture = recipe_result.mixture
         ranked = rank(ids, individual, losses)
         uniform = Mixture.uniform("uniform", ranked, revisions)
         best_id = ranked[0]
-        report_names = [name for name in scorer.splits if name != "selection"]
-
-        def reports(m: Mixture) -> dict:
-            return {name: scorer.score(m, name) for name in report_names}
-
-        kept = set(mixture.ids())
+        kept = {i.id for i in mixture.ingredients if i.weight != 0}
         report["candidates"] = [
-            {
-                **_entry(cid, singles[cid], selection(singles[cid]), reports(singles[cid])),
-                "id": cid,
-                "kept": cid in kept,
-            }
-            for cid in ranked
+            {**summary.entry(cid, singles[cid]), "id": cid, "kept": cid in kept} for cid in ranked
         ]
-        report["best_individual"] = _entry(
-            best_id, singles[best_id], selection(singles[best_id]), reports(singles[best_id])
-        )
-        report["uniform"] = _entry("uniform soup", uniform, selection(uniform), reports(uniform))
-        report["soup"] = _entry(f"{recipe.name()} soup", mixture, selection(mixture), reports(mixture))
+        report["best_individual"] = summary.entry(best_id, singles[best_id])
+        report["uniform"] = summary.entry("uniform soup", uniform)
+        report["soup"] = summary.entry(f"{recipe.name()} soup", mixture)
+        soup_ids = [cid for cid in ranked if cid in kept]
+        report["ensembles"] = [summary.ensemble(f"ensemble of all {len(ids)} candidates", ranked)]
+        if soup_ids != ranked and len(soup_ids) > 1:
+            report["ensembles"].append(
+                summary.ensemble(f"ensemble of the {len(soup_ids)} soup ingredients", soup_ids)
+            )
         report["task"] = {
             "name": spec.name,
             "metrics": list(spec.metrics),
@@ -201,17 +212,30 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         }
         report["splits"] = {
             "selection": {"name": plan.selection_name, "size": len(scorer.splits["selection"])},
-            "report": {name: {"size": len(scorer.splits[name])} for name in report_names},
+            "report": {name: {"size": len(scorer.splits[name])} for name in summary.report_names},
             "same_split": plan.same_split,
             "notes": plan.notes,
         }
         report["trajectory"] = [vars(step) for step in recipe_result.trajectory]
-        report["comparisons"] = _comparisons(scorer, report_names, singles[best_id], uniform, mixture, config)
-        report["ties"] = _ties(ranked, individual, losses)
-        report["warnings"] = _warnings(scorer, spec, [selection(singles[c]) for c in ids])
+        report["comparisons"] = summary.comparisons(
+            singles[best_id],
+            {"soup": mixture, "uniform": uniform, "ensemble": ranked},
+            resamples=config.bootstrap,
+            seed=config.seed,
+        )
+        report["ties"] = ties(ranked, individual, losses)
+        report["warnings"] = summary.warnings(ids)
+        report.update(_recipe_details(recipe, mixture, summary))
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
-    mixture = replace(mixture, base=Ingredient(compatibility.base.id, 0.0, compatibility.base.revision))
+    diagnostics = _diagnostics(compatibility, sources, fingerprints, cache, quiet)
+    report["diagnostics"] = diagnostics.to_dict()
+    for message in diagnostics.warnings():
+        logger.warning("Shared initialisation: %s", message)
+    report.setdefault("warnings", [])
+    report["warnings"] = [*(report["warnings"] or []), *diagnostics.warnings()]
+    if mixture.base is None:
+        mixture = replace(mixture, base=Ingredient(compatibility.base.id, 0.0, compatibility.base.revision))
     report["mixture"] = mixture.to_dict()
     report["cache"] = {
         "hits": cache.hits,
@@ -245,51 +269,71 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
     )
 
 
-def _comparisons(scorer: Scorer, splits, best: Mixture, uniform: Mixture, soup: Mixture, config) -> dict:
-    """Paired differences vs the best individual on each report split, from the predictions already made."""
-    out = {}
-    for split in splits:
-        encoded, reference = scorer.splits[split], scorer.score(best, split)
-        out[split] = {}
-        for name, mixture in (("soup", soup), ("uniform", uniform)):
-            out[split][name] = compare(
-                scorer.spec.metrics,
-                encoded.labels,
-                np.asarray(scorer.score(mixture, split).predictions),
-                np.asarray(reference.predictions),
-                resamples=config.bootstrap,
-                seed=config.seed,
-                pos_label=encoded.pos_label,
-            )
-    return out
+def _describe(recipe) -> dict[str, str]:
+    return {
+        "name": recipe.name(),
+        "pretty_name": recipe.pretty_name(),
+        "reference_url": recipe.reference_url(),
+    }
 
 
-def _ties(ranked: list[str], individual: dict[str, float], losses: dict[str, float]) -> list[dict]:
-    """Groups of candidates with the same selection score, in the order the tie was broken."""
-    groups: dict[float, list[str]] = {}
-    for cid in ranked:
-        groups.setdefault(individual[cid], []).append(cid)
-    return [
-        {
-            "score": score,
-            "candidates": members,
-            "losses": [losses[c] for c in members],
-            "broken_by": "selection loss, then candidate id",
+def _make_recipe(
+    config: SoupConfig, compatibility: CompatibilityReport, sources, scorer: Scorer, quiet: bool
+):
+    """The recipe of `config`; WiSE-FT and learned soups also need the base and the live model."""
+    if config.recipe == "wise":
+        reference = sources[compatibility.accepted[0].id]
+        headless = [n for n in reference.keys()
+                    if n not in compatibility.base_names and reference.dtype(n).is_floating_point]  # fmt: skip
+        base = Ingredient(compatibility.base.id, 0.0, compatibility.base.revision)
+        endpoint = get_recipe(config.wise_of, passes=config.passes)
+        return WiseSoup(endpoint, parse_alphas(config.alpha), base, headless)
+    if config.recipe == "learned":
+        options = LearnedOptions(
+            config.granularity, config.learn_epochs, config.learn_lr, config.learn_batch_size, config.seed
+        )
+        trainer = MixingTrainer(
+            scorer.workbench,
+            scorer.splits["selection"],
+            scorer.collator,
+            scorer.spec.regression,
+            options,
+            quiet,
+        )
+        return LearnedSoup(trainer)
+    return get_recipe(config.recipe, passes=config.passes)
+
+
+def _recipe_details(recipe, mixture: Mixture, summary: Summary) -> dict[str, Any]:
+    """What a WiSE-FT or learned soup adds to the report: the α curve, or the learned weights."""
+    if isinstance(recipe, WiseSoup):
+        curve = []
+        for alpha, mixture, selection in recipe.curve:
+            entry = summary.entry(f"alpha={alpha:g}", mixture)
+            curve.append({"alpha": alpha, "selection_value": selection, **entry})
+        return {
+            "wise": {
+                "alpha": WiseSoup.alpha_of(mixture),
+                "endpoint": recipe.endpoint.name(),
+                "endpoint_mixture": recipe.endpoint_mixture.to_dict(),
+                "head": "the fine-tuned endpoint's head, at every alpha (the base has none)",
+                "curve": curve,
+            }
         }
-        for score, members in groups.items()
-        if len(members) > 1
-    ]
+    if isinstance(recipe, LearnedSoup) and recipe.state is not None:
+        return {"learned": recipe.state.to_dict()}
+    return {}
 
 
-def _warnings(scorer: Scorer, spec: TaskSpec, singles) -> list[str]:
-    warnings = []
-    if "accuracy" in spec.metrics:
-        scores = [s.metrics["accuracy"] for s in singles]
-        message = small_split_warning(scores, len(scorer.splits["selection"]))
-        if message:
-            logger.warning(message)
-            warnings.append(message)
-    return warnings
+def _diagnostics(compatibility, sources, fingerprints, cache: JsonCache, quiet: bool) -> Diagnostics:
+    """Distances and angles to the base, cached by the content of the base and the candidates."""
+    ids = [c.id for c in compatibility.accepted]
+    key = cache_key("diagnostics", fingerprints["__base__"], [fingerprints[i] for i in ids])
+    if (hit := cache.get(key)) is not None:
+        return Diagnostics.from_dict(hit)
+    diagnostics = diagnose(compatibility, sources, quiet=quiet)
+    cache.put(key, diagnostics.to_dict())
+    return diagnostics
 
 
 def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, tokenizer, cache, quiet):

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
     add_config_arguments(check, only=("base", "candidates", "strict", "allow_pickle"))
+    check.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also read the weights: each candidate's distance to the base and the angles between fine-tuning "
+        "directions; flags candidates that do not share the base's initialisation (fatal with --strict)",
+    )
+    check.add_argument("--heatmap", metavar="PNG", help="with --diagnostics: write the angle heatmap here")
     _common(check)
 
     evaluate = verbs.add_parser("evaluate", help="score one model folder on the report split(s)")
@@ -142,12 +149,7 @@ def _run(args, argv: list[str]) -> int:
     from .report import compatibility_table, format_table, soup_table
 
     if args.verb == "check":
-        from .api import check
-
-        report = check(args.base, args.candidates, allow_pickle=args.allow_pickle)
-        _emit(args, report.to_dict(), compatibility_table(report.rows()))
-        report.raise_if_unusable(strict=args.strict)
-        return 0
+        return _check(args)
     if args.verb == "evaluate":
         from .api import evaluate_model
 
@@ -195,6 +197,35 @@ def _run(args, argv: list[str]) -> int:
     if result.report.get("push"):
         human += f"\nPushed: {result.report['push']['commit_url']}"
     _emit(args, result.report, human)
+    return 0
+
+
+def _check(args) -> int:
+    from .api import check, check_with_diagnostics
+    from .errors import IncompatibleCandidatesError
+    from .report import compatibility_table, format_table
+
+    if not args.diagnostics:
+        report = check(args.base, args.candidates, allow_pickle=args.allow_pickle)
+        _emit(args, report.to_dict(), compatibility_table(report.rows()))
+        report.raise_if_unusable(strict=args.strict)
+        return 0
+    from .diagnostics import diagnostics_table
+    from .plots import write_angle_heatmap
+
+    report, diagnostics = check_with_diagnostics(args.base, args.candidates, allow_pickle=args.allow_pickle)
+    if args.heatmap:
+        write_angle_heatmap(args.heatmap, diagnostics.to_dict())
+    human = [compatibility_table(report.rows()), "", format_table(*diagnostics_table(diagnostics))]
+    human += [f"WARNING: {message}" for message in diagnostics.warnings()]
+    if args.heatmap:
+        human.append(f"Heatmap written to {args.heatmap}")
+    _emit(args, {**report.to_dict(), "diagnostics": diagnostics.to_dict()}, "\n".join(human))
+    if args.strict and diagnostics.flagged:
+        raise IncompatibleCandidatesError(
+            f"--strict: {len(diagnostics.flagged)} candidate(s) do not look fine-tuned from {args.base} "
+            f"({', '.join(diagnostics.flagged)}). Remove them, or check --base."
+        )
     return 0
 
 

@@ -47,6 +47,31 @@ class SoupConfig:
         default="greedy", metadata=_opt("How to choose ingredients.", choices=get_args(Recipe))
     )
     passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
+    alpha: str = field(
+        default="0:1:0.1",
+        metadata=_opt(
+            "WiSE-FT (--recipe wise): the weight of the fine-tuned soup against the base, or a sweep START:STOP:STEP "
+            "scored on the selection split.",
+            metavar="A",
+        ),
+    )
+    wise_of: str = field(
+        default="greedy",
+        metadata=_opt(
+            "WiSE-FT: the soup interpolated with the base.", choices=("greedy", "uniform", "pruned")
+        ),
+    )
+    granularity: str = field(
+        default="model",
+        metadata=_opt(
+            "Learned soup: one weight per model, or per layer (tensor).", choices=("model", "layer")
+        ),
+    )
+    learn_epochs: int = field(default=3, metadata=_opt("Learned soup: epochs over the selection split."))
+    learn_lr: float = field(
+        default=0.05, metadata=_opt("Learned soup: Adam learning rate of the mixing logits.")
+    )
+    learn_batch_size: int = field(default=16, metadata=_opt("Learned soup: examples per gradient step."))
     selection_metric: str | None = field(
         # Loss by default: on two real sweeps, greedy by loss beat greedy by accuracy on held-out data (README).
         default="loss",
@@ -135,6 +160,16 @@ class SoupConfig:
             from .hub import check_repo_id
 
             check_repo_id(self.push_to)
+        if self.recipe == "wise":
+            from .recipes.wise import parse_alphas
+
+            parse_alphas(self.alpha)
+        if self.recipe == "learned":
+            from .recipes.learned import LearnedOptions
+
+            LearnedOptions(
+                self.granularity, self.learn_epochs, self.learn_lr, self.learn_batch_size, self.seed
+            )
         if self.passes < 1:
             raise ConfigError("--passes must be at least 1.")
         if isinstance(self.candidates, str):

@@ -51,10 +51,16 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def _weights_for(mixture: Mixture, name: str) -> list[tuple[str, float]]:
-    weights = dict(mixture.weights())
+    """The non-zero `(ingredient, weight)` pairs of one tensor; the base appears as `BASE`.
+
+    A `per_tensor_weights` entry is the complete set of weights for its tensor (the base appears there under its
+    own id); other tensors use the ingredients' weights plus the base's.
+    """
+    base_id = mixture.base.id if mixture.base is not None else None
     if mixture.per_tensor_weights and name in mixture.per_tensor_weights:
-        weights = dict(mixture.per_tensor_weights[name])
-    pairs = [(cid, w) for cid, w in weights.items() if w != 0]
+        overrides = mixture.per_tensor_weights[name]
+        return [(BASE if cid == base_id else cid, w) for cid, w in overrides.items() if w != 0]
+    pairs = [(cid, w) for cid, w in mixture.weights().items() if w != 0]
     if mixture.base is not None and mixture.base.weight != 0:
         pairs.append((BASE, mixture.base.weight))
     return pairs
@@ -75,10 +81,14 @@ def mix_tensor(
     mixture: Mixture, report: CompatibilityReport, sources: dict[str, TensorSource], name: str
 ) -> tuple[torch.Tensor, int]:
     """The mixed value of one tensor in float32 (or copied, if not float), and the bytes held to make it."""
+    reference = mixture.ingredients[0].id
+    if not sources[reference].dtype(name).is_floating_point:  # e.g. position ids: copied, never averaged
+        copied = sources[reference].get(name).clone()
+        return copied, _nbytes(copied)
     pairs = _weights_for(mixture, name)
+    if not pairs:
+        raise ConfigError(f"The mixture gives every ingredient weight 0 for {name}; nothing to average.")
     first = _read(report, sources, pairs[0][0], name)
-    if not first.dtype.is_floating_point:
-        return first.clone(), _nbytes(first)
     accumulator = first.to(torch.float32) * pairs[0][1]  # a new float32 tensor, whatever the input dtype
     live = _nbytes(accumulator) + _nbytes(first)
     del first
@@ -196,6 +206,7 @@ class Workbench:
         if self._is_plain_uniform(mixture):
             self._load_uniform(Counter(mixture.ids()))
         else:
+            self._sum, self._members = None, Counter()  # the running sum only serves uniform trials
             for name in self.names:
                 mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
                 self.targets[name].copy_(mixed)

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Recipe = Literal["uniform", "greedy", "pruned"]
+Recipe = Literal["uniform", "greedy", "pruned", "learned", "wise"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,22 @@ class Mixture:
     def content_key(self, fingerprints: dict[str, str]) -> str:
         """A hash of what the mixture computes: its weights and the content of each ingredient.
 
-        The recipe name and the order of ingredients do not matter, so a greedy trial and a uniform soup
-        of the same models share one cache entry.
+        The recipe name, the order of ingredients and their ids do not matter (only their content does), so a
+        greedy trial and a uniform soup of the same models share one cache entry. The base is fingerprinted as
+        `"__base__"`.
         """
-        parts = sorted((fingerprints[i.id], round(i.weight, 12)) for i in self.ingredients if i.weight != 0)
-        payload = {"ingredients": parts, "per_tensor_weights": self.per_tensor_weights}
+
+        def content(cid: str) -> str:
+            is_base = self.base is not None and cid == self.base.id and cid not in fingerprints
+            return fingerprints["__base__"] if is_base else fingerprints[cid]
+
+        parts = sorted((content(i.id), round(i.weight, 12)) for i in self.ingredients if i.weight != 0)
+        payload: dict[str, Any] = {"ingredients": parts}
+        if self.per_tensor_weights:
+            payload["per_tensor_weights"] = {
+                name: sorted((content(cid), round(w, 12)) for cid, w in weights.items() if w != 0)
+                for name, weights in self.per_tensor_weights.items()
+            }
         if self.base is not None and self.base.weight != 0:
-            payload["base"] = (fingerprints[self.base.id], round(self.base.weight, 12))
+            payload["base"] = (fingerprints["__base__"], round(self.base.weight, 12))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

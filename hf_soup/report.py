@@ -26,30 +26,50 @@ def selection_score(entry: dict[str, Any], metric: str) -> float:
     return entry["selection_loss"] if metric == "loss" else entry["selection"][metric]
 
 
+def _soup_label(report: dict[str, Any]) -> str:
+    if report.get("wise"):
+        return f"{report['soup']['name']} (alpha={report['wise']['alpha']:g} on the {report['wise']['endpoint']} soup)"
+    if report.get("learned"):
+        return f"{report['soup']['name']} ({report['learned']['granularity']} weights, T={report['learned']['temperature']:.3f})"
+    return report["soup"]["name"]
+
+
 def soup_table(report: dict[str, Any]) -> str:
-    """Every candidate, then best individual / uniform / soup, with selection and report scores."""
+    """Every candidate, then best individual / uniform / soup / ensembles, with selection and report scores.
+
+    The `cost` column is forward passes per input: 1 for any single model or soup, N for an N-model ensemble.
+    ECE (15 bins) is shown for the report split(s) where the task is a classification.
+    """
     metric = report["task"]["primary_metric"]
     chosen_by = report["task"].get("selection_metric", metric)
     splits = list(report["soup"]["report"])
     also = [metric] if chosen_by != metric else []  # e.g. selection accuracy beside selection loss
-    headers = ["model", "kept", "n", f"selection {chosen_by}", *(f"selection {m}" for m in also),
-               *(f"{s} {metric}" for s in splits)]  # fmt: skip
+    with_ece = any(v is not None for v in (report["soup"].get("ece") or {}).values())
+    headers = ["model", "kept", "n", "cost", f"selection {chosen_by}", *(f"selection {m}" for m in also),
+               *(f"{s} {metric}" for s in splits), *(f"{s} ECE" for s in splits if with_ece)]  # fmt: skip
 
-    def row(label: str, entry: dict, kept: str = "") -> list[str]:
+    def row(label: str, entry: dict, kept: str = "", ece: bool = False) -> list[str]:
+        eces = entry.get("ece") or {}
         return [
             label,
             kept,
             str(len(entry["ingredients"])),
+            f"{entry.get('forward_passes', 1)}x",
             _fmt(selection_score(entry, chosen_by)),
             *(_fmt(entry["selection"][m]) for m in also),
             *(_fmt(entry["report"][s][metric]) for s in splits),
+            *((_fmt(eces.get(s)) if ece else "" for s in splits) if with_ece else ()),
         ]
 
     rows = [row(c["id"], c, "yes" if c["kept"] else "no") for c in report["candidates"]]
     rows.append(["" for _ in headers])
-    rows.append(row(f"best individual ({report['best_individual']['name']})", report["best_individual"]))
-    rows.append(row("uniform soup", report["uniform"]))
-    rows.append(row(report["soup"]["name"], report["soup"]))
+    rows.append(
+        row(f"best individual ({report['best_individual']['name']})", report["best_individual"], ece=True)
+    )
+    rows.append(row("uniform soup", report["uniform"], ece=True))
+    rows.append(row(_soup_label(report), report["soup"], ece=True))
+    for ensemble in report.get("ensembles") or []:
+        rows.append(row(f"{ensemble['name']} (logits)", ensemble, ece=True))
     lines = [format_table(headers, rows)]
     best, soup = report["best_individual"], report["soup"]
     for split in splits:

@@ -6,6 +6,7 @@ dataset's is still scored correctly. Model labels named generically (`LABEL_k`) 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import math
@@ -104,19 +105,32 @@ def encode_split(
 
 @dataclass
 class SplitScore:
-    """Metrics of one model or mixture on one split, plus its mean loss and per-example predictions."""
+    """Metrics of one model or mixture on one split, its mean loss, and per-example predictions and logits.
+
+    The logits are kept (and cached, as float32 bytes) so that ensembles and calibration are computed from the
+    forward passes already made for scoring, never from new ones.
+    """
 
     metrics: dict[str, float]
     loss: float
     n: int
     predictions: list = field(default_factory=list, repr=False)
+    logits: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"metrics": self.metrics, "loss": self.loss, "n": self.n, "predictions": self.predictions}
+        data = {"metrics": self.metrics, "loss": self.loss, "n": self.n, "predictions": self.predictions}
+        if self.logits is not None:
+            logits = np.ascontiguousarray(self.logits, dtype=np.float32)
+            data["logits"] = {"shape": list(logits.shape), "float32": base64.b64encode(logits).decode()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> SplitScore:
-        return cls(data["metrics"], data["loss"], data["n"], data.get("predictions", []))
+        logits = None
+        if data.get("logits"):
+            raw = base64.b64decode(data["logits"]["float32"])
+            logits = np.frombuffer(raw, dtype=np.float32).reshape(data["logits"]["shape"]).copy()
+        return cls(data["metrics"], data["loss"], data["n"], data.get("predictions", []), logits)
 
 
 @torch.inference_mode()
@@ -158,7 +172,7 @@ def score_logits(logits: np.ndarray, split: EncodedSplit, spec: TaskSpec) -> Spl
     predictions = logits[:, 0] if spec.regression else logits.argmax(axis=1)
     loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression)))
     metrics = compute_metrics(spec.metrics, predictions, split.labels, pos_label=split.pos_label)
-    return SplitScore(metrics, loss, len(split), predictions.tolist())
+    return SplitScore(metrics, loss, len(split), predictions.tolist(), logits)
 
 
 SELECTION_LOSS = "loss"

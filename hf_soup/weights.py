@@ -139,6 +139,13 @@ class TensorSource:
             return handle.get_tensor(name)
         return handle[name]
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (along the first dimension) of one tensor, reading only those bytes."""
+        handle = self._handles[self._where[name]]
+        if self.format == "safetensors":
+            return handle.get_slice(name)[start:stop]
+        return handle[name][start:stop]
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)

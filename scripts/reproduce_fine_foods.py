@@ -103,6 +103,7 @@ def main() -> int:
     def row(name, entry, comparison=None):
         return {"name": name, "selection": entry["selection"][metric], "selection_loss": entry["selection_loss"],
                 "report": entry["report"][split][metric], "ingredients": len(entry["ingredients"]),
+                "cost": entry.get("forward_passes", 1), "ece": (entry.get("ece") or {}).get(split),
                 "vs_best": comparison}  # fmt: skip
 
     rows.append(row(f"best individual by accuracy ({Path(best['name']).name})", best))
@@ -112,6 +113,13 @@ def main() -> int:
     rows.append(row("uniform soup", first["uniform"], first["comparisons"][split]["uniform"][metric]))
     for label, report in reports.items():
         rows.append(row(label, report["soup"], report["comparisons"][split]["soup"][metric]))
+    all_ensemble = first["ensembles"][0]
+    rows.append(
+        row(all_ensemble["name"] + " (logits)", all_ensemble, first["comparisons"][split]["ensemble"][metric])
+    )
+    for label, report in reports.items():
+        for ensemble in report["ensembles"][1:]:  # of the soup's ingredients, when fewer than all
+            rows.append(row(f"{ensemble['name']} of the {label} (logits)", ensemble))
     write_results(results, rows, reports, variants, args, metric, split, trained, len(selection))
     return 0
 
@@ -122,6 +130,15 @@ def recipes():
         ("greedy soup, by loss", {"recipe": "greedy", "selection_metric": "loss"}),
         ("pruned soup, by accuracy", {"recipe": "pruned", "passes": 2, "selection_metric": "accuracy"}),
         ("pruned soup, by loss", {"recipe": "pruned", "passes": 2, "selection_metric": "loss"}),
+        (
+            "learned soup, per-model weights",
+            {"recipe": "learned", "granularity": "model", "selection_metric": "loss"},
+        ),
+        (
+            "learned soup, per-layer weights",
+            {"recipe": "learned", "granularity": "layer", "selection_metric": "loss"},
+        ),
+        ("WiSE-FT of the greedy soup (by loss)", {"recipe": "wise", "selection_metric": "loss"}),
     ]
 
 
@@ -145,13 +162,12 @@ def write_results(
         f"reviews). Metric: {metric}.",
         "",
         f"| model | selection {metric} | selection loss | report {metric} | vs best individual (same selection "
-        "metric), points [95% CI] "
-        "| ingredients |",
-        "|---|---|---|---|---|---|",
+        "metric), points [95% CI] | report ECE | ingredients | forward passes |",
+        "|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['name']} | {r['selection']:.4f} | {r['selection_loss']:.4f} | {r['report']:.4f} | "
             f"{format_delta(r['vs_best']) + (' *' if r['vs_best']['significant'] else '') if r['vs_best'] else ''} "
-            f"| {r['ingredients']} |"
+            f"| {r['ece']:.4f} | {r['ingredients']} | {r['cost']} |"
             for r in rows
         ),
         "",

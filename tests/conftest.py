@@ -126,3 +126,15 @@ def workdir(tmp_path) -> Path:
 def copy_model(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def scratch(zoo, reviews, tokenizer_dir) -> Path:
+    """A classifier of the zoo's architecture trained from its own random initialisation: not a fine-tune."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    frame = pd.read_csv(reviews["train"])
+    torch.manual_seed(99)
+    model = BertForSequenceClassification(tiny_config())
+    fine_tune(model, tokenizer, frame["review"].tolist(), [LABELS.index(s) for s in frame["score"]], 2e-3, 5)
+    model.save_pretrained(zoo["root"] / "scratch")
+    return zoo["root"] / "scratch"

@@ -1,0 +1,152 @@
+"""Will these candidates soup? Distances to the base and angles between fine-tuning directions.
+
+For each candidate i, with θ_0 the base: the relative distance ‖θ_i − θ_0‖ / ‖θ_0‖, and for each pair the angle
+between the task vectors (θ_i − θ_0) and (θ_j − θ_0), the paper's Figure 3 measure (more orthogonal fine-tunes
+gave larger soup gains). Only tensors the base has are compared (the task head is new in every candidate).
+
+A candidate that was not fine-tuned from the base (trained from scratch, or from another checkpoint) is far
+from it: about √2·‖θ_0‖ for an independent initialisation of the same scale, where fine-tuning moves weights by
+a small fraction of their norm. Such soups average to garbage (the paper's "harmful advice" experiment fell to
+1% accuracy), so those candidates are flagged.
+
+Everything streams: each tensor is read in row blocks of at most `block_elements` values per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .compat import CompatibilityReport
+from .progress import progress_bar
+from .weights import TensorSource
+
+BASE = "__base__"
+# Farther than this from the base (relative to the base's norm) is not what fine-tuning produces.
+MAX_RELATIVE_DISTANCE = 1.0
+# Farther than this multiple of the median of the other candidates' distances is out of line with them.
+OUT_OF_LINE = 4.0
+
+
+@dataclass
+class Diagnostics:
+    """Distances and angles of a set of candidates, and the candidates that look like they share no start."""
+
+    ids: list[str]
+    relative_distance: dict[str, float]
+    cosine: np.ndarray  # N × N, between task vectors
+    base_norm: float
+    tensors: int
+    flagged: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def angles(self) -> np.ndarray:
+        """Pairwise angles in degrees."""
+        return np.degrees(np.arccos(np.clip(self.cosine, -1.0, 1.0)))
+
+    def to_dict(self) -> dict:
+        return {
+            "ids": self.ids,
+            "relative_distance": self.relative_distance,
+            "angle_degrees": np.round(self.angles, 4).tolist(),
+            "cosine": np.round(self.cosine, 6).tolist(),
+            "tensors_compared": self.tensors,
+            "base_norm": self.base_norm,
+            "flagged": self.flagged,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Diagnostics:
+        return cls(
+            ids=data["ids"],
+            relative_distance=data["relative_distance"],
+            cosine=np.asarray(data["cosine"]),
+            base_norm=data.get("base_norm", 0.0),
+            tensors=data["tensors_compared"],
+            flagged=data["flagged"],
+        )
+
+    def warnings(self) -> list[str]:
+        return [f"{cid}: {reason}" for cid, reason in self.flagged.items()]
+
+
+def _blocks(shape: tuple[int, ...], block_elements: int):
+    rows = shape[0] if shape else 1
+    per_row = max(1, math.prod(shape[1:])) if shape else 1
+    step = max(1, block_elements // per_row)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _read_block(source: TensorSource, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
+    tensor = source.get(name) if scalar else source.rows(name, start, stop)
+    return tensor.to(torch.float64).reshape(-1)
+
+
+def diagnose(
+    report: CompatibilityReport,
+    sources: dict[str, TensorSource],
+    block_elements: int = 1 << 20,
+    quiet: bool = False,
+) -> Diagnostics:
+    """Distances to the base and pairwise angles between task vectors, over the tensors the base has."""
+    ids = [c.id for c in report.accepted]
+    names = [n for n, b in report.base_names.items() if sources[BASE].dtype(b).is_floating_point]
+    gram = np.zeros((len(ids), len(ids)))
+    base_sq = 0.0
+    with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:
+        for name in names:
+            base_name = report.base_names[name]
+            shape = sources[BASE].shape(base_name)
+            for start, stop in _blocks(shape, block_elements):
+                base = _read_block(sources[BASE], base_name, start, stop, not shape)
+                base_sq += float(base @ base)
+                deltas = torch.stack(
+                    [_read_block(sources[cid], name, start, stop, not shape) - base for cid in ids]
+                )
+                gram += (deltas @ deltas.T).numpy()
+            bar.update(1)
+    squared = np.clip(np.diag(gram), 0.0, None)
+    norms = np.sqrt(squared)
+    denominator = np.outer(norms, norms)
+    cosine = np.divide(gram, denominator, out=np.eye(len(ids)), where=denominator > 0)
+    np.fill_diagonal(cosine, 1.0)  # exactly, not 1 − rounding
+    base_norm = math.sqrt(base_sq)
+    distance = {cid: float(norms[i] / base_norm) if base_norm else float("inf") for i, cid in enumerate(ids)}
+    diagnostics = Diagnostics(ids, distance, cosine, base_norm, len(names))
+    diagnostics.flagged = _flag(distance)
+    return diagnostics
+
+
+def _flag(distance: dict[str, float]) -> dict[str, str]:
+    flagged = {}
+    for cid, value in distance.items():
+        others = [v for c, v in distance.items() if c != cid]
+        typical = float(np.median(others)) if others else None
+        if value > MAX_RELATIVE_DISTANCE:
+            flagged[cid] = (
+                f"‖θ−θ_base‖/‖θ_base‖ = {value:.3f}, above {MAX_RELATIVE_DISTANCE:g}: it does not look fine-tuned "
+                "from this base (a different initialisation?). Souping it will likely fail."
+            )
+        elif typical is not None and typical > 0 and value > OUT_OF_LINE * typical:
+            flagged[cid] = (
+                f"‖θ−θ_base‖/‖θ_base‖ = {value:.3f}, {value / typical:.1f}× the other candidates' median "
+                f"({typical:.3f}): it may not share their initialisation."
+            )
+    return flagged
+
+
+def diagnostics_table(diagnostics: Diagnostics) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: each candidate's relative distance, then its angle to every other candidate."""
+    short = [f"#{i + 1}" for i in range(len(diagnostics.ids))]
+    headers = ["#", "candidate", "‖θ−θ₀‖/‖θ₀‖", *(f"∠{s}" for s in short), "flag"]
+    angles = diagnostics.angles
+    rows = []
+    for i, cid in enumerate(diagnostics.ids):
+        cells = ["" if i == j else f"{angles[i, j]:.1f}°" for j in range(len(diagnostics.ids))]
+        flag = "NOT A FINE-TUNE?" if cid in diagnostics.flagged else ""
+        rows.append([short[i], cid, f"{diagnostics.relative_distance[cid]:.4f}", *cells, flag])
+    return headers, rows

@@ -1,0 +1,49 @@
+"""The paper's baseline and its calibration measure: the logit ensemble, and expected calibration error.
+
+A logit ensemble averages the logits of N models, so it costs N forward passes per input where a soup costs one.
+Every logit used here was already computed while scoring candidates: an ensemble never runs a model again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .scoring import EncodedSplit, SplitScore, score_logits
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error with `bins` equal-width confidence bins (Guo et al. 2017).
+
+    The confidence of an example is its largest softmax probability; ECE is the example-weighted mean, over bins,
+    of |accuracy − mean confidence|. A bin holds confidences in (lower, upper]; the first also holds 0.
+    """
+    probabilities = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), dim=1).numpy()
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    total = 0.0
+    for index in range(bins):
+        members = which == index
+        if members.any():
+            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total / len(labels))
+
+
+def ensemble_score(members: list[SplitScore], split: EncodedSplit, spec) -> SplitScore:
+    """The score of the logit ensemble (the plain mean of the members' logits) on `split`."""
+    missing = [index for index, member in enumerate(members) if member.logits is None]
+    if missing:
+        raise ValueError("ensemble members must carry logits (score them with this version of hf-soup)")
+    logits = np.mean(np.stack([member.logits for member in members]), axis=0, dtype=np.float64)
+    return score_logits(logits.astype(np.float32), split, spec)
+
+
+def calibration(score: SplitScore, split: EncodedSplit, regression: bool) -> float | None:
+    """ECE (15 bins) of a score's logits on `split`; `None` for regression, where it is not defined."""
+    if regression or score.logits is None:
+        return None
+    return expected_calibration_error(score.logits, split.labels)

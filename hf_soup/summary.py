@@ -1,0 +1,123 @@
+"""The report's entries and comparisons, built from scores the `Scorer` already has (or caches).
+
+Each entry holds selection and report scores, the report loss and ECE; ensembles add their inference cost.
+Paired comparisons, ties and warnings reuse the predictions of those same forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .ensemble import calibration, ensemble_score
+from .mixture import Mixture
+from .scoring import Scorer, SplitScore
+from .stats import compare, small_split_warning
+
+logger = logging.getLogger(__name__)
+
+
+class Summary:
+    """Builds report entries for mixtures and ensembles on the selection and report splits.
+
+    Args:
+        scorer (`Scorer`): scores mixtures (through its cache).
+        singles (`dict[str, Mixture]`): each candidate as a one-ingredient mixture, for ensembles.
+    """
+
+    def __init__(self, scorer: Scorer, singles: dict[str, Mixture]):
+        self.scorer, self.singles = scorer, singles
+        self.report_names = [name for name in scorer.splits if name != "selection"]
+
+    def _entry(self, name: str, ingredients: list[str], scores: dict[str, SplitScore], passes: int) -> dict:
+        regression = self.scorer.spec.regression
+        selection = scores["selection"]
+        reports = {split: scores[split] for split in self.report_names}
+        return {
+            "name": name,
+            "ingredients": ingredients,
+            "forward_passes": passes,
+            "selection": selection.metrics,
+            "selection_loss": selection.loss,
+            "report": {split: score.metrics for split, score in reports.items()},
+            "report_loss": {split: score.loss for split, score in reports.items()},
+            "ece": {
+                split: calibration(score, self.scorer.splits[split], regression)
+                for split, score in reports.items()
+            },
+        }
+
+    def entry(self, name: str, mixture: Mixture) -> dict[str, Any]:
+        """A soup's (or one model's) entry: one forward pass per input."""
+        scores = {split: self.scorer.score(mixture, split) for split in ["selection", *self.report_names]}
+        ingredients = [i.id for i in mixture.ingredients if i.weight != 0] or mixture.ids()
+        return self._entry(name, ingredients, scores, passes=1)
+
+    def ensemble(self, name: str, ids: list[str]) -> dict[str, Any]:
+        """The logit ensemble of `ids`: the mean of their logits, from their cached scores (N forward passes)."""
+        scores = {}
+        for split in ["selection", *self.report_names]:
+            members = [self.scorer.score(self.singles[cid], split) for cid in ids]
+            scores[split] = ensemble_score(members, self.scorer.splits[split], self.scorer.spec)
+        return self._entry(name, list(ids), scores, passes=len(ids))
+
+    def ensemble_predictions(self, ids: list[str], split: str) -> np.ndarray:
+        members = [self.scorer.score(self.singles[cid], split) for cid in ids]
+        return np.asarray(ensemble_score(members, self.scorer.splits[split], self.scorer.spec).predictions)
+
+    def comparisons(
+        self, best: Mixture, others: dict[str, Mixture | list[str]], resamples: int, seed: int
+    ) -> dict:
+        """Paired differences vs the best individual on each report split, from the predictions already made.
+
+        `others` maps a name to a mixture, or to a list of candidate ids for a logit ensemble.
+        """
+        out: dict[str, dict] = {}
+        for split in self.report_names:
+            encoded, reference = self.scorer.splits[split], self.scorer.score(best, split)
+            out[split] = {}
+            for name, other in others.items():
+                predictions = (
+                    self.ensemble_predictions(other, split)
+                    if isinstance(other, list)
+                    else np.asarray(self.scorer.score(other, split).predictions)
+                )
+                out[split][name] = compare(
+                    self.scorer.spec.metrics,
+                    encoded.labels,
+                    predictions,
+                    np.asarray(reference.predictions),
+                    resamples=resamples,
+                    seed=seed,
+                    pos_label=encoded.pos_label,
+                )
+        return out
+
+    def warnings(self, ids: list[str]) -> list[str]:
+        warnings = []
+        if "accuracy" in self.scorer.spec.metrics:
+            scores = [self.scorer.score(self.singles[c], "selection").metrics["accuracy"] for c in ids]
+            message = small_split_warning(scores, len(self.scorer.splits["selection"]))
+            if message:
+                logger.warning(message)
+                warnings.append(message)
+        return warnings
+
+
+def ties(ranked: list[str], individual: dict[str, float], losses: dict[str, float]) -> list[dict]:
+    """Groups of candidates with the same selection score, in the order the tie was broken."""
+    groups: dict[float, list[str]] = {}
+    for cid in ranked:
+        groups.setdefault(individual[cid], []).append(cid)
+    return [
+        {
+            "score": score,
+            "candidates": members,
+            "losses": [losses[c] for c in members],
+            "broken_by": "selection loss, then candidate id",
+        }
+        for score, members in groups.items()
+        if len(members) > 1
+    ]
