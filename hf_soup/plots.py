@@ -113,9 +113,7 @@ def write_angle_heatmap(path: Path, diagnostics: dict) -> None:
     angles = diagnostics["angle_degrees"]
     count = len(angles)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * count, 0.8 + 0.6 * count))
-    image = ax.imshow(
-        angles, vmin=0, vmax=max(90.0, *(max(r) for r in angles)), cmap="viridis"
-    )
+    image = ax.imshow(angles, vmin=0, vmax=max(90.0, *(max(r) for r in angles)), cmap="viridis")
     labels = [f"#{i + 1}" for i in range(count)]
     ax.set_xticks(range(count), labels)
     ax.set_yticks(range(count), labels)
