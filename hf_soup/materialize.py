@@ -201,9 +201,14 @@ class Workbench:
         return no_base and not mixture.per_tensor_weights and max(weights) - min(weights) < 1e-12
 
     @torch.no_grad()
-    def load(self, mixture: Mixture) -> None:
-        """Write `mixture`'s weights into the model's parameters."""
-        if self._is_plain_uniform(mixture):
+    def load(self, mixture: Mixture, running_sum: bool = True) -> None:
+        """Write `mixture`'s weights into the model's parameters.
+
+        Args:
+            running_sum (`bool`, *optional*, defaults to `True`): reach uniform mixtures through the float32
+                running sum (fast for greedy and pruned trials; holds one extra model-sized buffer).
+        """
+        if running_sum and self._is_plain_uniform(mixture):
             self._load_uniform(Counter(mixture.ids()))
         else:
             self._sum, self._members = None, Counter()  # the running sum only serves uniform trials

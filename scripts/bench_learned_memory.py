@@ -76,7 +76,7 @@ def _split(folder: Path, steps: int):
 
 def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     import torch
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+    from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
     from hf_soup.compat import check_compatibility
     from hf_soup.materialize import Workbench
@@ -88,7 +88,9 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     report, sources = check_compatibility(folder / "base", ids)
     torch.set_num_threads(torch.get_num_threads())
     with AnonPeak() as peak:
-        model = AutoModelForSequenceClassification.from_pretrained(ids[0], dtype=torch.float32)
+        # From the config: every parameter is anonymous memory from the start (from_pretrained can leave them
+        # memory-mapped until written, which would hide the model itself from RssAnon).
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(ids[0]))
         if kind == "streamed":
             options = LearnedOptions(epochs=1, batch_size=BATCH, lr=0.1)
             trainer = MixingTrainer(
@@ -101,7 +103,8 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
                 {name: sources[cid].get(name).float().clone() for name in sources[cid].keys()} for cid in ids
             ]
             z = torch.zeros(count, dtype=torch.float64, requires_grad=True)
-            optimizer = torch.optim.Adam([z], lr=0.1)
+            log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            optimizer = torch.optim.Adam([z, log_temperature], lr=0.1)
             order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).numpy()
             for start in range(0, len(order), BATCH):
                 indices = order[start : start + BATCH]
@@ -111,7 +114,10 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
                 }
                 batch = collator([split.features[i] for i in indices])
                 logits = torch.func.functional_call(model.eval(), params, kwargs=dict(batch)).logits
-                torch.nn.functional.cross_entropy(logits, torch.as_tensor(split.labels[indices])).backward()
+                loss = torch.nn.functional.cross_entropy(
+                    logits * log_temperature.exp(), torch.as_tensor(split.labels[indices])
+                )
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
             alpha = torch.softmax(z, dim=0).tolist()

@@ -187,7 +187,8 @@ class MixingTrainer:
                 for epoch in range(1, options.epochs + 1):
                     for indices in self._batches(generator):
                         alpha = torch.softmax(z, dim=1)
-                        self.workbench.load(self.mixture(alpha, ids, revisions))
+                        # No running sum: it would hold a second model-sized buffer for no gain here.
+                        self.workbench.load(self.mixture(alpha, ids, revisions), running_sum=False)
                         gradient.reset()
                         batch = self.collator([self.split.features[i] for i in indices])
                         with torch.enable_grad():
