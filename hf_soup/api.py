@@ -66,20 +66,30 @@ class SoupResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check(base: str, candidates: list[str], allow_pickle: bool = False) -> CompatibilityReport:
+def check(
+    base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False
+) -> CompatibilityReport:
     """Check candidates against each other and the base from configs and tensor headers only."""
-    report, _ = check_compatibility(base, candidates, allow_pickle=allow_pickle)
+    report, _ = check_compatibility(
+        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     return report
 
 
 def check_with_diagnostics(
-    base: str, candidates: list[str], allow_pickle: bool = False, quiet: bool = False
+    base: str,
+    candidates: list[str],
+    allow_pickle: bool = False,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[CompatibilityReport, Diagnostics]:
     """`check`, then each accepted candidate's distance to the base and the angles between their task vectors.
 
     Unlike `check`, this reads every weight (streamed, tensor by tensor).
     """
-    report, sources = check_compatibility(base, candidates, allow_pickle=allow_pickle)
+    report, sources = check_compatibility(
+        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     report.raise_if_unusable(minimum=1)
     return report, diagnose(report, sources, quiet=quiet)
 
@@ -143,7 +153,11 @@ def cook(
 
 def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started, timings) -> SoupResult:
     compatibility, sources = check_compatibility(
-        config.base, config.candidates, allow_pickle=config.allow_pickle, api=api
+        config.base,
+        config.candidates,
+        allow_pickle=config.allow_pickle,
+        api=api,
+        trust_remote_code=config.trust_remote_code,
     )
     compatibility.raise_if_unusable(strict=config.strict)
     timings["check"] = time.perf_counter() - started
@@ -351,6 +365,7 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
         selection_fraction=config.selection_fraction,
         seed=config.seed,
         max_eval_examples=config.max_eval_examples,
+        batch_size=config.batch_size,
     )
     for note in plan.notes:
         logger.warning(note)
@@ -365,7 +380,9 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
     splits = {"selection": encode_split("selection", plan.selection, **encode)}
     for name, data in plan.reports.items():
         splits[name] = encode_split(name, data, **encode)
-    model = AutoModelForSequenceClassification.from_pretrained(reference.local_dir, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        reference.local_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+    )
     workbench = Workbench(model, compatibility, sources)
     collator = DataCollatorWithPadding(tokenizer)
     scorer = Scorer(

@@ -97,6 +97,11 @@ def resolve_patterns(
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        if not glob.has_magic(expanded) and Path(expanded).is_file():
+            raise NoCandidatesError(
+                f"{pattern} is a file; pass the model folder that holds it ({Path(pattern).parent}), as written "
+                "by `save_pretrained`."
+            )
         for match in matches:
             resolved = Path(match).resolve()
             if Path(match).is_dir() and resolved not in excluded and resolved not in found:
@@ -124,7 +129,11 @@ def split_patterns(patterns: list[str]) -> tuple[list[str], list[str]]:
 
 
 def gather_candidates(
-    patterns: list[str], base: Candidate, allow_pickle: bool = False, api=None
+    patterns: list[str],
+    base: Candidate,
+    allow_pickle: bool = False,
+    api=None,
+    trust_remote_code: bool = False,
 ) -> tuple[list[tuple[Candidate, Any]], list[tuple[str, str]]]:
     """Stage 1: every candidate's config and tensor headers, local or Hub, without reading tensor data.
 
@@ -144,7 +153,7 @@ def gather_candidates(
     for match in matches:
         try:
             candidate = load_candidate(match)
-            _refuse_custom_code(candidate)
+            _refuse_custom_code(candidate, trust_remote_code)
             readable.append((candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)))
         except CandidateFormatError as error:
             rejected.append((match, str(error).removeprefix(f"{match} ")))
@@ -155,7 +164,7 @@ def gather_candidates(
         try:
             folder = fetch_config(ref)
             candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
-            _refuse_custom_code(candidate)
+            _refuse_custom_code(candidate, trust_remote_code)
             if base.source == "hub" and not derives_from(ref, candidate.config, base.id):
                 raise CandidateFormatError(f"does not declare {base.id} as its base_model (card or config)")
             readable.append((candidate, fetch_headers(ref, api)))
@@ -169,22 +178,42 @@ def gather_candidates(
     return readable, rejected
 
 
-def _refuse_custom_code(candidate: Candidate) -> None:
-    if candidate.config.get("auto_map"):
-        raise CandidateFormatError("its config uses custom code (auto_map); hf-soup never runs remote code")
+def _refuse_custom_code(candidate: Candidate, trust_remote_code: bool) -> None:
+    """Models whose config maps to custom code (`auto_map`) run that code when loaded: refused unless trusted."""
+    if candidate.config.get("auto_map") and not trust_remote_code:
+        raise CandidateFormatError(
+            "its config uses custom code (auto_map), which would run when loaded; pass --trust-remote-code "
+            "only if you have read that code and trust it"
+        )
 
 
-def resolve_base(base: str, allow_pickle: bool = False, api=None) -> tuple[Candidate, Any]:
+def resolve_base(
+    base: str, allow_pickle: bool = False, api=None, trust_remote_code: bool = False
+) -> tuple[Candidate, Any]:
     """The base model, local or on the Hub, with its tensor headers (Hub: config and tokenizer files only)."""
     from .hub import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, download, is_hub_pattern, pin, split_revision
     from .weights import TensorSource
 
+    if Path(base).is_file():
+        raise CandidateFormatError(
+            f"--base {base} is a file; pass the pretrained model's folder ({Path(base).parent}), with its config.json."
+        )
     if Path(base).is_dir() or not is_hub_pattern(base):
-        candidate = load_candidate(base)
+        candidate = _checked_base(load_candidate(base), trust_remote_code)
         return candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
     repo_id, revision = split_revision(base)
     ref = pin(repo_id, revision, api)
     # The whole base is fetched: its tokenizer is the soup's, and its weights anchor the diagnostics.
     folder = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS])
-    candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
+    candidate = _checked_base(
+        Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha), trust_remote_code
+    )
     return candidate, TensorSource(folder, allow_pickle=allow_pickle)
+
+
+def _checked_base(candidate: Candidate, trust_remote_code: bool) -> Candidate:
+    try:
+        _refuse_custom_code(candidate, trust_remote_code)
+    except CandidateFormatError as error:
+        raise CandidateFormatError(f"The base {candidate.id}: {error}.") from error
+    return candidate

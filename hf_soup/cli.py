@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cook)
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
-    add_config_arguments(check, only=("base", "candidates", "strict", "allow_pickle"))
+    add_config_arguments(check, only=("base", "candidates", "strict", "allow_pickle", "trust_remote_code"))
     check.add_argument(
         "--diagnostics",
         action="store_true",
@@ -206,14 +206,16 @@ def _check(args) -> int:
     from .report import compatibility_table, format_table
 
     if not args.diagnostics:
-        report = check(args.base, args.candidates, allow_pickle=args.allow_pickle)
+        report = check(args.base, args.candidates, args.allow_pickle, args.trust_remote_code)
         _emit(args, report.to_dict(), compatibility_table(report.rows()))
         report.raise_if_unusable(strict=args.strict)
         return 0
     from .diagnostics import diagnostics_table
     from .plots import write_angle_heatmap
 
-    report, diagnostics = check_with_diagnostics(args.base, args.candidates, allow_pickle=args.allow_pickle)
+    report, diagnostics = check_with_diagnostics(
+        args.base, args.candidates, args.allow_pickle, args.quiet, args.trust_remote_code
+    )
     if args.heatmap:
         write_angle_heatmap(args.heatmap, diagnostics.to_dict())
     human = [compatibility_table(report.rows()), "", format_table(*diagnostics_table(diagnostics))]
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, argv)
     except HfSoupError as error:
-        if os.environ.get("HF_SOUP_DEBUG"):
+        if os.environ.get("HF_SOUP_DEBUG", "") not in ("", "0"):
             raise
         print(f"hf-soup: error: {error}", file=sys.stderr)
         return EXIT_CODE

@@ -108,6 +108,57 @@ def _compare_tensors(reference: TensorSource, other: TensorSource) -> str | None
     return None
 
 
+def _ties_embeddings(candidate: Candidate) -> bool:
+    return bool(candidate.config.get("tie_word_embeddings", True))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def _vocabulary(folder: Path) -> dict[str, int] | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder).get_vocab()
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class TokenizerCheck:
+    """Compares each candidate's own tokenizer, when it saved one, with the base's (same tokens, same ids).
+
+    Same-sized vocabularies with other tokens pass every shape check, yet embedding row k means a different
+    token in each model. Identical files are accepted without loading anything.
+    """
+
+    def __init__(self, reference: Path):
+        self.reference = reference
+        self.files = {p.name: p.read_bytes() for p in _tokenizer_files(reference)}
+        self._vocabulary: dict[str, int] | None = None
+
+    def problem(self, folder: Path) -> str | None:
+        files = _tokenizer_files(folder)
+        if not files or not self.files:
+            return None
+        if all(self.files.get(p.name) == p.read_bytes() for p in files):
+            return None
+        if self._vocabulary is None:
+            self._vocabulary = _vocabulary(self.reference) or {}
+        theirs = _vocabulary(folder)
+        if theirs is None or theirs == self._vocabulary:
+            return None
+        moved = sorted(t for t, i in theirs.items() if self._vocabulary.get(t) != i)
+        return (
+            f"its tokenizer differs from {self.reference.name}'s: {len(moved)} of {len(theirs)} tokens are new or "
+            f"have other ids (e.g. {moved[0]!r}), so embedding rows mean different tokens; soup models that share "
+            "the base's tokenizer"
+        )
+
+
 def _signature(candidate: Candidate, source: TensorSource) -> tuple:
     tensors = tuple(sorted((n, source.shape(n), source.dtype(n).is_floating_point) for n in source.keys()))
     labels = tuple(sorted(candidate.label_names)) if candidate.label_names else None
@@ -162,6 +213,7 @@ def check_compatibility(
     label_order: list[str] | None = None,
     api=None,
     download: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[CompatibilityReport, dict[str, TensorSource]]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
@@ -176,8 +228,8 @@ def check_compatibility(
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    base, base_source = resolve_base(str(base_dir), allow_pickle=allow_pickle, api=api)
-    found, refused = gather_candidates(list(patterns), base, allow_pickle=allow_pickle, api=api)
+    base, base_source = resolve_base(str(base_dir), allow_pickle, api, trust_remote_code)
+    found, refused = gather_candidates(list(patterns), base, allow_pickle, api, trust_remote_code)
 
     accepted: list[Candidate] = []
     rejected: list[Rejection] = [Rejection(cid, reason) for cid, reason in refused]
@@ -208,8 +260,13 @@ def check_compatibility(
             )
         )
 
+    tokenizers = (
+        TokenizerCheck(base.local_dir if _tokenizer_files(base.local_dir) else Path(reference.local_dir))
+        if reference
+        else None
+    )
     for candidate, source in readable:
-        assert reference is not None
+        assert reference is not None and tokenizers is not None
         if _architecture(candidate) != _architecture(reference):
             rejected.append(
                 Rejection(
@@ -225,6 +282,12 @@ def check_compatibility(
             )
             continue
         problem = candidate is not reference and _compare_tensors(sources[reference.id], source)
+        if problem and _ties_embeddings(candidate) != _ties_embeddings(reference):
+            problem = (
+                f"tie_word_embeddings is {_ties_embeddings(candidate)} but {_ties_embeddings(reference)} for the "
+                f"reference {reference.id}: a tied and an untied output layer cannot be averaged ({problem})"
+            )
+        problem = problem or (candidate.source == "local" and tokenizers.problem(candidate.local_dir))
         if problem:
             rejected.append(Rejection(candidate.id, problem))
             continue
@@ -243,7 +306,7 @@ def check_compatibility(
     # Keep the reference first: its config, label order and tensor names define the soup.
     accepted.sort(key=lambda c: c is not reference)
     if download:
-        _download_hub_candidates(accepted, sources, allow_pickle)
+        _download_hub_candidates(accepted, sources, allow_pickle, ["*.py"] if trust_remote_code else [])
 
     base_names: dict[str, str] = {}
     head: list[str] = []
@@ -283,14 +346,17 @@ def check_compatibility(
     return report, sources
 
 
-def _download_hub_candidates(accepted: list[Candidate], sources: dict, allow_pickle: bool) -> None:
+def _download_hub_candidates(
+    accepted: list[Candidate], sources: dict, allow_pickle: bool, extra_patterns: list[str]
+) -> None:
     """Fetch the accepted Hub candidates at their pinned SHAs, and open their weights."""
     from .hub import WEIGHT_PATTERNS, HubRef
     from .hub import download as hub_download
 
     for candidate in accepted:
         if candidate.source == "hub":
-            candidate.local_dir = hub_download(HubRef(candidate.id, candidate.revision), WEIGHT_PATTERNS)
+            ref = HubRef(candidate.id, candidate.revision)
+            candidate.local_dir = hub_download(ref, [*WEIGHT_PATTERNS, *extra_patterns])
             sources[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
 
 

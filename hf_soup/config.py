@@ -133,6 +133,13 @@ class SoupConfig:
             "Accept .bin weights, loaded with torch.load(weights_only=True). Safetensors is preferred."
         ),
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_opt(
+            "Accept models whose config maps to custom code (auto_map), and run that code when loading them. "
+            "Off by default: read the code first."
+        ),
+    )
     max_shard_size: str = field(default="2GB", metadata=_opt("Largest safetensors shard of the output."))
     no_cache: bool = field(default=False, metadata=_opt("Neither read nor write the score cache."))
     cache_dir: str | None = field(

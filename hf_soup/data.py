@@ -180,8 +180,12 @@ def plan_splits(
     selection_fraction: float = 0.1,
     seed: int = 0,
     max_eval_examples: int | None = None,
+    batch_size: int = 1,
 ) -> SplitPlan:
-    """Load the data and apply the split policy (see the module docstring)."""
+    """Load the data and apply the split policy (see the module docstring).
+
+    A selection split carved with `selection_fraction` must hold at least one batch (`batch_size` examples).
+    """
     loaded = load_data(spec.dataset, spec.dataset_config)
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({"train": loaded})
@@ -201,6 +205,13 @@ def plan_splits(
         selection = _resolve_split(spec, loaded, selection_split)
     elif "train" in loaded:
         rest, selection = carve_selection(loaded["train"], selection_fraction, seed)
+        if len(selection) < batch_size:
+            raise DatasetError(
+                f"--selection-fraction {selection_fraction:g} of {len(loaded['train'])} train rows leaves "
+                f"{len(selection)} selection example(s), fewer than one batch (--batch-size {batch_size}); the "
+                "soup would be chosen on noise. Use a larger --selection-fraction, a --selection-split, or a "
+                "smaller --batch-size."
+            )
         selection_name = f"train carve-out ({selection_fraction:g}, seed {seed})"
         if not reports:
             # A single-file dataset: carve the report split from the rest of it, disjoint from selection.

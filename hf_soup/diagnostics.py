@@ -139,14 +139,28 @@ def _flag(distance: dict[str, float]) -> dict[str, str]:
     return flagged
 
 
+FULL_MATRIX_UP_TO = 8  # candidates; beyond that the table summarises each row (the heatmap has them all)
+
+
 def diagnostics_table(diagnostics: Diagnostics) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows: each candidate's relative distance, then its angle to every other candidate."""
-    short = [f"#{i + 1}" for i in range(len(diagnostics.ids))]
-    headers = ["#", "candidate", "‖θ−θ₀‖/‖θ₀‖", *(f"∠{s}" for s in short), "flag"]
+    """Headers and rows: each candidate's relative distance, then its angle to every other candidate.
+
+    With more than `FULL_MATRIX_UP_TO` candidates, the angles are summarised per row (nearest, mean, farthest), so
+    the table stays readable at any N.
+    """
+    count = len(diagnostics.ids)
+    short = [f"#{i + 1}" for i in range(count)]
     angles = diagnostics.angles
+    full = count <= FULL_MATRIX_UP_TO
+    angle_headers = [f"∠{s}" for s in short] if full else ["nearest ∠", "mean ∠", "farthest ∠"]
+    headers = ["#", "candidate", "‖θ−θ₀‖/‖θ₀‖", *angle_headers, "flag"]
     rows = []
     for i, cid in enumerate(diagnostics.ids):
-        cells = ["" if i == j else f"{angles[i, j]:.1f}°" for j in range(len(diagnostics.ids))]
+        others = [angles[i, j] for j in range(count) if j != i]
+        if full:
+            cells = ["" if i == j else f"{angles[i, j]:.1f}°" for j in range(count)]
+        else:
+            cells = [f"{min(others):.1f}°", f"{np.mean(others):.1f}°", f"{max(others):.1f}°"]
         flag = "NOT A FINE-TUNE?" if cid in diagnostics.flagged else ""
         rows.append([short[i], cid, f"{diagnostics.relative_distance[cid]:.4f}", *cells, flag])
     return headers, rows

@@ -41,6 +41,10 @@ class OutputExistsError(HfSoupError, FileExistsError):
     """The output folder exists and `--overwrite` was not given."""
 
 
+class DiskSpaceError(HfSoupError, OSError):
+    """The output does not fit on its disk (checked before writing, and on ENOSPC while writing)."""
+
+
 class ConfigError(HfSoupError, ValueError):
     """Options that contradict each other or have invalid values."""
 

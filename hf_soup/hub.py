@@ -77,8 +77,8 @@ def hub_errors(what: str) -> Iterator[None]:
         raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and set HF_TOKEN.") from error
     except RepositoryNotFoundError as error:
         raise HubError(
-            f"{what}: repository not found. If it is private, set HF_TOKEN (or run `hf auth login`) "
-            "with a token that can read it."
+            f"{what}: repository not found. It must be a model repo (not a dataset or Space); if it is private, "
+            "set HF_TOKEN (or run `hf auth login`) with a token that can read it."
         ) from error
     except RevisionNotFoundError as error:
         raise HubError(f"{what}: no such revision; check the part after '@'.") from error
@@ -88,6 +88,21 @@ def hub_errors(what: str) -> Iterator[None]:
         ) from error
     except HFValidationError as error:
         raise HubError(f"{what}: {error}") from error
+    except RuntimeError as error:
+        if "Error while uploading" not in str(error):  # how huggingface_hub reports a failed LFS upload
+            raise
+        cause = error.__cause__ or error
+        raise HubError(
+            f"{what}: an upload failed ({type(cause).__name__}), so nothing was committed. Check your connection "
+            "and push again (`hf-soup push FOLDER --to REPO`)."
+        ) from error
+    except ValueError as error:
+        # huggingface_hub's path-traversal guard; any other ValueError is a bug and propagates.
+        if "Invalid filename" not in str(error):
+            raise
+        raise HubError(
+            f"{what}: the repo holds an unsafe file name and was not downloaded. {error}"
+        ) from error
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else "?"
         hint = " Check HF_TOKEN: it must be allowed to write there." if status in (401, 403) else ""
@@ -240,13 +255,24 @@ def check_push_target(repo_id: str, overwrite: bool, api: HfApi) -> None:
 
 
 def push(folder: Path, repo_id: str, private: bool, message: str, api: HfApi) -> dict[str, str]:
-    """Create the repo if needed and upload the soup folder as **one** commit (stale files are deleted in it)."""
+    """Create the repo if needed and upload the soup folder as **one** commit (stale files are deleted in it).
+
+    The commit is atomic on the Hub: if an upload fails, nothing is committed, and a repo created by this push is
+    deleted again, so a failed push leaves no trace.
+    """
     with hub_errors(f"Pushing to {repo_id}"):
+        existed = api.repo_exists(repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            commit_message=message,
-            delete_patterns=["*", "**/*"],
-        )
+        try:
+            info = api.upload_folder(
+                folder_path=folder,
+                repo_id=repo_id,
+                commit_message=message,
+                delete_patterns=["*", "**/*"],
+            )
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(Exception):
+                    api.delete_repo(repo_id)
+            raise
     return {"repo_id": repo_id, "commit_url": info.commit_url, "commit_sha": info.oid}

@@ -107,6 +107,30 @@ def _output_dtype(report: CompatibilityReport, sources: dict[str, TensorSource],
     return sources[reference].dtype(name)
 
 
+def plan_output(
+    mixture: Mixture,
+    report: CompatibilityReport,
+    sources: dict[str, TensorSource],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The soup's tensors as `meta` tensors: names, shapes and output dtypes, with no data."""
+    reference = mixture.ingredients[0].id
+    return {
+        name: torch.empty(
+            sources[reference].shape(name),
+            dtype=(dtype or _output_dtype(report, sources, name, reference))
+            if sources[reference].dtype(name).is_floating_point
+            else sources[reference].dtype(name),
+            device="meta",
+        )
+        for name in sources[reference].keys()
+    }
+
+
+def output_bytes(planned: dict[str, torch.Tensor]) -> int:
+    return sum(_nbytes(t) for t in planned.values())
+
+
 def materialize(
     mixture: Mixture,
     report: CompatibilityReport,
@@ -126,18 +150,8 @@ def materialize(
         dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to the base's dtype.
         max_shard_size (`str` or `int`, *optional*, defaults to `"2GB"`): the largest shard.
     """
-    reference = mixture.ingredients[0].id
-    names = sources[reference].keys()
-    planned = {
-        name: torch.empty(
-            sources[reference].shape(name),
-            dtype=(dtype or _output_dtype(report, sources, name, reference))
-            if sources[reference].dtype(name).is_floating_point
-            else sources[reference].dtype(name),
-            device="meta",
-        )
-        for name in names
-    }
+    planned = plan_output(mixture, report, sources, dtype)
+    names = list(planned)
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     stats = MaterializeStats()
     with progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import importlib.metadata
 import json
 import logging
@@ -23,8 +24,8 @@ from transformers.utils import CONFIG_NAME
 from . import __version__
 from .card import write_model_card
 from .compat import CompatibilityReport
-from .errors import OutputExistsError
-from .materialize import materialize
+from .errors import DiskSpaceError, OutputExistsError
+from .materialize import materialize, output_bytes, plan_output
 from .mixture import Mixture
 from .plots import write_plots
 
@@ -107,7 +108,45 @@ def write_soup_folder(
     tokenizer_dir,
     quiet: bool = False,
 ) -> None:
-    """Write the whole soup folder to `output` (atomically); also fills `report["files"]`."""
+    """Write the whole soup folder to `output` (atomically); also fills `report["files"]`.
+
+    Raises:
+        DiskSpaceError: the weights do not fit on the output's disk (checked first), or the disk filled up while
+            writing; either way nothing is left behind.
+    """
+    needed = output_bytes(plan_output(mixture, compatibility, sources))
+    _check_free_space(output, needed)
+    try:
+        _write(output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise DiskSpaceError(
+            f"The disk filled up while writing {output} (no partial folder was left): the soup needs about "
+            f"{_size(needed)} plus a little for the card and plots, and {_size(_free(output))} is free. "
+            "Free some space or choose another --output."
+        ) from error
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def _free(output: Path) -> int:
+    existing = next(p for p in [Path(output).absolute(), *Path(output).absolute().parents] if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def _check_free_space(output: Path, needed: int) -> None:
+    free = _free(output)
+    if free < needed * 1.02 + 16e6:  # the weights, plus room for the config, tokenizer, card and plots
+        raise DiskSpaceError(
+            f"Not enough disk space for {output}: the soup's weights need about {_size(needed)} and "
+            f"{_size(free)} is free. Free some space or choose another --output."
+        )
+
+
+def _write(output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet) -> None:
     with atomic_folder(output, overwrite=config.overwrite) as staging:
         stats = materialize(
             mixture, compatibility, sources, staging, max_shard_size=config.max_shard_size, quiet=quiet

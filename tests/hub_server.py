@@ -134,7 +134,10 @@ class HubServer:
         self.httpd.server_close()
 
     def inject(self, method: str, pattern: str, status: int, times: int = 1_000) -> None:
-        """Answer the next `times` requests whose path matches `pattern` with `status`."""
+        """Answer the next `times` requests whose path matches `pattern` with `status`.
+
+        `status=0` drops the connection instead, after reading half the request body (an interrupted upload).
+        """
         self.faults.append(
             {"method": method, "pattern": re.compile(pattern), "status": status, "times": times}
         )
@@ -196,6 +199,11 @@ class _Handler(BaseHTTPRequestHandler):
                 and fault["pattern"].search(self.path)
             ):
                 fault["times"] -= 1
+                if fault["status"] == 0:
+                    self.rfile.read(int(self.headers.get("content-length") or 0) // 2)
+                    self.close_connection = True
+                    self.hub.log.append((self.command, self.path, 0))
+                    return True
                 self._body()
                 self._error(fault["status"], "Injected", f"injected fault {fault['status']}")
                 return True
@@ -235,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._dispatch()
 
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
     def _dispatch(self, head: bool = False) -> None:
         if self._fault():
             return
@@ -247,6 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(/(?P<sub>.*))?$", self._tree),
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>[^/]+)$", self._paths_info),
             ("POST", r"^/api/repos/create$", self._create_repo),
+            ("DELETE", r"^/api/repos/delete$", self._delete_repo),
             ("POST", r"^/api/validate-yaml$", self._validate_yaml),
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$", self._preupload),
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$", self._commit),
@@ -386,6 +398,17 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self.hub.store.create_repo(repo_id, bool(payload.get("private")))
         self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+
+    def _delete_repo(self, query) -> None:
+        payload = json.loads(self._body() or b"{}")
+        repo_id = (
+            f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        )
+        if self._writable(repo_id) is None:
+            return
+        with self.hub.store.lock:
+            del self.hub.store.repos[repo_id]
+        self._send(200)
 
     def _validate_yaml(self, query) -> None:
         import yaml

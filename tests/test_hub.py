@@ -219,3 +219,72 @@ def test_hf_cli_dispatches_to_hf_soup(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "usage: hf-soup" in result.stdout and "reproduce" in result.stdout
+
+
+def test_bad_token_on_push_is_refused_and_commits_nothing(hub, tmp_path):
+    args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform"]
+    result = run([*args, "--push-to", "org/soup"], hub_env(hub, tmp_path, token="hf_not_a_valid_token"))
+    assert result.returncode == 2 and "HTTP 401" in result.stderr and "HF_TOKEN" in result.stderr
+    assert result.stderr.count("hf-soup: error:") == 1 and "Traceback" not in result.stderr
+    assert "org/soup" not in hub.store.repos
+
+
+def test_interrupted_upload_commits_nothing_and_removes_the_new_repo(hub, tmp_path):
+    hub.inject("PUT", r"^/_lfs/", 0)  # the server drops the connection halfway through every LFS upload
+    args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform"]
+    result = run([*args, "--push-to", "org/soup"], hub_env(hub, tmp_path))
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("hf-soup: error:") == 1 and "Pushing to org/soup" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p for m, p, status in hub.log if m == "PUT" and status == 0]  # the upload really was cut off
+    assert not hub.requests("POST", "/api/models/org/soup/commit")  # no commit was even attempted
+    assert "org/soup" not in hub.store.repos  # the repo this push created was deleted again
+
+
+def test_a_file_name_that_escapes_the_cache_is_refused(hub, tmp_path):
+    folder = tmp_path / "seed" / "a"
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    hub.store.create_repo("org/ft-evil")
+    hub.store.commit("org/ft-evil", {**files, "../../evil.safetensors": b"x" * 64}, "traversal")
+    result = run(["--base", "org/base", "--candidates", "org/ft-a", "org/ft-evil", "--recipe", "uniform",
+                  "--output", str(tmp_path / "out")], hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 2 and "unsafe file name" in result.stderr and "'..'" in result.stderr
+    assert not list(tmp_path.rglob("evil.safetensors")) and not (tmp_path / "out").exists()
+
+
+def test_a_revision_that_no_longer_exists(hub, tmp_path):
+    gone = "0" * 40
+    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", f"org/ft-b@{gone}"],
+                 hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    assert f"org/ft-b@{gone}: no such revision" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_dataset_repo_is_not_a_candidate(hub, tmp_path):
+    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", "org/reviews-dataset"],
+                 hub_env(hub, tmp_path))  # fmt: skip
+    assert result.returncode == 2
+    assert "org/reviews-dataset: repository not found" in result.stderr and "model repo" in result.stderr
+
+
+def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
+    """Grep every byte hf-soup produced (streams, output folder, plots, caches, pushed files) for the token."""
+    out = tmp_path / "out"
+    args = ["--base", "org/base", "--candidates", "org/ft-*", "--recipe", "greedy", *data_args(reviews),
+            "--output", str(out), "--push-to", "org/soup"]  # fmt: skip
+    env = {**hub_env(hub, tmp_path), "HF_SOUP_DEBUG": "0"}  # "0" means off, as unset
+    ok = run(args, env)
+    assert ok.returncode == 0, ok.stderr
+    failed = run(
+        [*args[:-2], "--push-to", "someone-else/soup", "--overwrite"], env
+    )  # a 403, with a traceback-free error
+    assert failed.returncode == 2
+    produced = [ok.stdout, ok.stderr, failed.stdout, failed.stderr]
+    token = TOKEN.encode()
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "hub" not in p.relative_to(tmp_path).parts[:1]]
+    assert any(p.suffix == ".png" for p in files) and any(p.name == "soup.json" for p in files)
+    assert all(TOKEN not in text for text in produced)
+    leaked = [p for p in files if token in p.read_bytes()]
+    assert leaked == []
+    pushed = hub.store.repos["org/soup"].commits[hub.store.repos["org/soup"].main].files
+    assert all(token not in hub.store.blob(digest) for digest in pushed.values())
