@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from huggingface_hub import HfApi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -103,31 +105,42 @@ def _load_tokenizer(report: CompatibilityReport):
     return None, None
 
 
-def _entry(name: str, mixture: Mixture, selection, reports: dict) -> dict[str, Any]:
-    return {
-        "name": name,
-        "ingredients": mixture.ids(),
-        "selection": selection.metrics if selection else None,
-        "selection_loss": selection.loss if selection else None,
-        "report": {split: score.metrics for split, score in reports.items()},
-        "report_loss": {split: score.loss for split, score in reports.items()},
-    }
-
-
 def cook(
-    config: SoupConfig | None = None, *, command: str | None = None, quiet: bool = False, **kwargs
+    config: SoupConfig | None = None,
+    *,
+    trainer=None,
+    report_dataset=None,
+    command: str | None = None,
+    quiet: bool = False,
+    **kwargs,
 ) -> SoupResult:
     """Build, evaluate and (with `output`) write a soup.
 
     Args:
         config (`SoupConfig`, *optional*): the run's options; or pass them as keyword arguments.
+        trainer (`transformers.Trainer`, *optional*): score with this trainer instead of hf-soup's data pipeline:
+            its `eval_dataset` is the selection split, its collator and `compute_metrics` score, and
+            `metric_for_best_model` / `greater_is_better` rank. Afterwards `trainer.model` holds the soup.
+        report_dataset (`Dataset`, *optional*): with `trainer`, a tokenized dataset to report on; without it,
+            the report uses the selection split and says so.
         command (`str`, *optional*): the command line to record in the manifest.
         quiet (`bool`, *optional*, defaults to `False`): no progress bars.
+
+    Example:
+    ```python
+    >>> result = cook(base="./minilm", candidates=["./pot/*"], trainer=trainer, recipe="greedy", output="./soup")
+    ```
 
     Returns:
         `SoupResult`: the report (candidates with selection and report scores, `best_individual`, `uniform`,
         `soup`, `mixture`, `output`), the mixture and where it was written.
     """
+    if trainer is not None:
+        config = (
+            replace(config, scored_by_trainer=True)
+            if config
+            else SoupConfig(**kwargs, scored_by_trainer=True)
+        )
     config = config or SoupConfig(**kwargs)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -145,13 +158,15 @@ def cook(
         staging = tempfile.mkdtemp(prefix="hf-soup-push-")
         output = Path(staging) / config.push_to.split("/")[-1]
     try:
-        return _cook(config, output, api, command, quiet, started, timings)
+        return _cook(config, output, api, command, quiet, started, timings, (trainer, report_dataset))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started, timings) -> SoupResult:
+def _cook(
+    config: SoupConfig, output: Path | None, api, command, quiet, started, timings, scoring
+) -> SoupResult:
     compatibility, sources = check_compatibility(
         config.base,
         config.candidates,
@@ -183,12 +198,24 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         report.update({"task": None, "splits": None, "candidates": [{"id": i, "kept": True} for i in ids]})
         report.update({"best_individual": None, "uniform": None, "soup": None, "ensembles": None})
     else:
-        spec = task_spec(
-            config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column
-        )
-        scorer, plan = _prepare_scorer(
-            config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
-        )
+        trainer, report_dataset = scoring
+        if trainer is not None:
+            scorer, plan = _prepare_trainer_scorer(
+                trainer,
+                report_dataset,
+                compatibility,
+                sources,
+                fingerprints,
+                None if config.no_cache else cache,
+            )
+            spec = scorer.spec
+        else:
+            spec = task_spec(
+                config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column
+            )
+            scorer, plan = _prepare_scorer(
+                config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
+            )
         timings["data"] = time.perf_counter() - started - sum(timings.values())
         recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
         report["recipe"] = _describe(recipe)
@@ -204,8 +231,10 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         uniform = Mixture.uniform("uniform", ranked, revisions)
         best_id = ranked[0]
         kept = {i.id for i in mixture.ingredients if i.weight != 0}
+        training = {c.id: _training_record(c.local_dir) for c in compatibility.accepted}
         report["candidates"] = [
-            {**summary.entry(cid, singles[cid]), "id": cid, "kept": cid in kept} for cid in ranked
+            {**summary.entry(cid, singles[cid]), "id": cid, "kept": cid in kept, "training": training[cid]}
+            for cid in ranked
         ]
         report["best_individual"] = summary.entry(best_id, singles[best_id])
         report["uniform"] = summary.entry("uniform soup", uniform)
@@ -240,6 +269,8 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         report["ties"] = ties(ranked, individual, losses)
         report["warnings"] = summary.warnings(ids)
         report.update(_recipe_details(recipe, mixture, summary))
+        if trainer is not None:  # trainer.model holds the soup afterwards, bit for bit as written
+            scorer.workbench.load(mixture, running_sum=False)
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
     diagnostics = _diagnostics(compatibility, sources, fingerprints, cache, quiet)
@@ -259,13 +290,14 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         "early_stops": scorer.early_stops if scorer else 0,
         "forward_passes": scorer.log if scorer else [],
     }
-    if output is not None:
+    main_process = PartialState().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
+    if output is not None and main_process:
         write_soup_folder(
             output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet
         )
         timings["write"] = time.perf_counter() - started - sum(timings.values())
     report["output"] = str(output) if config.output else None
-    if config.push_to:
+    if config.push_to and main_process:
         message = f"hf-soup: {mixture.recipe} soup of {len(mixture.ingredients)} ingredients"
         report["push"] = push(output, config.push_to, config.private, message, api)
         logger.info("Pushed to %s", report["push"]["commit_url"])
@@ -281,6 +313,17 @@ def _cook(config: SoupConfig, output: Path | None, api, command, quiet, started,
         evaluations=scorer.evaluations if scorer else 0,
         timings=timings,
     )
+
+
+def _training_record(folder: Path) -> dict | None:
+    """What `SoupCallback` recorded about how a candidate was trained (hyperparameters, metrics), if anything."""
+    from .integrations import INGREDIENT_FILE
+
+    path = Path(folder) / INGREDIENT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _describe(recipe) -> dict[str, str]:
@@ -303,6 +346,13 @@ def _make_recipe(
         endpoint = get_recipe(config.wise_of, passes=config.passes)
         return WiseSoup(endpoint, parse_alphas(config.alpha), base, headless)
     if config.recipe == "learned":
+        if not scorer.splits["selection"].features:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "--recipe learned trains on hf-soup's own encoding of the selection split; with cook(trainer=...) "
+                "use greedy, pruned, uniform or wise, or pass the data as dataset= instead of a trainer."
+            )
         options = LearnedOptions(
             config.granularity, config.learn_epochs, config.learn_lr, config.learn_batch_size, config.seed
         )
@@ -322,8 +372,8 @@ def _recipe_details(recipe, mixture: Mixture, summary: Summary) -> dict[str, Any
     """What a WiSE-FT or learned soup adds to the report: the α curve, or the learned weights."""
     if isinstance(recipe, WiseSoup):
         curve = []
-        for alpha, mixture, selection in recipe.curve:
-            entry = summary.entry(f"alpha={alpha:g}", mixture)
+        for alpha, trial, selection in recipe.curve:
+            entry = summary.entry(f"alpha={alpha:g}", trial)
             curve.append({"alpha": alpha, "selection_value": selection, **entry})
         return {
             "wise": {
@@ -348,6 +398,36 @@ def _diagnostics(compatibility, sources, fingerprints, cache: JsonCache, quiet: 
     diagnostics = diagnose(compatibility, sources, quiet=quiet)
     cache.put(key, diagnostics.to_dict())
     return diagnostics
+
+
+def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints, cache):
+    """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split)."""
+    from .data import SplitPlan
+    from .errors import ConfigError
+    from .trainer_scoring import TrainerScorer
+
+    if trainer.eval_dataset is None:
+        raise ConfigError(
+            "cook(trainer=...) scores on trainer.eval_dataset, which is None: give the Trainer one."
+        )
+    datasets = {"selection": trainer.eval_dataset}
+    notes = []
+    if report_dataset is not None:
+        datasets["report"] = report_dataset
+    else:
+        datasets["eval_dataset"] = trainer.eval_dataset
+        notes.append(
+            "SELECTION AND REPORT USE THE SAME SPLIT (trainer.eval_dataset): reported scores are optimistic, "
+            "because the soup was chosen on them. Pass report_dataset= for numbers you can claim."
+        )
+    for note in notes:
+        logger.warning(note)
+    trainer.model.to(torch.float32)
+    scorer = TrainerScorer(
+        trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache
+    )
+    plan = SplitPlan(trainer.eval_dataset, {}, "trainer.eval_dataset", report_dataset is None, notes)
+    return scorer, plan
 
 
 def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, tokenizer, cache, quiet):

@@ -36,6 +36,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] 
         if only is not None and item.name not in only:
             continue
         meta = dict(item.metadata)
+        if not meta.pop("cli", True):
+            continue
         kwargs: dict[str, Any] = {"help": meta.pop("help")}
         if item.default is not dataclasses.MISSING:
             kwargs["default"] = item.default
@@ -114,8 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each message (it may be replaced after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     package_logger = logging.getLogger("hf_soup")
     package_logger.handlers[:] = [handler]
@@ -133,7 +147,16 @@ def _setup_logging(quiet: bool) -> None:
         disable_progress_bars()
 
 
+def _main_process() -> bool:
+    """False on every rank but 0 under `accelerate launch`: those ranks compute, and print or write nothing."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _emit(args, payload: dict, human: str) -> None:
+    if not _main_process():
+        return
     if args.format == "json":
         print(json.dumps(payload, indent=2, sort_keys=True, default=str))
     else:
@@ -186,7 +209,8 @@ def _run(args, argv: list[str]) -> int:
     from .api import cook
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
-    print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
+    if _main_process():
+        print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
     human = (
         soup_table(result.report)
         if result.report.get("soup")
@@ -264,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--help"]
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet or not _main_process())
     try:
         return _run(args, argv)
     except HfSoupError as error:
         if os.environ.get("HF_SOUP_DEBUG", "") not in ("", "0"):
             raise
-        print(f"hf-soup: error: {error}", file=sys.stderr)
+        if _main_process():  # every rank fails the same way; one says so
+            print(f"hf-soup: error: {error}", file=sys.stderr)
         return EXIT_CODE
     except KeyboardInterrupt:
         print("hf-soup: interrupted; nothing was written.", file=sys.stderr)

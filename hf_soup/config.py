@@ -147,12 +147,17 @@ class SoupConfig:
         metadata=_opt("Score cache folder (default: $HF_SOUP_CACHE or $HF_HOME/hf_soup).", metavar="DIR"),
     )
 
+    scored_by_trainer: bool = field(
+        default=False,
+        metadata=_opt("Set by cook(trainer=...): the trainer supplies data and metrics.", cli=False),
+    )
+
     def __post_init__(self) -> None:
         if self.recipe not in get_args(Recipe):
             raise ConfigError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(get_args(Recipe))}.")
         if self.task and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
             raise ConfigError(f"Unknown task {self.task!r}: choose one of glue/{', glue/'.join(GLUE_TASKS)}.")
-        if not self.task and not self.dataset and self.recipe != "uniform":
+        if not self.task and not self.dataset and not self.scored_by_trainer and self.recipe != "uniform":
             raise ConfigError(
                 f"--recipe {self.recipe} scores candidates: give --task glue/<name> or --dataset. "
                 "Only --recipe uniform runs without data (a plain merge)."
@@ -184,7 +189,7 @@ class SoupConfig:
 
     @property
     def scored(self) -> bool:
-        return bool(self.task or self.dataset)
+        return bool(self.task or self.dataset or self.scored_by_trainer)
 
     def to_dict(self) -> dict:
         return asdict(self)

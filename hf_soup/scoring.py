@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -133,20 +133,49 @@ class SplitScore:
         return cls(data["metrics"], data["loss"], data["n"], data.get("predictions", []), logits)
 
 
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, split: EncodedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        return index, self.split.features[index]
+
+
+def _loader(split: EncodedSplit, collator, batch_size: int):
+    """Length-sorted batches of `split`, each with the indices of its examples."""
+
+    def collate(items):
+        indices = torch.tensor([index for index, _ in items])
+        return {"example_index": indices, **collator([feature for _, feature in items])}
+
+    batches = [split.order[start : start + batch_size].tolist() for start in range(0, len(split), batch_size)]
+    return torch.utils.data.DataLoader(_Examples(split), batch_sampler=batches, collate_fn=collate)
+
+
 @torch.inference_mode()
 def iter_logits(
     model: torch.nn.Module, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False
 ):
-    """Yield `(example indices, logits)` batch by batch, longest examples first."""
-    device = PartialState().device
-    model.to(device).eval()
+    """Yield `(example indices, logits)` batch by batch, longest examples first.
+
+    Under `accelerate launch`, batches are sharded across processes (`accelerator.prepare`) and each step's
+    results are gathered back (`gather_for_metrics`, which drops the padding of an uneven last step), so every
+    process sees every logit, in the same order, and makes the same decisions as a single process would.
+    """
+    accelerator = Accelerator()
+    model.to(accelerator.device).eval()
+    loader = accelerator.prepare_data_loader(_loader(split, collator, batch_size), device_placement=True)
+    quiet = quiet or not accelerator.is_main_process
     with progress_bar(total=len(split), desc=f"Scoring {split.name}", unit="ex", quiet=quiet) as bar:
-        for start in range(0, len(split), batch_size):
-            indices = split.order[start : start + batch_size]
-            batch = collator([split.features[i] for i in indices])
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        for batch in loader:
+            indices = batch.pop("example_index")
+            logits = model(**batch).logits.float()
+            indices, logits = accelerator.gather_for_metrics((indices, logits))
             bar.update(len(indices))
-            yield indices, logits.float().cpu().numpy()
+            yield indices.cpu().numpy(), logits.cpu().numpy()
 
 
 def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False) -> np.ndarray:

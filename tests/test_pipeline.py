@@ -243,6 +243,7 @@ def test_glue_task_on_a_local_copy(zoo, reviews, tmp_path):
             dataset=str(folder),
             recipe="greedy",
             max_length=64,
+            batch_size=32,  # the default 10% carve-out of 400 rows is 40 examples: at least one batch of 32
         ),
         quiet=True,
     )
@@ -302,7 +303,7 @@ def test_selection_metric_f1_on_a_pair_task(zoo, reviews, tmp_path):
     pairs(reviews["train"]).to_parquet(folder / "train.parquet")
     pairs(reviews["test"]).to_parquet(folder / "validation.parquet")
     config = SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["root"] / "runs" / "*")], task="glue/mrpc",
-                        dataset=str(folder), selection_metric="f1", max_length=64)  # fmt: skip
+                        dataset=str(folder), selection_metric="f1", max_length=64, batch_size=32)  # fmt: skip
     report = cook(config, quiet=True).report
     f1s = [c["selection"]["f1"] for c in report["candidates"]]
     assert f1s == sorted(f1s, reverse=True) and set(report["soup"]["report"]["validation"]) == {

@@ -80,7 +80,7 @@ def test_wise_sweep_keeps_the_best_alpha_on_selection_and_plots_the_curve(runs):
     curve = report["wise"]["curve"]
     assert [p["alpha"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
     best = max(curve, key=lambda p: (-p["selection_loss"], p["alpha"]))
-    assert report["wise"]["alpha"] == best["alpha"]
+    assert report["wise"]["alpha"] == best["alpha"] == pytest.approx(1 - report["mixture"]["base"]["weight"])
     assert report["soup"]["selection_loss"] == pytest.approx(best["selection_loss"])
     assert all(split in p["report"] for p in curve for split in report["soup"]["report"])
     assert (runs["sweep"].output / "plots" / "wise.png").stat().st_size > 0
@@ -158,3 +158,19 @@ def test_ece_of_known_cases():
     assert expected_calibration_error(random_logits, random_labels) == pytest.approx(
         naive_ece(random_logits, random_labels), abs=1e-9
     )
+
+
+def test_wise_recipe_keeps_the_best_alpha_not_the_last():
+    from hf_soup.mixture import Ingredient, Mixture
+    from hf_soup.recipes import UniformSoup, WiseSoup
+
+    recipe = WiseSoup(
+        UniformSoup(), [0.0, 0.25, 0.5, 0.75, 1.0], Ingredient("base", 0.0), ["classifier.weight"]
+    )
+    peak = lambda mixture, bar: -abs(WiseSoup.alpha_of(mixture) - 0.5)  # noqa: E731
+    result = recipe.cook(["a", "b"], {"a": 1.0, "b": 0.5}, peak)
+    assert WiseSoup.alpha_of(result.mixture) == 0.5
+    assert result.mixture.base.weight == 0.5 and result.mixture.weights() == {"a": 0.25, "b": 0.25}
+    assert result.mixture.per_tensor_weights == {"classifier.weight": {"a": 0.5, "b": 0.5}}
+    assert [alpha for alpha, _, _ in recipe.curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert isinstance(result.mixture, Mixture)

@@ -1,0 +1,79 @@
+"""Benchmark: one process against `accelerate launch --num_processes N` for the same greedy soup.
+
+Runs the same `hf-soup` command (fresh score cache each time) as `python -m hf_soup` and under
+`accelerate launch --num_processes N --cpu` (or on GPUs with `--gpu`), then prints the wall times, their ratio,
+and whether the two runs chose the same mixture, got the same scores and wrote the same tensors.
+
+On a CPU machine the processes share its cores (each gets cores / N threads), so expect little speed-up there;
+on N GPUs the scoring passes split N ways.
+
+    python scripts/reproduce_fine_foods.py          # once: the 8 MiniLM fine-tunes under results/runs
+    python scripts/bench_distributed.py             # 1 vs 2 CPU processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(command: list[str], env: dict) -> tuple[float, dict]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(result.stderr[-2000:])
+    return time.perf_counter() - started, json.loads(result.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", default=str(ROOT / "results" / "runs"), help="folder with start/ and v*/")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="one process per GPU instead of CPU processes")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    if not (runs / "start").is_dir():
+        sys.exit(f"{runs} has no fine-tunes yet: run `python scripts/reproduce_fine_foods.py` first.")
+    data = ROOT / "hf_soup" / "data" / "fine_foods"
+    work = Path(tempfile.mkdtemp(prefix="hf-soup-bench-dist-"))
+    soup = ["--base", str(runs / "start"), "--candidates", str(runs / "v*"), "--dataset", str(data / "train.csv"),
+            "--report-split", str(data / "test.csv"), "--text-column", "review", "--label-column", "score",
+            "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet"]  # fmt: skip
+    threads = os.cpu_count() or 1
+    try:
+        env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-1"), "OMP_NUM_THREADS": str(threads)}
+        one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
+        launch = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", str(args.processes),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        if not args.gpu:
+            launch.append("--cpu")
+        per_process = str(max(1, threads // args.processes) if not args.gpu else threads)
+        env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-n"), "OMP_NUM_THREADS": per_process}
+        many_time, many = run([*launch, "-m", "hf_soup", *soup, "--output", str(work / "many")], env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    same_mixture = one["mixture"]["ingredients"] == many["mixture"]["ingredients"]
+    same_tensors = one["tensor_sha256"] == many["tensor_sha256"]
+    worst = max(
+        abs(a["selection_loss"] - b["selection_loss"]) for a, b in zip(one["candidates"], many["candidates"])
+    )
+    where = f"{args.processes} GPUs" if args.gpu else f"{args.processes} CPU processes on {threads} cores"
+    print(f"1 process: {one_time:.1f} s   {where}: {many_time:.1f} s   ratio {many_time / one_time:.2f}x")
+    print(f"same mixture: {same_mixture}; same output tensors: {same_tensors}; "
+          f"largest selection-loss difference: {worst:.2e}")  # fmt: skip
+    return 0 if same_mixture and same_tensors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
