@@ -422,6 +422,9 @@ def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fin
         )
     for note in notes:
         logger.warning(note)
+    if trainer.model is None:  # e.g. after `hyperparameter_search`, which leaves no model behind
+        model = AutoModelForSequenceClassification.from_pretrained(compatibility.accepted[0].local_dir)
+        trainer.model = trainer.model_wrapped = model
     trainer.model.to(torch.float32)
     scorer = TrainerScorer(
         trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache

@@ -16,6 +16,7 @@ parameters under `hyperparameter_search`, the run's last evaluation metrics, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -37,13 +38,35 @@ _NOT_HYPERPARAMETERS = {
 }
 
 
+def _defaults() -> dict[str, Any]:
+    """TrainingArguments' declared defaults. Read from the dataclass fields: building a second TrainingArguments
+    would set up devices again and reset the accelerate state of the Trainer that is running."""
+    defaults = {}
+    for item in dataclasses.fields(TrainingArguments):
+        if item.default is not dataclasses.MISSING:
+            defaults[item.name] = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            defaults[item.name] = item.default_factory()
+    return {key: getattr(value, "value", value) for key, value in defaults.items()}
+
+
 def changed_arguments(args: TrainingArguments) -> dict[str, Any]:
     """The TrainingArguments of a run that differ from the defaults (secrets and paths left out)."""
-    defaults = TrainingArguments(output_dir=args.output_dir).to_dict()
+    defaults = _defaults()
+
+    def same(default, value) -> bool:
+        # __post_init__ normalizes some defaults: None/""/False to []/{}, accelerator_config None to its dict.
+        return (
+            default == value or (not default and not value) or (default is None and isinstance(value, dict))
+        )
+
     return {
         key: value
         for key, value in args.to_dict().items()
-        if key not in _NOT_HYPERPARAMETERS and "token" not in key and defaults.get(key) != value
+        if key not in _NOT_HYPERPARAMETERS
+        and "token" not in key
+        and key in defaults
+        and not same(defaults[key], value)
     }
 
 
@@ -72,7 +95,8 @@ class SoupCallback(TrainerCallback):
         self.base = base
 
     def _name(self, args: TrainingArguments, state) -> str:
-        label = state.trial_name or args.run_name or Path(args.output_dir).name or "run"
+        trial = "trial" if state.trial_params is not None else None  # hyperparameter_search runs
+        label = state.trial_name or trial or args.run_name or Path(args.output_dir).name or "run"
         label = re.sub(r"[^\w.\-]+", "-", str(label)).strip("-") or "run"
         taken = {p.name for p in self.pot.iterdir()} if self.pot.exists() else set()
         name, index = label, 1
