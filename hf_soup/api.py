@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from huggingface_hub import HfApi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -46,7 +45,7 @@ from .recipes import (
     parse_alphas,
     rank,
 )
-from .scoring import Scorer, encode_split
+from .scoring import Scorer, encode_split, process_state
 from .summary import Summary, ties
 from .verify import ingredient_fingerprints
 
@@ -290,7 +289,9 @@ def _cook(
         "early_stops": scorer.early_stops if scorer else 0,
         "forward_passes": scorer.log if scorer else [],
     }
-    main_process = PartialState().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
+    state = process_state()
+    report["processes"] = state.num_processes  # evaluation was sharded across this many processes
+    main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
     if output is not None and main_process:
         write_soup_folder(
             output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet

@@ -149,9 +149,9 @@ def _setup_logging(quiet: bool) -> None:
 
 def _main_process() -> bool:
     """False on every rank but 0 under `accelerate launch`: those ranks compute, and print or write nothing."""
-    from accelerate import PartialState
+    from .scoring import process_state
 
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _emit(args, payload: dict, human: str) -> None:

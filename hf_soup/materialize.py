@@ -204,10 +204,15 @@ class Workbench:
                 f"The model class does not have the checkpoint's tensor {missing[0]}; "
                 "make sure config.json's `architectures` names the class the weights were saved from."
             )
-        self.targets = {n: state[n] for n in self.names}
+        self.shapes = {n: state[n].shape for n in self.names}
         self._sum: dict[str, torch.Tensor] | None = None
         self._members: Counter[str] = Counter()
         self.loaded: Mixture | None = None
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """The model's tensors, looked up afresh: moving the model (`.to(device)`) replaces them."""
+        state = self.model.state_dict()
+        return {n: state[n] for n in self.names}
 
     def _is_plain_uniform(self, mixture: Mixture) -> bool:
         weights = [i.weight for i in mixture.ingredients]
@@ -226,15 +231,17 @@ class Workbench:
             self._load_uniform(Counter(mixture.ids()))
         else:
             self._sum, self._members = None, Counter()  # the running sum only serves uniform trials
+            targets = self._targets()
             for name in self.names:
                 mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
-                self.targets[name].copy_(mixed)
+                targets[name].copy_(mixed)
         self.loaded = mixture
 
     def _load_uniform(self, members: Counter[str]) -> None:
         if self._sum is None:
-            self._sum = {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in self.targets.items()}
+            self._sum = {n: torch.zeros(shape, dtype=torch.float32) for n, shape in self.shapes.items()}
             self._members = Counter()
+        targets = self._targets()
         added = members - self._members
         removed = self._members - members
         count = sum(members.values())
@@ -244,5 +251,5 @@ class Workbench:
                 running.add_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
             for cid, times in removed.items():
                 running.sub_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
-            self.targets[name].copy_(running / count)
+            targets[name].copy_(running / count)
         self._members = Counter(members)

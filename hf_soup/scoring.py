@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -133,6 +134,15 @@ class SplitScore:
         return cls(data["metrics"], data["loss"], data["n"], data.get("predictions", []), logits)
 
 
+def process_state() -> PartialState:
+    """This process's place in the run: one process, or one of `accelerate launch`'s (or `torchrun`'s) N.
+
+    `ACCELERATE_USE_CPU=1` makes N CPU processes one gloo group; `PartialState()` alone would ignore it and leave
+    each process on its own, so every hf-soup call site goes through here.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 class _Examples(torch.utils.data.Dataset):
     def __init__(self, split: EncodedSplit):
         self.split = split
@@ -161,21 +171,35 @@ def iter_logits(
 ):
     """Yield `(example indices, logits)` batch by batch, longest examples first.
 
-    Under `accelerate launch`, batches are sharded across processes (`accelerator.prepare`) and each step's
-    results are gathered back (`gather_for_metrics`, which drops the padding of an uneven last step), so every
-    process sees every logit, in the same order, and makes the same decisions as a single process would.
+    Under `accelerate launch` (or `torchrun`), `accelerator.prepare` shards the batches across processes and each
+    step's results are gathered back to every process, so all of them see every logit, in the same order, and
+    make the same decisions as a single process would. Batches have different lengths (length-sorted, dynamically
+    padded) and the last step may be uneven or repeat early batches to even it out, so results are padded across
+    processes, gathered, and de-duplicated by example index: exact, whatever the remainder.
     """
+    process_state()
     accelerator = Accelerator()
     model.to(accelerator.device).eval()
     loader = accelerator.prepare_data_loader(_loader(split, collator, batch_size), device_placement=True)
     quiet = quiet or not accelerator.is_main_process
+    seen = np.zeros(len(split), dtype=bool)
     with progress_bar(total=len(split), desc=f"Scoring {split.name}", unit="ex", quiet=quiet) as bar:
         for batch in loader:
             indices = batch.pop("example_index")
             logits = model(**batch).logits.float()
-            indices, logits = accelerator.gather_for_metrics((indices, logits))
+            if accelerator.num_processes > 1:
+                indices = accelerator.gather(accelerator.pad_across_processes(indices, pad_index=-1))
+                logits = accelerator.gather(accelerator.pad_across_processes(logits))
+            indices, logits = indices.cpu().numpy(), logits.cpu().numpy()
+            fresh = indices >= 0
+            fresh[fresh] = ~seen[indices[fresh]]
+            indices, logits = indices[fresh], logits[fresh]
+            indices, first = np.unique(indices, return_index=True)  # a repeated example counts once
+            logits = logits[first]
+            seen[indices] = True
             bar.update(len(indices))
-            yield indices.cpu().numpy(), logits.cpu().numpy()
+            if len(indices):
+                yield indices, logits
 
 
 def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False) -> np.ndarray:

@@ -56,13 +56,16 @@ def main() -> int:
         one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
         launch = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", str(args.processes),
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-        if not args.gpu:
-            launch.append("--cpu")
+        launch.append("--multi_gpu")  # accelerate's torchrun launcher; `--cpu` alone would start one process
         per_process = str(max(1, threads // args.processes) if not args.gpu else threads)
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-n"), "OMP_NUM_THREADS": per_process}
+        if not args.gpu:
+            env["ACCELERATE_USE_CPU"] = "1"
         many_time, many = run([*launch, "-m", "hf_soup", *soup, "--output", str(work / "many")], env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if many["processes"] != args.processes:
+        sys.exit(f"the launch ran {many['processes']} process(es), not {args.processes}")
     same_mixture = one["mixture"]["ingredients"] == many["mixture"]["ingredients"]
     same_tensors = one["tensor_sha256"] == many["tensor_sha256"]
     worst = max(

@@ -21,6 +21,10 @@ from hf_soup.cli import main
 from hf_soup.integrations import INGREDIENT_FILE, SoupCallback
 
 LABELS = ["great", "other"]
+# Two CPU processes in one gloo group. (`accelerate launch --cpu` starts a single process unless given an MPI
+# hostfile; `--multi_gpu` is accelerate's torchrun launcher, and ACCELERATE_USE_CPU=1 puts it on the CPU.)
+LAUNCH_TWO_CPU_PROCESSES = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,18 +156,15 @@ def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_pa
             str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
             "--label-column", "score", "--selection-fraction", "0.25", "--max-length", "64", "--batch-size", "24",
             "--recipe", "greedy", "--no-cache", "--format", "json", "--quiet"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     one = subprocess.run([sys.executable, "-m", "hf_soup", *args, "--output", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    two = subprocess.run([shutil.which("accelerate"), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_soup", *args, "--output",
-                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    two = subprocess.run([*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    single, sharded = (
-        json.loads(one.stdout),
-        json.loads(two.stdout),
-    )  # rank 1 printed nothing: one JSON document
+    single, sharded = json.loads(one.stdout), json.loads(two.stdout)  # rank 1 printed nothing: one document
+    assert (single["processes"], sharded["processes"]) == (1, 2)
     assert sharded["mixture"]["ingredients"] == single["mixture"]["ingredients"]
     assert [t["accepted"] for t in sharded["trajectory"]] == [t["accepted"] for t in single["trajectory"]]
     for a, b in zip(single["candidates"], sharded["candidates"]):
@@ -178,3 +179,17 @@ def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_pa
         p["examples"] for p in sharded["cache"]["forward_passes"] if p["split"] == "test.csv"
     ) == 200 * len([p for p in sharded["cache"]["forward_passes"] if p["split"] == "test.csv"])
     assert (tmp_path / "two" / "soup.json").is_file() and not list(tmp_path.glob(".two.*"))
+
+
+def test_an_error_under_two_processes_is_reported_once_and_writes_nothing(zoo, reviews, tmp_path):
+    out = tmp_path / "soup"
+    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset",
+            str(reviews["train"]), "--text-column", "no-such-column", "--label-column", "score",
+            "--selection-fraction", "0.25", "--output", str(out), "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    two = subprocess.run([*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert two.returncode != 0
+    assert two.stderr.count("hf-soup: error:") == 1 and "no column 'no-such-column'" in two.stderr
+    assert "Traceback" not in two.stderr.split("hf-soup: error:")[0]  # no rank crashed before reporting
+    assert not out.exists() and not list(tmp_path.glob(".soup.*"))

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
 from ..compat import read_aligned
 from ..errors import ConfigError
 from ..mixture import Ingredient, Mixture
 from ..progress import progress_bar
+from ..scoring import process_state
 from .base import RecipeResult, SoupRecipe, Step, rank
 
 GRANULARITIES = ("model", "layer")
@@ -165,12 +165,13 @@ class MixingTrainer:
     def learn(self, ids: list[str], objective, revisions=None) -> tuple[RecipeResult, LearnedState]:
         """Learn α (and β); return the kept mixture, its trajectory (one step per epoch) and the learned state."""
         options, model = self.options, self.workbench.model
-        device = PartialState().device
+        device = process_state().device
         z = torch.zeros(len(self.groups), len(ids), dtype=torch.float64, requires_grad=True)
         log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.Adam([z, log_temperature], lr=options.lr)
         generator = torch.Generator().manual_seed(options.seed)
         group_of = {name: (0 if self.groups == ["*"] else index) for index, name in enumerate(self.learnable)}
+        model.to(device).eval()  # before the hooks: moving a model replaces its parameters
         gradient = MixingGradient(self.workbench, ids, group_of, len(self.groups))
 
         kept = self.mixture(torch.softmax(z, dim=1), ids, revisions)
@@ -178,7 +179,6 @@ class MixingTrainer:
         best = objective(kept, None)
         trajectory = [Step(0, "start", None, best, True, len(ids))]
         losses: list[float] = []
-        model.to(device).eval()
         steps = options.epochs * -(-len(self.split) // options.batch_size)
         try:
             with progress_bar(
