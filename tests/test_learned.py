@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hf_soup import SoupConfig, cook
+from hf_soup import cook
 from hf_soup.compat import check_compatibility
 from hf_soup.data import load_data, task_spec
 from hf_soup.materialize import Workbench
@@ -58,7 +59,7 @@ def reference_alpha(zoo, split, collator, granularity, options: LearnedOptions):
             optimizer.step()
             optimizer.zero_grad()
     alpha = torch.softmax(z, dim=1).detach().numpy()
-    return ({"*": alpha[0]} if groups == 1 else dict(zip(names, alpha))), float(log_t.exp())
+    return ({"*": alpha[0]} if groups == 1 else dict(zip(names, alpha))), float(log_t.detach().exp())
 
 
 @pytest.mark.parametrize("granularity", ["model", "layer"])
@@ -82,22 +83,8 @@ def test_streamed_gradients_match_an_all_in_memory_reference(setup, zoo, granula
 @pytest.fixture(scope="module")
 def learned_run(zoo, reviews, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learned")
-    config = SoupConfig(
-        base=str(zoo["base"]),
-        candidates=[str(zoo["root"] / "runs" / "*")],
-        dataset=str(reviews["train"]),
-        report_split=str(reviews["test"]),
-        text_column="review",
-        label_column="score",
-        recipe="learned",
-        granularity="model",
-        learn_epochs=3,
-        learn_lr=0.3,
-        selection_fraction=0.25,
-        max_length=64,
-        output=str(tmp / "soup"),
-        cache_dir=str(tmp / "cache"),
-    )
+    config = config_for(zoo, reviews, tmp, recipe="learned", granularity="model", learn_epochs=3, learn_lr=0.3,
+                        selection_metric="loss", cache_dir=str(tmp / "cache"))  # fmt: skip
     return cook(config, quiet=True)
 
 

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_soup import SoupConfig, cook
+from hf_soup import cook
 from hf_soup.ensemble import expected_calibration_error
 from hf_soup.errors import ConfigError
 from hf_soup.recipes import parse_alphas
@@ -20,20 +21,13 @@ LABELS = ["great", "other"]
 
 
 def config(zoo, reviews, tmp_path, name, **overrides):
-    values = dict(
-        base=str(zoo["base"]),
-        candidates=[str(zoo["root"] / "runs" / "*")],
-        dataset=str(reviews["train"]),
-        report_split=str(reviews["test"]),
-        text_column="review",
-        label_column="score",
-        selection_fraction=0.25,
-        max_length=64,
-        output=str(tmp_path / name),
-        cache_dir=str(tmp_path / "cache"),
-    )
-    values.update(overrides)
-    return SoupConfig(**values)
+    """The pipeline tests' configuration, selecting by loss, with one shared score cache."""
+    defaults = {
+        "selection_metric": "loss",
+        "output": str(tmp_path / name),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    return config_for(zoo, reviews, tmp_path, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
