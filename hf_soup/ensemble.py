@@ -35,8 +35,7 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
 
 def ensemble_score(members: list[SplitScore], split: EncodedSplit, spec) -> SplitScore:
     """The score of the logit ensemble (the plain mean of the members' logits) on `split`."""
-    missing = [index for index, member in enumerate(members) if member.logits is None]
-    if missing:
+    if any(member.logits is None for member in members):
         raise ValueError("ensemble members must carry logits (score them with this version of hf-soup)")
     logits = np.mean(np.stack([member.logits for member in members]), axis=0, dtype=np.float64)
     return score_logits(logits.astype(np.float32), split, spec)

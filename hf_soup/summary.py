@@ -30,6 +30,7 @@ class Summary:
     def __init__(self, scorer: Scorer, singles: dict[str, Mixture]):
         self.scorer, self.singles = scorer, singles
         self.report_names = [name for name in scorer.splits if name != "selection"]
+        self._ensembles: dict[tuple[tuple[str, ...], str], SplitScore] = {}
 
     def _entry(self, name: str, ingredients: list[str], scores: dict[str, SplitScore], passes: int) -> dict:
         regression = self.scorer.spec.regression
@@ -57,15 +58,16 @@ class Summary:
 
     def ensemble(self, name: str, ids: list[str]) -> dict[str, Any]:
         """The logit ensemble of `ids`: the mean of their logits, from their cached scores (N forward passes)."""
-        scores = {}
-        for split in ["selection", *self.report_names]:
-            members = [self.scorer.score(self.singles[cid], split) for cid in ids]
-            scores[split] = ensemble_score(members, self.scorer.splits[split], self.scorer.spec)
+        scores = {split: self._ensemble_score(ids, split) for split in ["selection", *self.report_names]}
         return self._entry(name, list(ids), scores, passes=len(ids))
 
-    def ensemble_predictions(self, ids: list[str], split: str) -> np.ndarray:
-        members = [self.scorer.score(self.singles[cid], split) for cid in ids]
-        return np.asarray(ensemble_score(members, self.scorer.splits[split], self.scorer.spec).predictions)
+    def _ensemble_score(self, ids: list[str], split: str) -> SplitScore:
+        """Computed once per (members, split): the table row and the paired comparison share it."""
+        key = (tuple(ids), split)
+        if key not in self._ensembles:
+            members = [self.scorer.score(self.singles[cid], split) for cid in ids]
+            self._ensembles[key] = ensemble_score(members, self.scorer.splits[split], self.scorer.spec)
+        return self._ensembles[key]
 
     def comparisons(
         self, best: Mixture, others: dict[str, Mixture | list[str]], resamples: int, seed: int
@@ -80,7 +82,7 @@ class Summary:
             out[split] = {}
             for name, other in others.items():
                 predictions = (
-                    self.ensemble_predictions(other, split)
+                    np.asarray(self._ensemble_score(other, split).predictions)
                     if isinstance(other, list)
                     else np.asarray(self.scorer.score(other, split).predictions)
                 )
