@@ -43,6 +43,20 @@ def fails(argv, message, capsys, output: Path | None = None) -> str:
     return err
 
 
+def strict_check(zoo, bad: Path) -> list[str]:
+    """`hf-soup check --strict` of two genuine fine-tunes and `bad`: a rejection of `bad` is fatal."""
+    return [
+        "check",
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["c"]),
+        str(bad),
+        "--strict",
+    ]
+
+
 @pytest.fixture
 def hang_guard():
     """Fail instead of hanging: a bad file must never make a read block or loop."""
@@ -119,16 +133,7 @@ def huge_header_length(path: Path) -> None:
 def test_corrupt_safetensors_is_a_clear_error_not_a_crash_or_hang(zoo, tmp_path, capsys, hang_guard, corrupt):
     bad = copy_model(zoo["b"], tmp_path / "bad")
     corrupt(bad / "model.safetensors")
-    argv = [
-        "check",
-        "--base",
-        str(zoo["base"]),
-        "--candidates",
-        str(zoo["a"]),
-        str(zoo["c"]),
-        str(bad),
-        "--strict",
-    ]
+    argv = strict_check(zoo, bad)
     fails(argv, "is not a valid safetensors file", capsys)
 
 
@@ -164,16 +169,7 @@ def test_resized_vocabulary_is_rejected(zoo, tmp_path, capsys):
         state["bert.embeddings.word_embeddings.weight"] = torch.cat([table, torch.zeros(8, table.shape[1])])
 
     bad = rewrite(copy_model(zoo["b"], tmp_path / "resized"), grow, lambda c: c.update(vocab_size=30530))
-    argv = [
-        "check",
-        "--base",
-        str(zoo["base"]),
-        "--candidates",
-        str(zoo["a"]),
-        str(zoo["c"]),
-        str(bad),
-        "--strict",
-    ]
+    argv = strict_check(zoo, bad)
     fails(argv, "resized vocabulary", capsys)
 
 
