@@ -23,12 +23,19 @@ from typing import Any
 
 import torch
 from huggingface_hub import HfApi
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+)
 
+from .batchnorm import BatchNormRecalibrator
 from .cache import JsonCache, cache_key, default_cache_dir
 from .compat import CompatibilityReport, check_compatibility
 from .config import SoupConfig
-from .data import TaskSpec, plan_splits, task_spec
+from .data import IMAGE_TASK, TaskSpec, plan_splits, task_spec
 from .diagnostics import Diagnostics, diagnose
 from .errors import OutputExistsError
 from .hub import check_push_target, push
@@ -95,13 +102,30 @@ def check_with_diagnostics(
     return report, diagnose(report, sources, quiet=quiet)
 
 
-def _load_tokenizer(report: CompatibilityReport):
-    for folder in (report.base.local_dir, report.accepted[0].local_dir):
+def _load_preprocessor(report: CompatibilityReport, image: bool):
+    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate."""
+    folders = [report.base.local_dir, report.accepted[0].local_dir]
+    if image:
+        from .images import load_image_processor
+
+        return load_image_processor(folders)
+    for folder in folders:
         try:
             return AutoTokenizer.from_pretrained(folder), folder
         except (OSError, ValueError, TypeError):
             continue
     return None, None
+
+
+def _task_spec(config: SoupConfig) -> TaskSpec:
+    return task_spec(
+        config.task,
+        config.dataset,
+        config.text_column,
+        config.text_pair_column,
+        config.label_column,
+        image_column=config.image_column,
+    )
 
 
 def cook(
@@ -180,7 +204,8 @@ def _cook(
     fingerprints = ingredient_fingerprints(compatibility, sources, cache, quiet=quiet)
     revisions = {c.id: c.revision for c in compatibility.accepted}
     ids = [c.id for c in compatibility.accepted]
-    tokenizer, tokenizer_dir = _load_tokenizer(compatibility)
+    image = (config.task or "").lower() == IMAGE_TASK
+    tokenizer, tokenizer_dir = _load_preprocessor(compatibility, image)
 
     report: dict[str, Any] = {
         "recipe": _describe(get_recipe("uniform")),  # an unscored run is a plain uniform merge
@@ -191,6 +216,7 @@ def _cook(
     }
     recipe_result: RecipeResult | None = None
     scorer: Scorer | None = None
+    overrides: dict[str, torch.Tensor] = {}
 
     if not config.scored:
         mixture = Mixture.uniform("uniform", ids, revisions)
@@ -209,12 +235,11 @@ def _cook(
             )
             spec = scorer.spec
         else:
-            spec = task_spec(
-                config.task, config.dataset, config.text_column, config.text_pair_column, config.label_column
-            )
+            spec = _task_spec(config)
             scorer, plan = _prepare_scorer(
                 config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
             )
+            spec = scorer.spec  # with top-5 accuracy for images of more than 5 classes
         timings["data"] = time.perf_counter() - started - sum(timings.values())
         recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
         report["recipe"] = _describe(recipe)
@@ -270,6 +295,12 @@ def _cook(
         report.update(_recipe_details(recipe, mixture, summary))
         if trainer is not None:  # trainer.model holds the soup afterwards, bit for bit as written
             scorer.workbench.load(mixture, running_sum=False)
+        if config.recalibrate_bn:
+            overrides = _recalibrated_statistics(scorer, mixture)
+            report["batchnorm"] = {
+                "recalibrated_batches": config.recalibrate_bn,
+                "tensors": sorted(overrides),
+            }
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
     diagnostics = _diagnostics(compatibility, sources, fingerprints, cache, quiet)
@@ -294,7 +325,16 @@ def _cook(
     main_process = state.is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
     if output is not None and main_process:
         write_soup_folder(
-            output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet
+            output,
+            config,
+            report,
+            mixture,
+            compatibility,
+            sources,
+            tokenizer,
+            tokenizer_dir,
+            quiet,
+            overrides,
         )
         timings["write"] = time.perf_counter() - started - sum(timings.values())
     report["output"] = str(output) if config.output else None
@@ -314,6 +354,15 @@ def _cook(
         evaluations=scorer.evaluations if scorer else 0,
         timings=timings,
     )
+
+
+def _recalibrated_statistics(scorer: Scorer, mixture: Mixture) -> dict[str, torch.Tensor]:
+    """The soup's BatchNorm statistics re-estimated on the selection split, to be written instead of averages."""
+    workbench = scorer.workbench
+    workbench.load(mixture, running_sum=False)  # `after_load` recalibrates
+    state = workbench.model.state_dict()
+    return {name: state[name].detach().cpu().clone()
+            for name in workbench.after_load.buffer_names(workbench.model)}  # fmt: skip
 
 
 def _training_record(folder: Path) -> dict | None:
@@ -434,10 +483,26 @@ def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fin
     return scorer, plan
 
 
-def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, tokenizer, cache, quiet):
+def _encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
+    """`(encode(name, data) -> EncodedSplit, collator, model class)` for the task's inputs."""
+    if spec.is_image:
+        from .images import encode_image_split
+
+        def encode(name, data):
+            return encode_image_split(name, data, spec, preprocessor, labels, num_labels, quiet)
+
+        return encode, default_data_collator, AutoModelForImageClassification
+
+    def encode(name, data):
+        return encode_split(name, data, spec, preprocessor, labels, num_labels, config.max_length)
+
+    return encode, DataCollatorWithPadding(preprocessor), AutoModelForSequenceClassification
+
+
+def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, preprocessor, cache, quiet):
     from .errors import ConfigError
 
-    if tokenizer is None:
+    if preprocessor is None:
         raise ConfigError(
             f"Neither the base {config.base} nor {compatibility.accepted[0].id} has tokenizer files; "
             "save the tokenizer next to the base model (`tokenizer.save_pretrained(base_dir)`)."
@@ -454,21 +519,22 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
     for note in plan.notes:
         logger.warning(note)
     reference = compatibility.accepted[0]
-    encode = {
-        "model_labels": compatibility.label_names,
-        "num_labels": reference.num_labels,
-        "max_length": config.max_length,
-        "tokenizer": tokenizer,
-        "spec": spec,
-    }
-    splits = {"selection": encode_split("selection", plan.selection, **encode)}
+    spec = spec.with_top5(reference.num_labels)
+    encode, collator, model_class = _encoder(
+        spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
+    )
+    splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
-        splits[name] = encode_split(name, data, **encode)
-    model = AutoModelForSequenceClassification.from_pretrained(
+        splits[name] = encode(name, data)
+    model = model_class.from_pretrained(
         reference.local_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code
     )
-    workbench = Workbench(model, compatibility, sources)
-    collator = DataCollatorWithPadding(tokenizer)
+    recalibrate = None
+    if config.recalibrate_bn:
+        recalibrate = BatchNormRecalibrator(
+            splits["selection"], collator, config.recalibrate_bn, config.batch_size
+        )
+    workbench = Workbench(model, compatibility, sources, after_load=recalibrate)
     scorer = Scorer(
         workbench,
         spec,
@@ -480,6 +546,7 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
         quiet,
         selection_metric=config.selection_metric,
         early_rejection=not config.no_early_rejection,
+        variant=recalibrate.describe() if recalibrate else "",
     )
     return scorer, plan
 
@@ -488,9 +555,11 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     """Score one model folder on the report split(s) of a task, as `hf-soup evaluate` does.
 
     Args:
-        model_dir (`str`): a folder written by `save_pretrained`, with tokenizer files.
+        model_dir (`str`): a folder written by `save_pretrained`, with tokenizer (or image processor) files.
         options (`dict`): `task` or `dataset` (+ columns), and optionally `report_split`, `max_length`, ...
     """
+    from types import SimpleNamespace
+
     from .candidates import load_candidate
     from .errors import ConfigError
     from .scoring import predict, score_logits
@@ -502,7 +571,8 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
         options.get("text_column"),
         options.get("text_pair_column"),
         options.get("label_column"),
-    )
+        image_column=options.get("image_column"),
+    ).with_top5(candidate.num_labels)
     plan = plan_splits(
         spec,
         selection_split=options.get("selection_split"),
@@ -511,25 +581,25 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
         seed=options.get("seed") or 0,
         max_eval_examples=options.get("max_eval_examples"),
     )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConfigError(
-            f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
-        ) from error
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
-    collator = DataCollatorWithPadding(tokenizer)
+    if spec.is_image:
+        from .images import load_image_processor
+
+        preprocessor, _ = load_image_processor([Path(model_dir)])
+    else:
+        try:
+            preprocessor = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
+            ) from error
+    settings = SimpleNamespace(max_length=options.get("max_length") or 128)
+    encode, collator, model_class = _encoder(
+        spec, preprocessor, candidate.label_names, candidate.num_labels, settings, quiet
+    )
+    model = model_class.from_pretrained(model_dir, dtype=torch.float32)
     scores = {}
     for name, data in plan.reports.items():
-        split = encode_split(
-            name,
-            data,
-            spec,
-            tokenizer,
-            candidate.label_names,
-            candidate.num_labels,
-            options.get("max_length") or 128,
-        )
+        split = encode(name, data)
         logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}

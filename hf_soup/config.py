@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import get_args
 
-from .data import GLUE_TASKS
+from .data import GLUE_TASKS, IMAGE_TASK
 from .errors import ConfigError
 from .mixture import Recipe
 
@@ -34,7 +34,10 @@ class SoupConfig:
         )
     )
     task: str | None = field(
-        default=None, metadata=_opt(f"A GLUE task: glue/<{'|'.join(GLUE_TASKS)}>.", metavar="glue/TASK")
+        default=None,
+        metadata=_opt(
+            f"A GLUE task, glue/<{'|'.join(GLUE_TASKS)}>, or {IMAGE_TASK} (with --dataset).", metavar="TASK"
+        ),
     )
     dataset: str | None = field(
         default=None,
@@ -42,7 +45,36 @@ class SoupConfig:
     )
     text_column: str | None = field(default=None, metadata=_opt("The text column of --dataset."))
     text_pair_column: str | None = field(default=None, metadata=_opt("The second text column, for pairs."))
-    label_column: str | None = field(default=None, metadata=_opt("The label column of --dataset."))
+    label_column: str | None = field(
+        default=None, metadata=_opt("The label column of --dataset (image-classification: 'label').")
+    )
+    image_column: str | None = field(
+        default=None, metadata=_opt("image-classification: the image column of --dataset (default: 'image').")
+    )
+    recalibrate_bn: int = field(
+        default=0,
+        metadata=_opt(
+            "For models with BatchNorm: after averaging, re-estimate the running statistics on N selection "
+            "batches (every scored mixture and the written soup). 0: keep the averaged statistics.",
+            metavar="N",
+        ),
+    )
+    output_kind: str = field(
+        default="merged",
+        metadata=_opt(
+            "LoRA candidates: write the full merged model, or a LoRA adapter (exact: its rank is the sum of the "
+            "input ranks, unless --lora-rank).",
+            choices=("merged", "lora"),
+        ),
+    )
+    lora_rank: int | None = field(
+        default=None,
+        metadata=_opt(
+            "With --output-kind lora: truncate each module's soup update to this rank by SVD; the relative "
+            "Frobenius error is reported per module and overall.",
+            metavar="R",
+        ),
+    )
     recipe: Recipe = field(
         default="greedy", metadata=_opt("How to choose ingredients.", choices=get_args(Recipe))
     )
@@ -155,8 +187,20 @@ class SoupConfig:
     def __post_init__(self) -> None:
         if self.recipe not in get_args(Recipe):
             raise ConfigError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(get_args(Recipe))}.")
-        if self.task and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
-            raise ConfigError(f"Unknown task {self.task!r}: choose one of glue/{', glue/'.join(GLUE_TASKS)}.")
+        image = bool(self.task) and self.task.lower() == IMAGE_TASK
+        if self.task and not image and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
+            raise ConfigError(
+                f"Unknown task {self.task!r}: choose {IMAGE_TASK} or one of glue/{', glue/'.join(GLUE_TASKS)}."
+            )
+        if image and not self.dataset:
+            raise ConfigError(
+                f"--task {IMAGE_TASK} needs --dataset: an imagefolder, a folder of parquet files, or a Hub "
+                "dataset id (with --image-column / --label-column if not 'image' / 'label')."
+            )
+        if self.recalibrate_bn < 0:
+            raise ConfigError(f"--recalibrate-bn takes a number of batches >= 0, got {self.recalibrate_bn}.")
+        if self.lora_rank is not None and (self.output_kind != "lora" or self.lora_rank < 1):
+            raise ConfigError("--lora-rank R (R >= 1) only applies with --output-kind lora.")
         if not self.task and not self.dataset and not self.scored_by_trainer and self.recipe != "uniform":
             raise ConfigError(
                 f"--recipe {self.recipe} scores candidates: give --task glue/<name> or --dataset. "

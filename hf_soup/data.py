@@ -19,6 +19,8 @@ from .errors import DatasetError
 logger = logging.getLogger(__name__)
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+IMAGE_TASK = "image-classification"
+TOP5 = "top5_accuracy"
 _DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -27,8 +29,8 @@ class TaskSpec:
     """What to evaluate: which columns, which metrics, which splits to report on.
 
     Args:
-        name (`str`): `glue/<task>` or `custom`.
-        text_column (`str`): the first text column.
+        name (`str`): `glue/<task>`, `custom` (text) or `image-classification`.
+        text_column (`str`): the first text column (empty for images).
         label_column (`str`): the label column.
         text_pair_column (`str`, *optional*): the second text column, for sentence pairs.
         metrics (`tuple[str, ...]`): metric names; the first one drives selection.
@@ -36,6 +38,7 @@ class TaskSpec:
         report_splits (`tuple[str, ...]`): default report splits of the dataset.
         dataset (`str`, *optional*): where the data comes from (a Hub id, file or folder).
         dataset_config (`str`, *optional*): the dataset's config name (the GLUE task).
+        image_column (`str`, *optional*): the image column, for image classification.
     """
 
     name: str
@@ -47,10 +50,21 @@ class TaskSpec:
     report_splits: tuple[str, ...] = ()
     dataset: str | None = None
     dataset_config: str | None = None
+    image_column: str | None = None
 
     @property
     def primary_metric(self) -> str:
         return self.metrics[0]
+
+    @property
+    def is_image(self) -> bool:
+        return self.image_column is not None
+
+    def with_top5(self, num_labels: int) -> TaskSpec:
+        """Image classification reports top-5 accuracy too, when there are more than 5 classes."""
+        if self.is_image and num_labels > 5 and TOP5 not in self.metrics:
+            return replace(self, metrics=(*self.metrics, TOP5))
+        return self
 
 
 def _glue(task, text, pair=None, metrics=("accuracy",), regression=False, report=("validation",)) -> TaskSpec:
@@ -86,16 +100,25 @@ def task_spec(
     text_pair_column: str | None = None,
     label_column: str | None = None,
     regression: bool = False,
+    image_column: str | None = None,
 ) -> TaskSpec:
-    """Build the `TaskSpec` for `--task glue/<name>` or for `--dataset` with column flags.
+    """Build the `TaskSpec` for `--task glue/<name>`, `--task image-classification`, or `--dataset` with columns.
 
     `--task glue/sst2 --dataset ./copy` evaluates a local copy of GLUE data with GLUE's columns and metrics.
     """
+    if task and task.lower() == IMAGE_TASK:
+        if not dataset:
+            raise DatasetError(
+                "--task image-classification needs --dataset: an imagefolder, parquet files or a Hub dataset id."
+            )
+        return TaskSpec(
+            IMAGE_TASK, "", label_column or "label", dataset=dataset, image_column=image_column or "image"
+        )
     if task:
         key = task.lower().removeprefix("glue/")
         if key not in GLUE:
             raise DatasetError(
-                f"Unknown task {task!r}: choose one of {', '.join('glue/' + t for t in GLUE_TASKS)}."
+                f"Unknown task {task!r}: choose {IMAGE_TASK} or one of {', '.join('glue/' + t for t in GLUE_TASKS)}."
             )
         spec = GLUE[key]
         overrides = {
@@ -255,14 +278,14 @@ def _subsample(data: Dataset, limit: int, seed: int) -> Dataset:
 
 def check_columns(spec: TaskSpec, data: Dataset, split_name: str) -> None:
     """Fail with the available columns when a needed column is missing."""
-    needed = [spec.text_column, spec.label_column] + (
-        [spec.text_pair_column] if spec.text_pair_column else []
-    )
+    inputs = [spec.image_column] if spec.is_image else [spec.text_column, spec.text_pair_column]
+    needed = [c for c in (*inputs, spec.label_column) if c]
     missing = [c for c in needed if c not in data.column_names]
     if missing:
+        flags = "--image-column" if spec.is_image else "--text-column / --text-pair-column"
         raise DatasetError(
             f"The {split_name} split has no column {', '.join(map(repr, missing))}; its columns are "
-            f"{', '.join(data.column_names)}. Set --text-column / --text-pair-column / --label-column."
+            f"{', '.join(data.column_names)}. Set {flags} / --label-column."
         )
 
 

@@ -139,6 +139,7 @@ def materialize(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
     quiet: bool = False,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> MaterializeStats:
     """Write the soup's weights to `output_dir` as (sharded) safetensors, tensor by tensor.
 
@@ -149,7 +150,10 @@ def materialize(
         output_dir (`Path`): an existing folder.
         dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to the base's dtype.
         max_shard_size (`str` or `int`, *optional*, defaults to `"2GB"`): the largest shard.
+        overrides (`dict[str, torch.Tensor]`, *optional*): tensors written as given instead of mixed (BatchNorm
+            statistics re-estimated on data after averaging).
     """
+    overrides = overrides or {}
     planned = plan_output(mixture, report, sources, dtype)
     names = list(planned)
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
@@ -159,7 +163,10 @@ def materialize(
             shard: dict[str, torch.Tensor] = {}
             shard_bytes = 0
             for name in shard_names:
-                mixed, live = mix_tensor(mixture, report, sources, name)
+                if name in overrides:
+                    mixed, live = overrides[name].detach().cpu(), 0
+                else:
+                    mixed, live = mix_tensor(mixture, report, sources, name)
                 out = mixed.to(planned[name].dtype).contiguous()
                 del mixed
                 stats.peak_live_bytes = max(stats.peak_live_bytes, shard_bytes + live + _nbytes(out))
@@ -189,10 +196,14 @@ class Workbench:
         model (`torch.nn.Module`): a model of the candidates' architecture, in float32.
         report (`CompatibilityReport`): from the compatibility check.
         sources (`dict[str, TensorSource]`): open weights of the base and the candidates.
+        after_load (`Callable`, *optional*): called with the model after each mixture of two or more models is
+            loaded (BatchNorm recalibration); a single candidate is scored exactly as it was fine-tuned.
     """
 
-    def __init__(self, model: torch.nn.Module, report: CompatibilityReport, sources: dict[str, TensorSource]):
+    def __init__(self, model: torch.nn.Module, report: CompatibilityReport, sources: dict[str, TensorSource],
+                 after_load=None):  # fmt: skip
         self.model = model
+        self.after_load = after_load
         self.report = report
         self.sources = sources
         reference = report.accepted[0].id
@@ -235,6 +246,11 @@ class Workbench:
             for name in self.names:
                 mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
                 targets[name].copy_(mixed)
+        blended = (
+            sum(w != 0 for w in mixture.weights().values()) + bool(mixture.base and mixture.base.weight) > 1
+        )
+        if self.after_load is not None and (blended or mixture.per_tensor_weights):
+            self.after_load(self.model)
         self.loaded = mixture
 
     def _load_uniform(self, members: Counter[str]) -> None:

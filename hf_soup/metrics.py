@@ -2,8 +2,8 @@
 
 `evaluate.load("accuracy")` downloads and runs a metric script from the Hub at run time, which fails offline
 and executes remote code. So the GLUE metrics are defined here as `evaluate.Metric` subclasses with the same
-names and the same math (scikit-learn and scipy, as the Hub scripts use), and combined with
-`evaluate.combine`.
+names and the same math (scikit-learn and scipy, as the Hub scripts use). Image classification adds
+`top5_accuracy`, computed from the scores with scikit-learn's `top_k_accuracy_score`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import datasets
 import evaluate
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, top_k_accuracy_score
 
-MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"]
+MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "top5_accuracy"]
+# Metrics computed from each example's scores (logits) rather than from one predicted label.
+SCORE_METRICS = {"top5_accuracy": 5}
 
 _CITATION = "Wang et al. 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (arXiv 1804.07461)."
 
@@ -26,13 +28,17 @@ class TaskMetric(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         dtype = "float32" if self.config_name in ("pearson", "spearmanr") else "int64"
+        if self.config_name in SCORE_METRICS:
+            predictions = datasets.Sequence(datasets.Value("float32"))
+            references = datasets.Value("int64")
+        else:
+            predictions = references = datasets.Value(dtype)
         return evaluate.MetricInfo(
             description=f"{self.config_name}, computed as in the GLUE metric.",
             citation=_CITATION,
-            inputs_description="predictions and references: one value per example.",
-            features=datasets.Features(
-                {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
-            ),
+            inputs_description="predictions and references: one value per example (for top-k: one score per "
+            "class per example).",
+            features=datasets.Features({"predictions": predictions, "references": references}),
         )
 
     def _compute(self, predictions, references, pos_label: int = 1):
@@ -49,15 +55,24 @@ class TaskMetric(evaluate.Metric):
             value = pearsonr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
         elif name == "spearmanr":
             value = spearmanr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
+        elif name in SCORE_METRICS:
+            scores = np.asarray(predictions)
+            value = top_k_accuracy_score(
+                references, scores, k=SCORE_METRICS[name], labels=np.arange(scores.shape[1])
+            )
         else:
             raise ValueError(f"Unknown metric {name!r}")
         return {name: float(value)}
 
 
 def compute_metrics(
-    names: tuple[str, ...], predictions: np.ndarray, references: np.ndarray, pos_label: int = 1
+    names: tuple[str, ...],
+    predictions: np.ndarray,
+    references: np.ndarray,
+    pos_label: int = 1,
+    scores: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Compute each metric in `names` on one split.
+    """Compute each metric in `names` on one split; `scores` (the logits) feed the top-k metrics.
 
     Example:
     ```python
@@ -68,9 +83,10 @@ def compute_metrics(
     results: dict[str, float] = {}
     for name in names:
         kwargs = {"pos_label": pos_label} if name == "f1" else {}
+        inputs = scores if name in SCORE_METRICS else predictions
         results.update(
             TaskMetric(config_name=name, keep_in_memory=True).compute(
-                predictions=predictions, references=references, **kwargs
+                predictions=inputs, references=references, **kwargs
             )
         )
     return results

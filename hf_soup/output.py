@@ -107,6 +107,7 @@ def write_soup_folder(
     tokenizer,
     tokenizer_dir,
     quiet: bool = False,
+    overrides=None,
 ) -> None:
     """Write the whole soup folder to `output` (atomically); also fills `report["files"]`.
 
@@ -117,7 +118,18 @@ def write_soup_folder(
     needed = output_bytes(plan_output(mixture, compatibility, sources))
     _check_free_space(output, needed)
     try:
-        _write(output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet)
+        _write(
+            output,
+            config,
+            report,
+            mixture,
+            compatibility,
+            sources,
+            tokenizer,
+            tokenizer_dir,
+            quiet,
+            overrides,
+        )
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -146,10 +158,18 @@ def _check_free_space(output: Path, needed: int) -> None:
         )
 
 
-def _write(output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet) -> None:
+def _write(
+    output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet, overrides
+):
     with atomic_folder(output, overwrite=config.overwrite) as staging:
         stats = materialize(
-            mixture, compatibility, sources, staging, max_shard_size=config.max_shard_size, quiet=quiet
+            mixture,
+            compatibility,
+            sources,
+            staging,
+            max_shard_size=config.max_shard_size,
+            quiet=quiet,
+            overrides=overrides,
         )
         float_names = [
             n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point

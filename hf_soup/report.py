@@ -44,9 +44,11 @@ def soup_table(report: dict[str, Any]) -> str:
     chosen_by = report["task"].get("selection_metric", metric)
     splits = list(report["soup"]["report"])
     also = [metric] if chosen_by != metric else []  # e.g. selection accuracy beside selection loss
+    # Every report metric: the primary one, then the others (F1 for MRPC, top-5 accuracy for images).
+    shown = [metric, *(m for m in report["task"].get("metrics", [metric]) if m != metric)]
     with_ece = any(v is not None for v in (report["soup"].get("ece") or {}).values())
     headers = ["model", "kept", "n", "cost", f"selection {chosen_by}", *(f"selection {m}" for m in also),
-               *(f"{s} {metric}" for s in splits), *(f"{s} ECE" for s in splits if with_ece)]  # fmt: skip
+               *(f"{s} {m}" for s in splits for m in shown), *(f"{s} ECE" for s in splits if with_ece)]  # fmt: skip
 
     def row(label: str, entry: dict, kept: str = "", ece: bool = False) -> list[str]:
         eces = entry.get("ece") or {}
@@ -57,7 +59,7 @@ def soup_table(report: dict[str, Any]) -> str:
             f"{entry.get('forward_passes', 1)}x",
             _fmt(selection_score(entry, chosen_by)),
             *(_fmt(entry["selection"][m]) for m in also),
-            *(_fmt(entry["report"][s][metric]) for s in splits),
+            *(_fmt(entry["report"][s].get(m)) for s in splits for m in shown),
             *((_fmt(eces.get(s)) if ece else "" for s in splits) if with_ece else ()),
         ]
 

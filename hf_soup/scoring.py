@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ class EncodedSplit:
     """One split, tokenised once, with labels as model label ids (or floats for regression)."""
 
     name: str
-    features: list[dict[str, list[int]]]
+    features: Sequence[dict]  # token ids per example (text) or `ImageFeatures` (pixel values, images)
     labels: np.ndarray
     order: np.ndarray  # example indices from longest to shortest
     fingerprint: str
@@ -46,7 +47,7 @@ class EncodedSplit:
         return len(self.labels)
 
 
-def _label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num_labels: int, split: str):
+def label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num_labels: int, split: str):
     raw = list(data[spec.label_column])
     if spec.regression:
         return np.asarray(raw, dtype=np.float32), 1
@@ -88,7 +89,7 @@ def encode_split(
 ) -> EncodedSplit:
     """Tokenise `data` once and map its labels to model label ids."""
     check_columns(spec, data, name)
-    labels, positive = _label_ids(spec, data, model_labels, num_labels, name)
+    labels, positive = label_ids(spec, data, model_labels, num_labels, name)
     texts = [text or "" for text in data[spec.text_column]]
     pairs = [text or "" for text in data[spec.text_pair_column]] if spec.text_pair_column else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
@@ -224,7 +225,9 @@ def score_logits(logits: np.ndarray, split: EncodedSplit, spec: TaskSpec) -> Spl
     """Task metrics and mean loss (cross-entropy, or MSE for regression) from logits."""
     predictions = logits[:, 0] if spec.regression else logits.argmax(axis=1)
     loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression)))
-    metrics = compute_metrics(spec.metrics, predictions, split.labels, pos_label=split.pos_label)
+    metrics = compute_metrics(
+        spec.metrics, predictions, split.labels, pos_label=split.pos_label, scores=logits
+    )
     return SplitScore(metrics, loss, len(split), predictions.tolist(), logits)
 
 
@@ -271,10 +274,12 @@ class Scorer:
         cache (`JsonCache`, *optional*): the score cache; `None` disables caching.
         selection_metric (`str`, *optional*): `"loss"` or one of the task's metrics; defaults to the primary one.
         early_rejection (`bool`, *optional*, defaults to `True`): stop a trial as soon as it cannot reach the bar.
+        variant (`str`, *optional*): what else changes a mixture's scores (BatchNorm recalibration), for cache keys.
     """
 
     def __init__(self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False,
-                 selection_metric=None, early_rejection=True):  # fmt: skip
+                 selection_metric=None, early_rejection=True, variant=""):  # fmt: skip
+        self.variant = variant
         self.workbench: Workbench = workbench
         self.spec: TaskSpec = spec
         self.splits: dict[str, EncodedSplit] = splits
@@ -297,7 +302,11 @@ class Scorer:
 
     def _key(self, mixture: Mixture, split: EncodedSplit) -> str:
         return cache_key(
-            "score", mixture.content_key(self.fingerprints), split.fingerprint, self.spec.metrics
+            "score",
+            mixture.content_key(self.fingerprints),
+            split.fingerprint,
+            self.spec.metrics,
+            self.variant,
         )
 
     def _cached(self, key: str) -> SplitScore | None:

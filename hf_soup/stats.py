@@ -27,6 +27,12 @@ _METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """1 where the true label is among an example's `k` highest scores, else 0."""
+    top = np.argpartition(-np.asarray(logits), kth=min(k, logits.shape[1]) - 1, axis=1)[:, :k]
+    return (top == np.asarray(labels)[:, None]).any(axis=1).astype(np.int64)
+
+
 def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     """`resamples` rows of `n` example indices drawn with replacement (`numpy.random.default_rng(seed)`)."""
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))

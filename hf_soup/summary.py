@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from .ensemble import calibration, ensemble_score
+from .metrics import SCORE_METRICS
 from .mixture import Mixture
 from .scoring import Scorer, SplitScore
-from .stats import compare, small_split_warning
+from .stats import compare, small_split_warning, topk_hits
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +81,31 @@ class Summary:
         for split in self.report_names:
             encoded, reference = self.scorer.splits[split], self.scorer.score(best, split)
             out[split] = {}
+            metrics = self.scorer.spec.metrics
             for name, other in others.items():
-                predictions = (
-                    np.asarray(self._ensemble_score(other, split).predictions)
+                score = (
+                    self._ensemble_score(other, split)
                     if isinstance(other, list)
-                    else np.asarray(self.scorer.score(other, split).predictions)
+                    else self.scorer.score(other, split)
                 )
                 out[split][name] = compare(
-                    self.scorer.spec.metrics,
+                    tuple(m for m in metrics if m not in SCORE_METRICS),
                     encoded.labels,
-                    predictions,
+                    np.asarray(score.predictions),
                     np.asarray(reference.predictions),
                     resamples=resamples,
                     seed=seed,
                     pos_label=encoded.pos_label,
                 )
+                for metric in (m for m in metrics if m in SCORE_METRICS):
+                    # Top-k accuracy is the accuracy of per-example hits: bootstrap those, paired as the rest.
+                    hits = [
+                        topk_hits(s.logits, encoded.labels, SCORE_METRICS[metric]) for s in (score, reference)
+                    ]
+                    ones = np.ones(len(encoded.labels), dtype=np.int64)
+                    out[split][name][metric] = compare(("accuracy",), ones, *hits, resamples, seed)[
+                        "accuracy"
+                    ]
         return out
 
     def warnings(self, ids: list[str]) -> list[str]:

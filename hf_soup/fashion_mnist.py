@@ -1,0 +1,203 @@
+"""A real image-soup setting, offline: Fashion-MNIST, a briefly pretrained small ResNet, and fine-tuned variants.
+
+No pretrained image weights can be downloaded here, so the shared start is made the way the paper's are, only
+smaller: pretrain a ResNet (transformers' `ResNetModel`, with BatchNorm) on one part of the training images,
+then fine-tune variants from it, with different hyperparameters, on another part. The fine-tuning pool is
+written as parquet (`train.parquet`, `test.parquet`) with an `image` column and named labels, so
+`hf-soup --task image-classification --dataset FOLDER` reads it like any `datasets` image dataset.
+
+Data: the Debian package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`), read with numpy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import carve_selection
+from .errors import DemoError
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+MEAN, STD = 0.2860, 0.3530  # of the Fashion-MNIST training images, in [0, 1]
+PRETRAIN_ROWS = slice(30000, 60000)  # pretraining never sees the fine-tuning pool (rows from 0)
+
+
+def read_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(images uint8 [N, 28, 28], labels int64 [N])` of `train` or `test` (the files' `t10k`)."""
+    prefix = "train" if split == "train" else "t10k"
+    images_path = DATA_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = DATA_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.is_file():
+        raise DemoError(
+            f"Fashion-MNIST is not installed ({images_path} is missing): run `apt-get install -y "
+            "dataset-fashion-mnist`."
+        )
+    with gzip.open(images_path) as handle:  # IDX: a 16-byte header, then 28x28 uint8 images
+        images = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(labels_path) as handle:  # IDX: an 8-byte header, then one uint8 label per image
+        labels = np.frombuffer(handle.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    return images, labels
+
+
+def to_dataset(images: np.ndarray, labels: np.ndarray):
+    """A `datasets.Dataset` with an `image` (Image) column and a named `label` (ClassLabel) column."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=LABELS)})
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()},
+        features=features,
+    )
+
+
+def write_dataset(folder: Path, pool_rows: int, test_rows: int) -> Path:
+    """`folder/train.parquet` (the first `pool_rows` training images) and `folder/test.parquet`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = read_split("train")
+    to_dataset(images[:pool_rows], labels[:pool_rows]).to_parquet(str(folder / "train.parquet"))
+    images, labels = read_split("test")
+    to_dataset(images[:test_rows], labels[:test_rows]).to_parquet(str(folder / "test.parquet"))
+    return folder
+
+
+def image_processor():
+    """Rescale to [0, 1] and normalise with Fashion-MNIST's statistics; 28x28, one channel, no resizing."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(do_resize=False, image_mean=[MEAN], image_std=[STD])
+
+
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """What `image_processor()` computes, vectorised for training: `[N, 1, 28, 28]` float32."""
+    return ((torch.from_numpy(images).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+def model_config(**kwargs):
+    from transformers import ResNetConfig
+
+    return ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+                        layer_type="basic", downsample_in_first_stage=False, **kwargs)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuning run: its hyperparameters."""
+
+    name: str
+    learning_rate: float
+    seed: int
+    epochs: int = 1
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = False
+
+
+SWEEP = (
+    Variant("lr3e-3-seed0", 3e-3, 0),
+    Variant("lr1e-3-seed1-ep2", 1e-3, 1, epochs=2),
+    Variant("lr3e-3-seed2-aug", 3e-3, 2, augment=True),
+    Variant("lr1e-2-seed3", 1e-2, 3),
+    Variant("lr3e-3-seed4-ls", 3e-3, 4, label_smoothing=0.1),
+    Variant("lr2e-3-seed5-wd-ep2", 2e-3, 5, epochs=2, weight_decay=0.05),
+    Variant("lr5e-3-seed6-aug", 5e-3, 6, augment=True),
+    Variant("lr3e-3-seed7-ep2-aug", 3e-3, 7, epochs=2, augment=True),
+)
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to 2 pixels."""
+    flip = torch.rand(len(batch), generator=generator) < 0.5
+    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2), value=float(-MEAN / STD))
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator))
+    return padded[:, :, dy : dy + 28, dx : dx + 28]
+
+
+def train(model, x: torch.Tensor, y: torch.Tensor, variant: Variant, batch_size: int = 64, quiet=False):
+    """Plain AdamW epochs over `(x, y)`: a tiny model on pre-made tensors, where a Trainer would only add overhead."""
+    generator = torch.Generator().manual_seed(variant.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=variant.learning_rate, weight_decay=variant.weight_decay
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=variant.label_smoothing)
+    steps = variant.epochs * ((len(x) + batch_size - 1) // batch_size)
+    model.train()
+    with progress_bar(total=steps, desc=f"Training {variant.name}", unit="step", quiet=quiet) as bar:
+        for _ in range(variant.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                index = order[start : start + batch_size]
+                batch = _augment(x[index], generator) if variant.augment else x[index]
+                loss = loss_fn(model(pixel_values=batch).logits, y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar.update(1)
+    model.eval()
+    return model
+
+
+def pretrain(folder: Path, rows: int, epochs: int = 1, quiet: bool = False) -> Path:
+    """The shared start: a ResNet trained briefly on `rows` images outside the fine-tuning pool, saved headless.
+
+    Like a Hub backbone, it is saved as `ResNetModel` (no classifier) with its image processor.
+    """
+    from transformers import ResNetForImageClassification
+
+    if (folder / "config.json").is_file():
+        return folder
+    images, labels = read_split("train")
+    images, labels = images[PRETRAIN_ROWS][:rows], labels[PRETRAIN_ROWS][:rows]
+    torch.manual_seed(1234)
+    model = ResNetForImageClassification(model_config(num_labels=len(LABELS)))
+    train(
+        model, pixels(images), torch.from_numpy(labels), Variant("pretrain", 3e-3, 1234, epochs), quiet=quiet
+    )
+    model.resnet.save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    return folder
+
+
+def fine_tune(base: Path, folder: Path, variant: Variant, pool, selection_fraction: float = 0.1,
+              seed: int = 0, quiet: bool = False) -> Path:  # fmt: skip
+    """Fine-tune `variant` from `base` on the pool minus hf-soup's selection carve-out; every variant starts from
+    the same seeded classifier head (a shared initialisation, as soups need)."""
+    from transformers import ResNetForImageClassification
+
+    if (folder / "config.json").is_file():
+        return folder
+    rest, _ = carve_selection(pool, selection_fraction, seed)
+    images = np.stack([np.asarray(image, dtype=np.uint8) for image in rest["image"]])
+    labels = torch.tensor(list(rest["label"]))
+    torch.manual_seed(0)  # the same head for every variant
+    model = ResNetForImageClassification.from_pretrained(
+        base,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    train(model, pixels(images), labels, variant, quiet=quiet)
+    model.save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    return folder
