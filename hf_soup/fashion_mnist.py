@@ -26,8 +26,9 @@ from .progress import progress_bar
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The original's "T-shirt/top" without the slash, so that the names can also be imagefolder directory names.
 LABELS = [
-    "T-shirt/top",
+    "T-shirt-top",
     "Trouser",
     "Pullover",
     "Dress",
@@ -90,7 +91,7 @@ def image_processor():
 
 def pixels(images: np.ndarray) -> torch.Tensor:
     """What `image_processor()` computes, vectorised for training: `[N, 1, 28, 28]` float32."""
-    return ((torch.from_numpy(images).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    return ((torch.tensor(images).float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
 def model_config(**kwargs):
