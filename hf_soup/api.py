@@ -198,6 +198,14 @@ def _cook(
         trust_remote_code=config.trust_remote_code,
     )
     compatibility.raise_if_unusable(strict=config.strict)
+    full = [c.id for c in compatibility.accepted if c.kind != "lora"]
+    if config.output_kind == "lora" and full:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"--output-kind lora needs every candidate to be a LoRA adapter, but {full[0]} is a full model; use "
+            "--output-kind merged (LoRA candidates are then merged into full weights), or leave it out."
+        )
     timings["check"] = time.perf_counter() - started
 
     cache = JsonCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())

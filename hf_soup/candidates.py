@@ -31,6 +31,8 @@ class Candidate:
         config (`dict`): its `config.json`.
         source (`str`, *optional*, defaults to `"local"`): `"local"` or `"hub"`.
         revision (`str`, *optional*): the commit SHA, for Hub candidates.
+        kind (`str`, *optional*, defaults to `"full"`): `"full"`, or `"lora"` for a PEFT LoRA adapter, whose
+            `config` is then that of the model it merges into.
     """
 
     id: str
@@ -38,6 +40,7 @@ class Candidate:
     config: dict[str, Any] = field(repr=False)
     source: str = "local"
     revision: str | None = None
+    kind: str = "full"
 
     @property
     def model_type(self) -> str | None:
@@ -67,11 +70,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     """Read `config.json` as plain JSON: no model code is imported or run."""
     path = folder / CONFIG_NAME
     if not path.is_file():
-        hint = ""
-        if (folder / "adapter_config.json").is_file():
-            hint = " It holds a PEFT adapter; merge it first with `model.merge_and_unload().save_pretrained(dir)`."
         raise CandidateFormatError(
-            f"{folder} has no {CONFIG_NAME}; it is not a transformers model folder.{hint}"
+            f"{folder} has no {CONFIG_NAME} (nor adapter_config.json); it is not a transformers model or PEFT "
+            "adapter folder."
         )
     try:
         return json.loads(path.read_text())
@@ -134,16 +135,20 @@ def gather_candidates(
     allow_pickle: bool = False,
     api=None,
     trust_remote_code: bool = False,
+    base_source=None,
 ) -> tuple[list[tuple[Candidate, Any]], list[tuple[str, str]]]:
     """Stage 1: every candidate's config and tensor headers, local or Hub, without reading tensor data.
 
     Hub revisions are pinned to commit SHAs first; when `base` is a Hub model, Hub candidates must declare it
-    (card `base_model` or config `_name_or_path`).
+    (card `base_model` or config `_name_or_path`). PEFT LoRA adapters must name `base` in `adapter_config.json`
+    (checked before anything else is fetched or opened) and are presented as the models they merge into
+    (`base_source` supplies the base's tensors).
 
     Returns:
         `(readable, rejected)`: `(candidate, headers)` pairs, and `(id, reason)` pairs.
     """
-    from .hub import derives_from, expand, fetch_config, fetch_headers, pin
+    from .hub import ADAPTER_PATTERNS, derives_from, download, expand, fetch_config, fetch_headers, pin
+    from .lora import check_adapter, is_adapter_folder, read_adapter_config
     from .weights import TensorSource
 
     local, hub = split_patterns(patterns)
@@ -152,6 +157,9 @@ def gather_candidates(
     matches = resolve_patterns(local, exclude=[base.local_dir], allow_empty=bool(hub)) if local else []
     for match in matches:
         try:
+            if is_adapter_folder(Path(match)):
+                readable.append(_lora_candidate(match, Path(match), base, base_source))
+                continue
             candidate = load_candidate(match)
             _refuse_custom_code(candidate, trust_remote_code)
             readable.append((candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)))
@@ -163,6 +171,11 @@ def gather_candidates(
         ref = pin(repo_id, revision, api)
         try:
             folder = fetch_config(ref)
+            if is_adapter_folder(folder):  # adapter_config.json only, so far: checked before any weights come
+                check_adapter(read_adapter_config(folder), base.id, base.local_dir)
+                folder = download(ref, ADAPTER_PATTERNS)
+                readable.append(_lora_candidate(repo_id, folder, base, base_source, "hub", ref.sha))
+                continue
             candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
             _refuse_custom_code(candidate, trust_remote_code)
             if base.source == "hub" and not derives_from(ref, candidate.config, base.id):
@@ -176,6 +189,14 @@ def gather_candidates(
             "patterns such as 'org/*' (quote globs so the shell does not expand them)."
         )
     return readable, rejected
+
+
+def _lora_candidate(cid: str, folder: Path, base: Candidate, base_source, source="local", revision=None):
+    """A LoRA adapter as a candidate: the merged model's config, and its tensors read through the base."""
+    from .lora import open_lora_candidate
+
+    config, tensors = open_lora_candidate(folder, base, base_source)
+    return Candidate(cid, folder, config, source=source, revision=revision, kind="lora"), tensors
 
 
 def _refuse_custom_code(candidate: Candidate, trust_remote_code: bool) -> None:

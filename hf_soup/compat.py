@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Module names under which classification heads live in transformers models (BERT/ViT `classifier`,
 # RoBERTa `classifier.out_proj`, decoder models `score`, ConvNeXt-style `head`).
-_HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
+HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
 
 
 @dataclass
@@ -65,8 +65,10 @@ class CompatibilityReport:
         """`(candidate, status, detail)` rows for the printed table."""
         rows = []
         for candidate in self.accepted:
-            detail = "labels permuted to reference order" if candidate.id in self.permutations else ""
-            rows.append((candidate.id, "accepted", detail))
+            details = ["LoRA adapter, used as its merged model"] if candidate.kind == "lora" else []
+            if candidate.id in self.permutations:
+                details.append("labels permuted to reference order")
+            rows.append((candidate.id, "accepted", "; ".join(details)))
         rows.extend((r.candidate_id, "rejected", r.reason) for r in self.rejected)
         return rows
 
@@ -76,6 +78,7 @@ class CompatibilityReport:
             "rejected": [{"id": r.candidate_id, "reason": r.reason} for r in self.rejected],
             "label_names": self.label_names,
             "permuted": sorted(self.permutations),
+            "lora": [c.id for c in self.accepted if c.kind == "lora"],
             "warnings": self.warnings,
         }
 
@@ -201,7 +204,7 @@ def _head_tensors(source: TensorSource, num_labels: int, base_names: dict[str, s
         shape = source.shape(name)
         if not shape or shape[0] != num_labels or not source.dtype(name).is_floating_point:
             continue
-        if name not in base_names or _HEAD_PARTS & set(name.split(".")[:-1]):
+        if name not in base_names or HEAD_PARTS & set(name.split(".")[:-1]):
             heads.append(name)
     return heads
 
@@ -229,7 +232,9 @@ def check_compatibility(
 
     api = api or HfApi()
     base, base_source = resolve_base(str(base_dir), allow_pickle, api, trust_remote_code)
-    found, refused = gather_candidates(list(patterns), base, allow_pickle, api, trust_remote_code)
+    found, refused = gather_candidates(
+        list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
+    )
 
     accepted: list[Candidate] = []
     rejected: list[Rejection] = [Rejection(cid, reason) for cid, reason in refused]
@@ -354,7 +359,7 @@ def _download_hub_candidates(
     from .hub import download as hub_download
 
     for candidate in accepted:
-        if candidate.source == "hub":
+        if candidate.source == "hub" and candidate.kind == "full":  # adapters are small and already fetched
             ref = HubRef(candidate.id, candidate.revision)
             candidate.local_dir = hub_download(ref, [*WEIGHT_PATTERNS, *extra_patterns])
             sources[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)

@@ -43,6 +43,7 @@ TOKENIZER_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
     "*.model", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
 ]  # fmt: skip
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "config.json", *TOKENIZER_PATTERNS]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-*?\[\]]+)?$")
 
 
@@ -190,12 +191,17 @@ def _cached_card_data(repo_id: str, sha: str) -> dict | None:
 
 
 def fetch_config(ref: HubRef) -> Path:
-    """Download `config.json` at the pinned SHA; return the snapshot folder it lands in."""
+    """Download `config.json` (or a PEFT adapter's `adapter_config.json`) at the pinned SHA; return the snapshot
+    folder it lands in."""
     with hub_errors(f"{ref.repo_id}: config.json"):
-        try:
-            return Path(hf_hub_download(ref.repo_id, "config.json", revision=ref.sha)).parent
-        except EntryNotFoundError as error:
-            raise CandidateFormatError("has no config.json; it is not a transformers model repo") from error
+        for name in ("config.json", "adapter_config.json"):
+            try:
+                return Path(hf_hub_download(ref.repo_id, name, revision=ref.sha)).parent
+            except EntryNotFoundError:
+                continue
+        raise CandidateFormatError(
+            "has neither config.json nor adapter_config.json; it is not a transformers model or PEFT adapter repo"
+        )
 
 
 def fetch_headers(ref: HubRef, api: HfApi):

@@ -25,6 +25,7 @@ from . import __version__
 from .card import write_model_card
 from .compat import CompatibilityReport
 from .errors import DiskSpaceError, OutputExistsError
+from .lora import write_adapter
 from .materialize import materialize, output_bytes, plan_output
 from .mixture import Mixture
 from .plots import write_plots
@@ -158,30 +159,38 @@ def _check_free_space(output: Path, needed: int) -> None:
         )
 
 
+def _write_config(staging: Path, stats, mixture, compatibility, sources) -> None:
+    float_names = [
+        n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point
+    ]
+    dtype = (
+        str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.")
+        if (float_names and float_names[0] in compatibility.base_names)
+        else None
+    )
+    (staging / CONFIG_NAME).write_text(
+        json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n"
+    )
+
+
 def _write(
     output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet, overrides
 ):
     with atomic_folder(output, overwrite=config.overwrite) as staging:
-        stats = materialize(
-            mixture,
-            compatibility,
-            sources,
-            staging,
-            max_shard_size=config.max_shard_size,
-            quiet=quiet,
-            overrides=overrides,
-        )
-        float_names = [
-            n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point
-        ]
-        dtype = (
-            str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.")
-            if (float_names and float_names[0] in compatibility.base_names)
-            else None
-        )
-        (staging / CONFIG_NAME).write_text(
-            json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n"
-        )
+        if config.output_kind == "lora":
+            stats = write_adapter(staging, mixture, compatibility, sources, config.base, config.lora_rank)
+            report["lora"] = {"rank": stats.rank, "truncation": stats.truncation}
+        else:
+            stats = materialize(
+                mixture,
+                compatibility,
+                sources,
+                staging,
+                max_shard_size=config.max_shard_size,
+                quiet=quiet,
+                overrides=overrides,
+            )
+            _write_config(staging, stats, mixture, compatibility, sources)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         plots = write_plots(staging / "plots", report) if report.get("soup") else []

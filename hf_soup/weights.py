@@ -73,11 +73,21 @@ class TensorSource:
         folder (`Path`): a model folder (as written by `save_pretrained`).
         allow_pickle (`bool`, *optional*, defaults to `False`): accept `.bin` weights, read with
             `torch.load(weights_only=True)`.
+        weights_name (`str`, *optional*): one safetensors file of the folder to open instead of the model's
+            weights (a PEFT adapter's `adapter_model.safetensors`).
     """
 
-    def __init__(self, folder: Path, allow_pickle: bool = False):
+    def __init__(self, folder: Path, allow_pickle: bool = False, weights_name: str | None = None):
         self.folder = Path(folder)
-        self.format, self.files = find_weight_files(self.folder)
+        if weights_name is not None:
+            if not (self.folder / weights_name).is_file():
+                raise CandidateFormatError(
+                    f"{self.folder} has no {weights_name}; save the adapter with safetensors "
+                    "(`model.save_pretrained(dir)`, the default)."
+                )
+            self.format, self.files = "safetensors", [self.folder / weights_name]
+        else:
+            self.format, self.files = find_weight_files(self.folder)
         self._where: dict[str, int] = {}
         self._handles: list = []
         self._shapes: dict[str, tuple[int, ...]] = {}
