@@ -267,7 +267,7 @@ def merged_tensors(config: dict[str, Any], base, layout: LoraLayout, headers):
     prefix = getattr(model_class, "base_model_prefix", "")
     parameters = {name for name, _ in model.named_parameters()}
     names, shapes, dtypes = {}, {}, {}
-    for name, tensor in model.state_dict().items():
+    for name in model.state_dict():
         base_name = name if name in base else name.removeprefix(f"{prefix}.")
         if name in layout.saved:
             names[name], shapes[name] = None, tuple(headers.shape(layout.saved[name]))
