@@ -481,7 +481,7 @@ def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fin
     for note in notes:
         logger.warning(note)
     if trainer.model is None:  # e.g. after `hyperparameter_search`, which leaves no model behind
-        model = AutoModelForSequenceClassification.from_pretrained(compatibility.accepted[0].local_dir)
+        model = _scoring_model(AutoModelForSequenceClassification, compatibility.accepted[0], False)
         trainer.model = trainer.model_wrapped = model
     trainer.model.to(torch.float32)
     scorer = TrainerScorer(
@@ -489,6 +489,21 @@ def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fin
     )
     plan = SplitPlan(trainer.eval_dataset, {}, "trainer.eval_dataset", report_dataset is None, notes)
     return scorer, plan
+
+
+def _scoring_model(model_class, reference, trust_remote_code: bool):
+    """A float32 model of the candidates' architecture, whose weights the Workbench then sets per mixture.
+
+    A LoRA reference is built from its merged config: loading the adapter folder would inject the adapter.
+    """
+    if reference.kind == "lora":
+        from transformers import AutoConfig
+
+        settings = AutoConfig.for_model(**reference.config)
+        return model_class.from_config(settings, dtype=torch.float32)
+    return model_class.from_pretrained(
+        reference.local_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
 
 
 def _encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
@@ -534,9 +549,7 @@ def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints
     splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
         splits[name] = encode(name, data)
-    model = model_class.from_pretrained(
-        reference.local_dir, dtype=torch.float32, trust_remote_code=config.trust_remote_code
-    )
+    model = _scoring_model(model_class, reference, config.trust_remote_code)
     recalibrate = None
     if config.recalibrate_bn:
         recalibrate = BatchNormRecalibrator(

@@ -71,8 +71,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CandidateFormatError(
-            f"{folder} has no {CONFIG_NAME} (nor adapter_config.json); it is not a transformers model or PEFT "
-            "adapter folder."
+            f"{folder} has no {CONFIG_NAME}; it is not a transformers model folder (nor a PEFT adapter: no "
+            "adapter_config.json)."
         )
     try:
         return json.loads(path.read_text())

@@ -162,15 +162,21 @@ def expand(pattern: str, api: HfApi) -> list[tuple[str, str | None]]:
 def pin(repo_id: str, revision: str | None, api: HfApi) -> HubRef:
     """Resolve `revision` (default `main`) to a commit SHA, and read the card metadata.
 
-    The SHA comes from downloading `config.json` at `revision`, which also records the branch in the local
-    cache, so the same command works later with `HF_HUB_OFFLINE=1`.
+    The SHA comes from downloading `config.json` (a PEFT adapter's `adapter_config.json`) at `revision`, which
+    also records the branch in the local cache, so the same command works later with `HF_HUB_OFFLINE=1`.
     """
     what = f"{repo_id}@{revision}" if revision else repo_id
     with hub_errors(what):
-        try:
-            sha = Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent.name
-        except EntryNotFoundError as error:
-            raise HubError(f"{what} has no config.json; it is not a transformers model repo.") from error
+        sha = None
+        for name in ("config.json", "adapter_config.json"):
+            with contextlib.suppress(EntryNotFoundError):
+                sha = Path(hf_hub_download(repo_id, name, revision=revision)).parent.name
+                break
+        if sha is None:
+            raise HubError(
+                f"{what} has neither config.json nor adapter_config.json; it is not a transformers model or PEFT "
+                "adapter repo."
+            )
         if constants.HF_HUB_OFFLINE:
             return HubRef(repo_id, sha, _cached_card_data(repo_id, sha))
         info = api.model_info(repo_id, revision=sha)
