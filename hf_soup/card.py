@@ -22,6 +22,11 @@ def template_path() -> Path:
     return packaged if packaged.is_file() else Path(__file__).parent.parent / "model_cards" / "soup_card.md"
 
 
+def _pipeline_tag(manifest: dict[str, Any]) -> str:
+    task = manifest.get("task") or {}
+    return "image-classification" if task.get("name") == "image-classification" else "text-classification"
+
+
 def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
     task, soup = manifest.get("task"), manifest.get("soup")
     if not task or not soup:
@@ -31,7 +36,7 @@ def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
         for metric, value in metrics.items():
             results.append(
                 EvalResult(
-                    task_type="text-classification",
+                    task_type=_pipeline_tag(manifest),
                     dataset_type=task["dataset"] or task["name"],
                     dataset_name=task["name"],
                     dataset_config=task.get("dataset_config"),
@@ -59,8 +64,8 @@ def build_model_card(manifest: dict[str, Any]) -> ModelCard:
         datasets=[task["dataset"]] if task and _is_hub_id(task.get("dataset")) else None,
         eval_results=_eval_results(manifest) or None,
         model_name=model_name,
-        library_name="transformers",
-        pipeline_tag="text-classification",
+        library_name="peft" if manifest.get("lora") else "transformers",
+        pipeline_tag=_pipeline_tag(manifest),
     )
     return ModelCard.from_template(
         card_data,

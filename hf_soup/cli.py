@@ -207,6 +207,7 @@ def _run(args, argv: list[str]) -> int:
         return 0
 
     from .api import cook
+    from .report import lora_summary
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
@@ -216,6 +217,8 @@ def _run(args, argv: list[str]) -> int:
         if result.report.get("soup")
         else f"Merged {len(result.mixture.ingredients)} models (no scoring)."
     )
+    if result.report.get("lora"):
+        human += "\n" + lora_summary(result.report["lora"])
     if result.output:
         human += f"\nSoup written to {result.output}"
     if result.report.get("push"):

@@ -316,9 +316,9 @@ class LoraOutput:
 
 
 def _weights(mixture, name: str) -> list[tuple[str, float]]:
-    from .materialize import BASE, _weights_for
+    from .materialize import BASE, tensor_weights
 
-    return [(cid, w) for cid, w in _weights_for(mixture, name) if cid != BASE]  # the base adds no update
+    return [(cid, w) for cid, w in tensor_weights(mixture, name) if cid != BASE]  # the base adds no update
 
 
 def soup_update(mixture, sources, weight: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -335,12 +335,19 @@ def soup_update(mixture, sources, weight: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """The best rank-`rank` factors of `b @ a` (SVD), with the absolute and total Frobenius norms of the error."""
-    delta = b.double() @ a.double()
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    """The best rank-`rank` factors of `b @ a` (its truncated SVD), with the Frobenius norms of the error and of
+    `b @ a`.
+
+    The SVD is taken through QR of the factors (b = Q_b R_b, aᵀ = Q_a R_a, then the SVD of the small
+    R_b R_aᵀ), so the full out × in update is never formed.
+    """
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
     keep = min(rank, len(s))
     error = float(torch.sqrt(torch.sum(s[keep:] ** 2)))
-    return (u[:, :keep] * s[:keep]).float(), vh[:keep].float(), error, float(torch.linalg.norm(delta))
+    norm = float(torch.sqrt(torch.sum(s**2)))
+    return ((q_b @ u[:, :keep]) * s[:keep]).float(), (vh[:keep] @ q_a.T).float(), error, norm
 
 
 def write_adapter(

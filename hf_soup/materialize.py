@@ -50,7 +50,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(flat.numpy())).hexdigest()  # no copy of the tensor's bytes
 
 
-def _weights_for(mixture: Mixture, name: str) -> list[tuple[str, float]]:
+def tensor_weights(mixture: Mixture, name: str) -> list[tuple[str, float]]:
     """The non-zero `(ingredient, weight)` pairs of one tensor; the base appears as `BASE`.
 
     A `per_tensor_weights` entry is the complete set of weights for its tensor (the base appears there under its
@@ -85,7 +85,7 @@ def mix_tensor(
     if not sources[reference].dtype(name).is_floating_point:  # e.g. position ids: copied, never averaged
         copied = sources[reference].get(name).clone()
         return copied, _nbytes(copied)
-    pairs = _weights_for(mixture, name)
+    pairs = tensor_weights(mixture, name)
     if not pairs:
         raise ConfigError(f"The mixture gives every ingredient weight 0 for {name}; nothing to average.")
     first = _read(report, sources, pairs[0][0], name)

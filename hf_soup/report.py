@@ -96,3 +96,16 @@ def soup_table(report: dict[str, Any]) -> str:
     for note in report["splits"]["notes"]:
         lines.append(f"NOTE: {note}")
     return "\n".join(lines)
+
+
+def lora_summary(lora: dict[str, Any]) -> str:
+    """One line (plus the worst modules) on the LoRA output: exact, or truncated with its Frobenius error."""
+    truncation = lora.get("truncation")
+    if not truncation:
+        return f"LoRA adapter of rank {lora['rank']}: exact (every module's B @ A is the soup's update)."
+    worst = sorted(truncation["modules"].items(), key=lambda item: -item[1])[:3]
+    modules = ", ".join(f"{name} {error:.4f}" for name, error in worst)
+    return (
+        f"LoRA adapter truncated to rank {truncation['rank']} by SVD: relative Frobenius error "
+        f"{truncation['overall']:.4f} overall; worst modules: {modules} (all in soup.json)."
+    )

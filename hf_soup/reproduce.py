@@ -15,6 +15,7 @@ from typing import Any
 from .compat import check_compatibility
 from .errors import HubError, ReproduceMismatchError
 from .hub import hub_errors, is_hub_pattern, split_revision
+from .lora import write_adapter
 from .materialize import materialize
 from .mixture import Mixture
 from .output import MANIFEST_NAME
@@ -67,7 +68,10 @@ def published_hashes(target: str) -> dict[str, str]:
             folder = Path(
                 snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"])
             )
-    source = TensorSource(folder)
+    from .lora import ADAPTER_WEIGHTS
+
+    adapter = (folder / ADAPTER_WEIGHTS).is_file() and not (folder / "model.safetensors").is_file()
+    source = TensorSource(folder, weights_name=ADAPTER_WEIGHTS if adapter else None)
     return {name: tensor_sha256(tensor) for name, tensor in source.items()}
 
 
@@ -112,7 +116,12 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
             f"Ingredients could not be used again: {', '.join(missing)} ({reasons})."
         )
     with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
-        stats = materialize(mixture, report, sources, Path(scratch), quiet=quiet)
+        if options.get("output_kind") == "lora":
+            stats = write_adapter(
+                Path(scratch), mixture, report, sources, options["base"], options.get("lora_rank")
+            )
+        else:
+            stats = materialize(mixture, report, sources, Path(scratch), quiet=quiet)
     published = published_hashes(target)
     # BatchNorm statistics re-estimated on data (--recalibrate-bn) are not a function of the weights alone: the
     # published ones are checked against the manifest, the rebuild's averages are not compared.

@@ -31,8 +31,12 @@ RECIPES = [
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=str(ROOT / "results" / "fashion_mnist"), help="data, base and runs")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workdir", default=str(ROOT / "results" / "fashion_mnist"), help="data, base and runs"
+    )
     parser.add_argument("--results", default=str(ROOT / "results"), help="where the table goes")
     parser.add_argument("--pool-rows", type=int, default=20000, help="fine-tuning pool (train images 0..N)")
     parser.add_argument("--pretrain-rows", type=int, default=20000, help="pretraining images (from 30000)")
@@ -69,7 +73,9 @@ def main() -> int:
     if args.recalibrate_bn:
         for label, options in RECIPES[:2]:
             config = SoupConfig(**common, **options, recalibrate_bn=args.recalibrate_bn)
-            reports[f"{label} + BN recalibrated ({args.recalibrate_bn} batches)"] = cook(config, quiet=True).report
+            reports[f"{label} + BN recalibrated ({args.recalibrate_bn} batches)"] = cook(
+                config, quiet=True
+            ).report
     rows = table_rows(reports)
     write_results(results, rows, reports, args, trained)
     return 0
@@ -93,7 +99,9 @@ def table_rows(reports: dict) -> list[dict]:
     for label, report in reports.items():
         rows.append(row(label, report["soup"], report["comparisons"][split]["soup"]["accuracy"]))
     ensemble = first["ensembles"][0]
-    rows.append(row(ensemble["name"] + " (logits)", ensemble, first["comparisons"][split]["ensemble"]["accuracy"]))
+    rows.append(
+        row(ensemble["name"] + " (logits)", ensemble, first["comparisons"][split]["ensemble"]["accuracy"])
+    )
     for candidate in first["candidates"]:
         rows.append(row(f"  candidate {Path(candidate['id']).name}", candidate))
     return rows
@@ -123,7 +131,9 @@ def write_results(results: Path, rows: list[dict], reports: dict, args, trained:
     )
     results.mkdir(parents=True, exist_ok=True)
     (results / "fashion_mnist.md").write_text(text)
-    (results / "fashion_mnist.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str))
+    (results / "fashion_mnist.json").write_text(
+        json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str)
+    )
     print(text)
 
 

@@ -276,3 +276,20 @@ def test_image_cli_and_evaluate_agree(image_zoo, image_run, tmp_path):
 def test_image_task_without_dataset_is_refused():
     with pytest.raises(ConfigError, match="needs --dataset"):
         SoupConfig(base="b", candidates=["c"], task="image-classification")
+
+
+def test_image_input_errors_are_one_clear_message(image_zoo, tmp_path):
+    from hf_soup.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"no column 'picture'.*Set --image-column"):
+        cook(image_config(image_zoo, tmp_path / "soup", image_column="picture"), quiet=True)
+    assert not (tmp_path / "soup").exists()
+    # A base and candidates without an image processor.
+    pot = tmp_path / "pot"
+    for name in ("base", *sorted(image_zoo["runs"])[:2]):
+        source = image_zoo["base"] if name == "base" else image_zoo["runs"][name]
+        shutil.copytree(source, pot / name, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    config = image_config(image_zoo, tmp_path / "soup", base=str(pot / "base"), candidates=[str(pot / "lr*")])
+    with pytest.raises(ConfigError, match=r"has an image processor.*save_pretrained"):
+        cook(config, quiet=True)
+    assert not (tmp_path / "soup").exists()

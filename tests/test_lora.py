@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_soup import SoupConfig, cook
 from hf_soup.errors import ConfigError
+from hf_soup.reproduce import reproduce
 
 PEFT = "base_model.model."
 
@@ -179,6 +180,9 @@ def test_lora_rank_truncation_reports_the_frobenius_error(seq_cls, tmp_path):
     assert len(report["modules"]) == 4  # query and value in 2 layers
     assert report["overall"] == pytest.approx(np.sqrt(squared_error / squared_norm), rel=1e-4)
     assert 0 < report["overall"] < 1
+    assert reproduce(
+        str(tmp_path / "adapter"), quiet=True
+    ).ok  # the adapter rebuilds bit-exactly from soup.json
 
 
 def _adapter_copy(source: Path, target: Path, **changes) -> Path:
@@ -265,3 +269,10 @@ def test_hub_lora_of_another_base_is_rejected_before_its_weights_are_fetched(zoo
         assert max_difference(ours, {k: (merged[0][k] + merged[1][k]) / 2 for k in ours}) < 1e-5
     finally:
         server.stop()
+
+
+def test_lora_rank_needs_the_lora_output():
+    with pytest.raises(ConfigError, match="only applies with --output-kind lora"):
+        SoupConfig(base="b", candidates=["c"], recipe="uniform", lora_rank=4)
+    with pytest.raises(ConfigError, match="R >= 1"):
+        SoupConfig(base="b", candidates=["c"], recipe="uniform", output_kind="lora", lora_rank=0)
