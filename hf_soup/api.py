@@ -103,18 +103,28 @@ def check_with_diagnostics(
 
 
 def _load_preprocessor(report: CompatibilityReport, image: bool):
-    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate."""
-    folders = [report.base.local_dir, report.accepted[0].local_dir]
-    if image:
-        from .images import load_image_processor
+    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate.
 
+    A folder without tokenizer files is skipped: transformers would build an empty tokenizer from its config. A
+    model with neither (a plain merge of image models, say) gets its image processor, if it has one.
+    """
+    from .compat import tokenizer_files
+    from .errors import ConfigError
+    from .images import load_image_processor
+
+    folders = [report.base.local_dir, report.accepted[0].local_dir]
+    for folder in [] if image else folders:
+        if tokenizer_files(Path(folder)):
+            try:
+                return AutoTokenizer.from_pretrained(folder), folder
+            except (OSError, ValueError, TypeError):
+                continue
+    try:
         return load_image_processor(folders)
-    for folder in folders:
-        try:
-            return AutoTokenizer.from_pretrained(folder), folder
-        except (OSError, ValueError, TypeError):
-            continue
-    return None, None
+    except ConfigError:
+        if image:
+            raise
+        return None, None
 
 
 def _task_spec(config: SoupConfig) -> TaskSpec:

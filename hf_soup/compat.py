@@ -115,10 +115,17 @@ def _ties_embeddings(candidate: Candidate) -> bool:
     return bool(candidate.config.get("tie_word_embeddings", True))
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
-def _tokenizer_files(folder: Path) -> list[Path]:
+def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
 
 
@@ -140,11 +147,11 @@ class TokenizerCheck:
 
     def __init__(self, reference: Path):
         self.reference = reference
-        self.files = {p.name: p.read_bytes() for p in _tokenizer_files(reference)}
+        self.files = {p.name: p.read_bytes() for p in tokenizer_files(reference)}
         self._vocabulary: dict[str, int] | None = None
 
     def problem(self, folder: Path) -> str | None:
-        files = _tokenizer_files(folder)
+        files = tokenizer_files(folder)
         if not files or not self.files:
             return None
         if all(self.files.get(p.name) == p.read_bytes() for p in files):
@@ -266,7 +273,7 @@ def check_compatibility(
         )
 
     tokenizers = (
-        TokenizerCheck(base.local_dir if _tokenizer_files(base.local_dir) else Path(reference.local_dir))
+        TokenizerCheck(base.local_dir if tokenizer_files(base.local_dir) else Path(reference.local_dir))
         if reference
         else None
     )

@@ -236,6 +236,18 @@ def test_a_selection_fraction_smaller_than_one_batch(zoo, reviews, tmp_path, cap
     fails(argv, "leaves 4 selection example(s), fewer than one batch (--batch-size 64)", capsys, out)
 
 
+def test_a_text_base_without_tokenizer_files(zoo, reviews, tmp_path, capsys):
+    """transformers would build an empty tokenizer from config.json alone; hf-soup refuses to score with it."""
+    base = tmp_path / "base"
+    shutil.copytree(
+        zoo["base"], base, ignore=shutil.ignore_patterns("tokenizer*", "vocab.txt", "special_tokens_map.json")
+    )
+    out = tmp_path / "soup"
+    argv = ["--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"]), *data_args(reviews),
+            "--output", str(out)]  # fmt: skip
+    fails(argv, "has tokenizer files; save the tokenizer next to the base model", capsys, out)
+
+
 # --- 6. disk full -------------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,9 @@ def test_label_alignment_holds_for_images(image_zoo, tmp_path):
     cook(image_config(image_zoo, tmp_path / "reference", candidates=[str(first), str(second)], task=None,
                       dataset=None, recipe="uniform"), quiet=True)  # fmt: skip
     assert aligned.report["compatibility"]["permuted"] == [str(pot / "b")]
+    assert (
+        tmp_path / "reference" / "preprocessor_config.json"
+    ).is_file()  # a plain merge keeps the processor
     soup, expected = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("aligned", "reference"))
     for name in expected:
         torch.testing.assert_close(soup[name], expected[name], atol=1e-6, rtol=0)
