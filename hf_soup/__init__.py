@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .api import SoupResult, check, cook
 from .compat import CompatibilityReport

@@ -223,7 +223,7 @@ def _cook(
     revisions = {c.id: c.revision for c in compatibility.accepted}
     ids = [c.id for c in compatibility.accepted]
     image = (config.task or "").lower() == IMAGE_TASK
-    tokenizer, tokenizer_dir = _load_preprocessor(compatibility, image)
+    preprocessor, preprocessor_dir = _load_preprocessor(compatibility, image)
 
     report: dict[str, Any] = {
         "recipe": _describe(get_recipe("uniform")),  # an unscored run is a plain uniform merge
@@ -255,7 +255,7 @@ def _cook(
         else:
             spec = _task_spec(config)
             scorer, plan = _prepare_scorer(
-                config, spec, compatibility, sources, fingerprints, tokenizer, cache, quiet
+                config, spec, compatibility, sources, fingerprints, preprocessor, cache, quiet
             )
             spec = scorer.spec  # with top-5 accuracy for images of more than 5 classes
         timings["data"] = time.perf_counter() - started - sum(timings.values())
@@ -349,8 +349,8 @@ def _cook(
             mixture,
             compatibility,
             sources,
-            tokenizer,
-            tokenizer_dir,
+            preprocessor,
+            preprocessor_dir,
             quiet,
             overrides,
         )

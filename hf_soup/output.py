@@ -1,4 +1,4 @@
-"""Write the soup folder atomically: weights, config, tokenizer, `soup.json`, model card and plots.
+"""Write the soup folder atomically: weights, config, tokenizer or image processor, `soup.json`, model card and plots.
 
 Everything is written into a temporary sibling folder, which is renamed into place only when complete. A failure
 at any point leaves no partial output (and an existing folder untouched).
@@ -105,8 +105,8 @@ def write_soup_folder(
     mixture: Mixture,
     compatibility: CompatibilityReport,
     sources,
-    tokenizer,
-    tokenizer_dir,
+    preprocessor,
+    preprocessor_dir,
     quiet: bool = False,
     overrides=None,
 ) -> None:
@@ -126,8 +126,8 @@ def write_soup_folder(
             mixture,
             compatibility,
             sources,
-            tokenizer,
-            tokenizer_dir,
+            preprocessor,
+            preprocessor_dir,
             quiet,
             overrides,
         )
@@ -174,7 +174,7 @@ def _write_config(staging: Path, stats, mixture, compatibility, sources) -> None
 
 
 def _write(
-    output, config, report, mixture, compatibility, sources, tokenizer, tokenizer_dir, quiet, overrides
+    output, config, report, mixture, compatibility, sources, preprocessor, preprocessor_dir, quiet, overrides
 ):
     with atomic_folder(output, overwrite=config.overwrite) as staging:
         if config.output_kind == "lora":
@@ -191,8 +191,8 @@ def _write(
                 overrides=overrides,
             )
             _write_config(staging, stats, mixture, compatibility, sources)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if preprocessor is not None:  # the tokenizer, or the image processor
+            preprocessor.save_pretrained(staging)
         plots = write_plots(staging / "plots", report) if report.get("soup") else []
         manifest = {
             **report,
@@ -202,7 +202,7 @@ def _write(
             "tensor_sha256": stats.tensor_sha256,
             "versions": package_versions(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "tokenizer_from": str(tokenizer_dir) if tokenizer_dir else None,
+            "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
         }
         (staging / MANIFEST_NAME).write_text(
             json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
