@@ -165,8 +165,9 @@ class LoraSource:
     def __init__(self, folder, adapter, layout: LoraLayout, base, names, shapes, dtypes):
         self.folder, self.adapter, self.layout, self.base = Path(folder), adapter, layout, base
         self._names, self._shapes, self._dtypes = names, shapes, dtypes
-        # The merged model depends on the adapter and on the base: both are fingerprinted.
-        self.files = [self.folder / ADAPTER_CONFIG, *adapter.files, *base.files]
+        # What is fingerprinted (and checked for NaN/Inf) is the adapter's own files and tensors; the base is
+        # fingerprinted once on its own, and its fingerprint is part of every LoRA candidate's.
+        self.files = [self.folder / ADAPTER_CONFIG, *adapter.files]
 
     def keys(self) -> list[str]:
         return list(self._names)

@@ -33,8 +33,9 @@ def _scan(source: TensorSource, bar) -> tuple[str, str | None]:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
                 bar.update(len(chunk))
-    for name in source.keys():
-        tensor = source.get(name)
+    own = getattr(source, "adapter", source)  # a LoRA's own tensors: its merged ones would re-read the base
+    for name in own.keys():
+        tensor = own.get(name)
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             return digest.hexdigest(), name
     return digest.hexdigest(), None
@@ -84,6 +85,9 @@ def ingredient_fingerprints(
     """Fingerprints of the base and of every accepted candidate, including any head permutation."""
     ids = ["__base__", *(c.id for c in report.accepted)]
     fingerprints = fingerprint_sources(ids, sources, cache, quiet)
+    for candidate in report.accepted:
+        if candidate.kind == "lora":  # its merged model is the base plus the adapter
+            fingerprints[candidate.id] += f"+base{fingerprints['__base__']}"
     for cid, permutation in report.permutations.items():
         fingerprints[cid] += f"+perm{permutation}"
     return fingerprints

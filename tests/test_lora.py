@@ -276,3 +276,18 @@ def test_lora_rank_needs_the_lora_output():
         SoupConfig(base="b", candidates=["c"], recipe="uniform", lora_rank=4)
     with pytest.raises(ConfigError, match="R >= 1"):
         SoupConfig(base="b", candidates=["c"], recipe="uniform", output_kind="lora", lora_rank=0)
+
+
+def test_an_adapter_with_nan_is_refused_without_merging_it(seq_cls, tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_soup.errors import NonFiniteWeightsError
+
+    bad = shutil.copytree(seq_cls["f"], tmp_path / "bad")
+    state = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(NonFiniteWeightsError, match=f"NaN or Inf values in {key}"):
+        uniform(tmp_path / "soup", seq_cls["base"], [seq_cls["d"], bad])
+    assert not (tmp_path / "soup").exists()
