@@ -58,7 +58,7 @@ class ImageFeatures(Sequence):
                     bar.update(stop - start)
 
     def _process(self, indices) -> torch.Tensor:
-        images = self.data.select(indices)[self.column]
+        images = self.data[list(indices)][self.column]
         try:
             return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         except (ValueError, TypeError, OSError) as error:

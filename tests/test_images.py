@@ -296,3 +296,18 @@ def test_image_input_errors_are_one_clear_message(image_zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"has an image processor.*save_pretrained"):
         cook(config, quiet=True)
     assert not (tmp_path / "soup").exists()
+
+
+def test_large_splits_are_processed_on_access_with_the_same_pixels(image_zoo, monkeypatch):
+    from hf_soup import images
+
+    data = datasets.load_dataset(str(image_zoo["data"]), split="test").select(range(50))
+    processor = AutoImageProcessor.from_pretrained(image_zoo["base"])
+    kept = images.ImageFeatures(data, "image", processor, "test", quiet=True)
+    monkeypatch.setattr(images, "KEEP_PROCESSED_BYTES", 0)  # as if the split needed more than the budget
+    lazy = images.ImageFeatures(data, "image", processor, "test", quiet=True)
+    assert kept.kept is not None and lazy.kept is None
+    for index in (0, 17, 49):
+        direct = processor(images=[data[index]["image"]], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(lazy[index]["pixel_values"], direct)
+        assert torch.equal(kept[index]["pixel_values"], direct)
