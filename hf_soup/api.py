@@ -23,25 +23,23 @@ from typing import Any
 
 import torch
 from huggingface_hub import HfApi
-from transformers import (
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    default_data_collator,
-)
 
-from .batchnorm import BatchNormRecalibrator
 from .cache import JsonCache, cache_key, default_cache_dir
 from .compat import CompatibilityReport, check_compatibility
 from .config import SoupConfig
-from .data import IMAGE_TASK, TaskSpec, plan_splits, task_spec
+from .data import IMAGE_TASK
 from .diagnostics import Diagnostics, diagnose
 from .errors import OutputExistsError
 from .hub import check_push_target, push
-from .materialize import Workbench
 from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
+from .preparation import (
+    evaluate_model,
+    load_preprocessor,
+    prepare_scorer,
+    prepare_trainer_scorer,
+    task_spec_of,
+)
 from .recipes import (
     LearnedOptions,
     LearnedSoup,
@@ -52,7 +50,7 @@ from .recipes import (
     parse_alphas,
     rank,
 )
-from .scoring import Scorer, encode_split, process_state
+from .scoring import Scorer, process_state
 from .summary import Summary, ties
 from .verify import ingredient_fingerprints
 
@@ -100,42 +98,6 @@ def check_with_diagnostics(
     )
     report.raise_if_unusable(minimum=1)
     return report, diagnose(report, sources, quiet=quiet)
-
-
-def _load_preprocessor(report: CompatibilityReport, image: bool):
-    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate.
-
-    A folder without tokenizer files is skipped: transformers would build an empty tokenizer from its config. A
-    model with neither (a plain merge of image models, say) gets its image processor, if it has one.
-    """
-    from .compat import tokenizer_files
-    from .errors import ConfigError
-    from .images import load_image_processor
-
-    folders = [report.base.local_dir, report.accepted[0].local_dir]
-    for folder in [] if image else folders:
-        if tokenizer_files(Path(folder)):
-            try:
-                return AutoTokenizer.from_pretrained(folder), folder
-            except (OSError, ValueError, TypeError):
-                continue
-    try:
-        return load_image_processor(folders)
-    except ConfigError:
-        if image:
-            raise
-        return None, None
-
-
-def _task_spec(config: SoupConfig) -> TaskSpec:
-    return task_spec(
-        config.task,
-        config.dataset,
-        config.text_column,
-        config.text_pair_column,
-        config.label_column,
-        image_column=config.image_column,
-    )
 
 
 def cook(
@@ -223,7 +185,7 @@ def _cook(
     revisions = {c.id: c.revision for c in compatibility.accepted}
     ids = [c.id for c in compatibility.accepted]
     image = (config.task or "").lower() == IMAGE_TASK
-    preprocessor, preprocessor_dir = _load_preprocessor(compatibility, image)
+    preprocessor, preprocessor_dir = load_preprocessor(compatibility, image)
 
     report: dict[str, Any] = {
         "recipe": _describe(get_recipe("uniform")),  # an unscored run is a plain uniform merge
@@ -243,7 +205,7 @@ def _cook(
     else:
         trainer, report_dataset = scoring
         if trainer is not None:
-            scorer, plan = _prepare_trainer_scorer(
+            scorer, plan = prepare_trainer_scorer(
                 trainer,
                 report_dataset,
                 compatibility,
@@ -253,8 +215,8 @@ def _cook(
             )
             spec = scorer.spec
         else:
-            spec = _task_spec(config)
-            scorer, plan = _prepare_scorer(
+            spec = task_spec_of(config)
+            scorer, plan = prepare_scorer(
                 config, spec, compatibility, sources, fingerprints, preprocessor, cache, quiet
             )
             spec = scorer.spec  # with top-5 accuracy for images of more than 5 classes
@@ -468,170 +430,4 @@ def _diagnostics(compatibility, sources, fingerprints, cache: JsonCache, quiet: 
     return diagnostics
 
 
-def _prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints, cache):
-    """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split)."""
-    from .data import SplitPlan
-    from .errors import ConfigError
-    from .trainer_scoring import TrainerScorer
-
-    if trainer.eval_dataset is None:
-        raise ConfigError(
-            "cook(trainer=...) scores on trainer.eval_dataset, which is None: give the Trainer one."
-        )
-    datasets = {"selection": trainer.eval_dataset}
-    notes = []
-    if report_dataset is not None:
-        datasets["report"] = report_dataset
-    else:
-        datasets["eval_dataset"] = trainer.eval_dataset
-        notes.append(
-            "SELECTION AND REPORT USE THE SAME SPLIT (trainer.eval_dataset): reported scores are optimistic, "
-            "because the soup was chosen on them. Pass report_dataset= for numbers you can claim."
-        )
-    for note in notes:
-        logger.warning(note)
-    if trainer.model is None:  # e.g. after `hyperparameter_search`, which leaves no model behind
-        model = _scoring_model(AutoModelForSequenceClassification, compatibility.accepted[0], False)
-        trainer.model = trainer.model_wrapped = model
-    trainer.model.to(torch.float32)
-    scorer = TrainerScorer(
-        trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache
-    )
-    plan = SplitPlan(trainer.eval_dataset, {}, "trainer.eval_dataset", report_dataset is None, notes)
-    return scorer, plan
-
-
-def _scoring_model(model_class, reference, trust_remote_code: bool):
-    """A float32 model of the candidates' architecture, whose weights the Workbench then sets per mixture.
-
-    A LoRA reference is built from its merged config: loading the adapter folder would inject the adapter.
-    """
-    if reference.kind == "lora":
-        from transformers import AutoConfig
-
-        settings = AutoConfig.for_model(**reference.config)
-        return model_class.from_config(settings, dtype=torch.float32)
-    return model_class.from_pretrained(
-        reference.local_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
-
-
-def _encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
-    """`(encode(name, data) -> EncodedSplit, collator, model class)` for the task's inputs."""
-    if spec.is_image:
-        from .images import encode_image_split
-
-        def encode(name, data):
-            return encode_image_split(name, data, spec, preprocessor, labels, num_labels, quiet)
-
-        return encode, default_data_collator, AutoModelForImageClassification
-
-    def encode(name, data):
-        return encode_split(name, data, spec, preprocessor, labels, num_labels, config.max_length)
-
-    return encode, DataCollatorWithPadding(preprocessor), AutoModelForSequenceClassification
-
-
-def _prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, preprocessor, cache, quiet):
-    from .errors import ConfigError
-
-    if preprocessor is None:
-        raise ConfigError(
-            f"Neither the base {config.base} nor {compatibility.accepted[0].id} has tokenizer files; "
-            "save the tokenizer next to the base model (`tokenizer.save_pretrained(base_dir)`)."
-        )
-    plan = plan_splits(
-        spec,
-        selection_split=config.selection_split,
-        report_split=config.report_split,
-        selection_fraction=config.selection_fraction,
-        seed=config.seed,
-        max_eval_examples=config.max_eval_examples,
-        batch_size=config.batch_size,
-    )
-    for note in plan.notes:
-        logger.warning(note)
-    reference = compatibility.accepted[0]
-    spec = spec.with_top5(reference.num_labels)
-    encode, collator, model_class = _encoder(
-        spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
-    )
-    splits = {"selection": encode("selection", plan.selection)}
-    for name, data in plan.reports.items():
-        splits[name] = encode(name, data)
-    model = _scoring_model(model_class, reference, config.trust_remote_code)
-    recalibrate = None
-    if config.recalibrate_bn:
-        recalibrate = BatchNormRecalibrator(
-            splits["selection"], collator, config.recalibrate_bn, config.batch_size
-        )
-    workbench = Workbench(model, compatibility, sources, after_load=recalibrate)
-    scorer = Scorer(
-        workbench,
-        spec,
-        splits,
-        fingerprints,
-        collator,
-        None if config.no_cache else cache,
-        config.batch_size,
-        quiet,
-        selection_metric=config.selection_metric,
-        early_rejection=not config.no_early_rejection,
-        variant=recalibrate.describe() if recalibrate else "",
-    )
-    return scorer, plan
-
-
-def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False) -> dict[str, dict]:
-    """Score one model folder on the report split(s) of a task, as `hf-soup evaluate` does.
-
-    Args:
-        model_dir (`str`): a folder written by `save_pretrained`, with tokenizer (or image processor) files.
-        options (`dict`): `task` or `dataset` (+ columns), and optionally `report_split`, `max_length`, ...
-    """
-    from types import SimpleNamespace
-
-    from .candidates import load_candidate
-    from .errors import ConfigError
-    from .scoring import predict, score_logits
-
-    candidate = load_candidate(model_dir)
-    spec = task_spec(
-        options.get("task"),
-        options.get("dataset"),
-        options.get("text_column"),
-        options.get("text_pair_column"),
-        options.get("label_column"),
-        image_column=options.get("image_column"),
-    ).with_top5(candidate.num_labels)
-    plan = plan_splits(
-        spec,
-        selection_split=options.get("selection_split"),
-        report_split=options.get("report_split"),
-        selection_fraction=options.get("selection_fraction") or 0.1,
-        seed=options.get("seed") or 0,
-        max_eval_examples=options.get("max_eval_examples"),
-    )
-    if spec.is_image:
-        from .images import load_image_processor
-
-        preprocessor, _ = load_image_processor([Path(model_dir)])
-    else:
-        try:
-            preprocessor = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, TypeError) as error:
-            raise ConfigError(
-                f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
-            ) from error
-    settings = SimpleNamespace(max_length=options.get("max_length") or 128)
-    encode, collator, model_class = _encoder(
-        spec, preprocessor, candidate.label_names, candidate.num_labels, settings, quiet
-    )
-    model = model_class.from_pretrained(model_dir, dtype=torch.float32)
-    scores = {}
-    for name, data in plan.reports.items():
-        split = encode(name, data)
-        logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
-        result = score_logits(logits, split, spec)
-        scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}
-    return scores
+__all__ = ["SoupResult", "check", "check_with_diagnostics", "cook", "evaluate_model"]

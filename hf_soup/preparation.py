@@ -1,0 +1,234 @@
+"""Stage 3: what scoring needs: the task, the data encoded for the models, a live model and the `Scorer`.
+
+Text and images differ only here: a tokenizer and padded, length-sorted batches, or an image processor and
+stacked pixel values. Everything downstream (recipes, summaries, outputs) sees one `Scorer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+)
+
+from .batchnorm import BatchNormRecalibrator
+from .compat import CompatibilityReport
+from .config import SoupConfig
+from .data import TaskSpec, plan_splits, task_spec
+from .materialize import Workbench
+from .scoring import Scorer, encode_split
+
+logger = logging.getLogger(__name__)
+
+
+def load_preprocessor(report: CompatibilityReport, image: bool):
+    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate.
+
+    A folder without tokenizer files is skipped: transformers would build an empty tokenizer from its config. A
+    model with neither (a plain merge of image models, say) gets its image processor, if it has one.
+    """
+    from .compat import tokenizer_files
+    from .errors import ConfigError
+    from .images import load_image_processor
+
+    folders = [report.base.local_dir, report.accepted[0].local_dir]
+    for folder in [] if image else folders:
+        if tokenizer_files(Path(folder)):
+            try:
+                return AutoTokenizer.from_pretrained(folder), folder
+            except (OSError, ValueError, TypeError):
+                continue
+    try:
+        return load_image_processor(folders)
+    except ConfigError:
+        if image:
+            raise
+        return None, None
+
+
+def task_spec_of(config: SoupConfig) -> TaskSpec:
+    return task_spec(
+        config.task,
+        config.dataset,
+        config.text_column,
+        config.text_pair_column,
+        config.label_column,
+        image_column=config.image_column,
+    )
+
+
+def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints, cache):
+    """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split)."""
+    from .data import SplitPlan
+    from .errors import ConfigError
+    from .trainer_scoring import TrainerScorer
+
+    if trainer.eval_dataset is None:
+        raise ConfigError(
+            "cook(trainer=...) scores on trainer.eval_dataset, which is None: give the Trainer one."
+        )
+    datasets = {"selection": trainer.eval_dataset}
+    notes = []
+    if report_dataset is not None:
+        datasets["report"] = report_dataset
+    else:
+        datasets["eval_dataset"] = trainer.eval_dataset
+        notes.append(
+            "SELECTION AND REPORT USE THE SAME SPLIT (trainer.eval_dataset): reported scores are optimistic, "
+            "because the soup was chosen on them. Pass report_dataset= for numbers you can claim."
+        )
+    for note in notes:
+        logger.warning(note)
+    if trainer.model is None:  # e.g. after `hyperparameter_search`, which leaves no model behind
+        model = scoring_model(AutoModelForSequenceClassification, compatibility.accepted[0], False)
+        trainer.model = trainer.model_wrapped = model
+    trainer.model.to(torch.float32)
+    scorer = TrainerScorer(
+        trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache
+    )
+    plan = SplitPlan(trainer.eval_dataset, {}, "trainer.eval_dataset", report_dataset is None, notes)
+    return scorer, plan
+
+
+def scoring_model(model_class, reference, trust_remote_code: bool):
+    """A float32 model of the candidates' architecture, whose weights the Workbench then sets per mixture.
+
+    A LoRA reference is built from its merged config: loading the adapter folder would inject the adapter.
+    """
+    if reference.kind == "lora":
+        from transformers import AutoConfig
+
+        settings = AutoConfig.for_model(**reference.config)
+        return model_class.from_config(settings, dtype=torch.float32)
+    return model_class.from_pretrained(
+        reference.local_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+
+
+def encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
+    """`(encode(name, data) -> EncodedSplit, collator, model class)` for the task's inputs."""
+    if spec.is_image:
+        from .images import encode_image_split
+
+        def encode(name, data):
+            return encode_image_split(name, data, spec, preprocessor, labels, num_labels, quiet)
+
+        return encode, default_data_collator, AutoModelForImageClassification
+
+    def encode(name, data):
+        return encode_split(name, data, spec, preprocessor, labels, num_labels, config.max_length)
+
+    return encode, DataCollatorWithPadding(preprocessor), AutoModelForSequenceClassification
+
+
+def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, preprocessor, cache, quiet):
+    from .errors import ConfigError
+
+    if preprocessor is None:
+        raise ConfigError(
+            f"Neither the base {config.base} nor {compatibility.accepted[0].id} has tokenizer files; "
+            "save the tokenizer next to the base model (`tokenizer.save_pretrained(base_dir)`)."
+        )
+    plan = plan_splits(
+        spec,
+        selection_split=config.selection_split,
+        report_split=config.report_split,
+        selection_fraction=config.selection_fraction,
+        seed=config.seed,
+        max_eval_examples=config.max_eval_examples,
+        batch_size=config.batch_size,
+    )
+    for note in plan.notes:
+        logger.warning(note)
+    reference = compatibility.accepted[0]
+    spec = spec.with_top5(reference.num_labels)
+    encode, collator, model_class = encoder(
+        spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
+    )
+    splits = {"selection": encode("selection", plan.selection)}
+    for name, data in plan.reports.items():
+        splits[name] = encode(name, data)
+    model = scoring_model(model_class, reference, config.trust_remote_code)
+    recalibrate = None
+    if config.recalibrate_bn:
+        recalibrate = BatchNormRecalibrator(
+            splits["selection"], collator, config.recalibrate_bn, config.batch_size
+        )
+    workbench = Workbench(model, compatibility, sources, after_load=recalibrate)
+    scorer = Scorer(
+        workbench,
+        spec,
+        splits,
+        fingerprints,
+        collator,
+        None if config.no_cache else cache,
+        config.batch_size,
+        quiet,
+        selection_metric=config.selection_metric,
+        early_rejection=not config.no_early_rejection,
+        variant=recalibrate.describe() if recalibrate else "",
+    )
+    return scorer, plan
+
+
+def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False) -> dict[str, dict]:
+    """Score one model folder on the report split(s) of a task, as `hf-soup evaluate` does.
+
+    Args:
+        model_dir (`str`): a folder written by `save_pretrained`, with tokenizer (or image processor) files.
+        options (`dict`): `task` or `dataset` (+ columns), and optionally `report_split`, `max_length`, ...
+    """
+    from types import SimpleNamespace
+
+    from .candidates import load_candidate
+    from .errors import ConfigError
+    from .scoring import predict, score_logits
+
+    candidate = load_candidate(model_dir)
+    spec = task_spec(
+        options.get("task"),
+        options.get("dataset"),
+        options.get("text_column"),
+        options.get("text_pair_column"),
+        options.get("label_column"),
+        image_column=options.get("image_column"),
+    ).with_top5(candidate.num_labels)
+    plan = plan_splits(
+        spec,
+        selection_split=options.get("selection_split"),
+        report_split=options.get("report_split"),
+        selection_fraction=options.get("selection_fraction") or 0.1,
+        seed=options.get("seed") or 0,
+        max_eval_examples=options.get("max_eval_examples"),
+    )
+    if spec.is_image:
+        from .images import load_image_processor
+
+        preprocessor, _ = load_image_processor([Path(model_dir)])
+    else:
+        try:
+            preprocessor = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
+            ) from error
+    settings = SimpleNamespace(max_length=options.get("max_length") or 128)
+    encode, collator, model_class = encoder(
+        spec, preprocessor, candidate.label_names, candidate.num_labels, settings, quiet
+    )
+    model = model_class.from_pretrained(model_dir, dtype=torch.float32)
+    scores = {}
+    for name, data in plan.reports.items():
+        split = encode(name, data)
+        logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
+        result = score_logits(logits, split, spec)
+        scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}
+    return scores
