@@ -63,13 +63,15 @@ def read_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 def to_dataset(images: np.ndarray, labels: np.ndarray):
     """A `datasets.Dataset` with an `image` (Image) column and a named `label` (ClassLabel) column."""
     import datasets
-    from PIL import Image
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=LABELS)})
-    return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()},
-        features=features,
-    )
+    return datasets.Dataset.from_dict({"image": _pil(images), "label": labels.tolist()}, features=features)
+
+
+def _pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(image, mode="L") for image in images]
 
 
 def write_dataset(folder: Path, pool_rows: int, test_rows: int) -> Path:
@@ -83,15 +85,18 @@ def write_dataset(folder: Path, pool_rows: int, test_rows: int) -> Path:
 
 
 def image_processor():
-    """Rescale to [0, 1] and normalise with Fashion-MNIST's statistics; 28x28, one channel, no resizing."""
-    from transformers import ViTImageProcessor
+    """Rescale to [0, 1] and normalise with Fashion-MNIST's statistics; 28x28, one channel, no resizing.
 
-    return ViTImageProcessor(do_resize=False, image_mean=[MEAN], image_std=[STD])
+    The PIL backend, explicitly: the same pixels with or without torchvision installed.
+    """
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(do_resize=False, image_mean=[MEAN], image_std=[STD])
 
 
-def pixels(images: np.ndarray) -> torch.Tensor:
-    """What `image_processor()` computes, vectorised for training: `[N, 1, 28, 28]` float32."""
-    return ((torch.tensor(images).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+def pixels(images) -> torch.Tensor:
+    """`[N, 1, 28, 28]` training inputs from PIL images: the image processor's own output, as scoring sees it."""
+    return image_processor()(images=list(images), return_tensors="pt")["pixel_values"]
 
 
 def model_config(**kwargs):
@@ -173,7 +178,11 @@ def pretrain(folder: Path, rows: int, epochs: int = 1, quiet: bool = False) -> P
     torch.manual_seed(1234)
     model = ResNetForImageClassification(model_config(num_labels=len(LABELS)))
     train(
-        model, pixels(images), torch.from_numpy(labels), Variant("pretrain", 3e-3, 1234, epochs), quiet=quiet
+        model,
+        pixels(_pil(images)),
+        torch.from_numpy(labels),
+        Variant("pretrain", 3e-3, 1234, epochs),
+        quiet=quiet,
     )
     model.resnet.save_pretrained(folder)
     image_processor().save_pretrained(folder)
@@ -189,7 +198,6 @@ def fine_tune(base: Path, folder: Path, variant: Variant, pool, selection_fracti
     if (folder / "config.json").is_file():
         return folder
     rest, _ = carve_selection(pool, selection_fraction, seed)
-    images = np.stack([np.asarray(image, dtype=np.uint8) for image in rest["image"]])
     labels = torch.tensor(list(rest["label"]))
     torch.manual_seed(0)  # the same head for every variant
     model = ResNetForImageClassification.from_pretrained(
@@ -198,7 +206,7 @@ def fine_tune(base: Path, folder: Path, variant: Variant, pool, selection_fracti
         id2label=dict(enumerate(LABELS)),
         label2id={n: i for i, n in enumerate(LABELS)},
     )
-    train(model, pixels(images), labels, variant, quiet=quiet)
+    train(model, pixels(rest["image"]), labels, variant, quiet=quiet)
     model.save_pretrained(folder)
     image_processor().save_pretrained(folder)
     return folder
