@@ -118,19 +118,51 @@ def write_soup_folder(
     """
     needed = output_bytes(plan_output(mixture, compatibility, sources))
     _check_free_space(output, needed)
-    try:
-        _write(
-            output,
-            config,
-            report,
-            mixture,
-            compatibility,
-            sources,
-            preprocessor,
-            preprocessor_dir,
-            quiet,
-            overrides,
+    # The staging folder is removed first (inner), then a full disk becomes one error (outer).
+    with (
+        _disk_full_is_one_error(output, needed),
+        atomic_folder(output, overwrite=config.overwrite) as staging,
+    ):
+        if config.output_kind == "lora":
+            stats = write_adapter(staging, mixture, compatibility, sources, config.base, config.lora_rank)
+            report["lora"] = {"rank": stats.rank, "truncation": stats.truncation}
+        else:
+            stats = materialize(
+                mixture,
+                compatibility,
+                sources,
+                staging,
+                max_shard_size=config.max_shard_size,
+                quiet=quiet,
+                overrides=overrides,
+            )
+            _write_config(staging, stats, mixture, compatibility, sources)
+        if preprocessor is not None:  # the tokenizer, or the image processor
+            preprocessor.save_pretrained(staging)
+        plots = write_plots(staging / "plots", report) if report.get("soup") else []
+        manifest = {
+            **report,
+            "output": str(output),
+            "files": stats.files,
+            "plots": plots,
+            "tensor_sha256": stats.tensor_sha256,
+            "versions": package_versions(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
+        }
+        (staging / MANIFEST_NAME).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
         )
+        write_model_card(staging, manifest)
+        report["files"] = stats.files
+        report["plots"] = plots
+        report["tensor_sha256"] = stats.tensor_sha256
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_error(output: Path, needed: int) -> Iterator[None]:
+    try:
+        yield
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -171,43 +203,3 @@ def _write_config(staging: Path, stats, mixture, compatibility, sources) -> None
     (staging / CONFIG_NAME).write_text(
         json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n"
     )
-
-
-def _write(
-    output, config, report, mixture, compatibility, sources, preprocessor, preprocessor_dir, quiet, overrides
-):
-    with atomic_folder(output, overwrite=config.overwrite) as staging:
-        if config.output_kind == "lora":
-            stats = write_adapter(staging, mixture, compatibility, sources, config.base, config.lora_rank)
-            report["lora"] = {"rank": stats.rank, "truncation": stats.truncation}
-        else:
-            stats = materialize(
-                mixture,
-                compatibility,
-                sources,
-                staging,
-                max_shard_size=config.max_shard_size,
-                quiet=quiet,
-                overrides=overrides,
-            )
-            _write_config(staging, stats, mixture, compatibility, sources)
-        if preprocessor is not None:  # the tokenizer, or the image processor
-            preprocessor.save_pretrained(staging)
-        plots = write_plots(staging / "plots", report) if report.get("soup") else []
-        manifest = {
-            **report,
-            "output": str(output),
-            "files": stats.files,
-            "plots": plots,
-            "tensor_sha256": stats.tensor_sha256,
-            "versions": package_versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
-        }
-        (staging / MANIFEST_NAME).write_text(
-            json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-        )
-        write_model_card(staging, manifest)
-        report["files"] = stats.files
-        report["plots"] = plots
-        report["tensor_sha256"] = stats.tensor_sha256
