@@ -31,6 +31,7 @@ from .data import IMAGE_TASK
 from .diagnostics import Diagnostics, diagnose
 from .errors import OutputExistsError
 from .hub import check_push_target, push
+from .lora import require_lora_candidates
 from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
 from .preparation import (
@@ -137,6 +138,13 @@ def cook(
             else SoupConfig(**kwargs, scored_by_trainer=True)
         )
     config = config or SoupConfig(**kwargs)
+    if trainer is not None and config.recalibrate_bn:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "--recalibrate-bn runs batches of hf-soup's own encoding of the selection split; with "
+            "cook(trainer=...) pass the data as dataset= instead of a trainer, or leave recalibrate_bn at 0."
+        )
     started = time.perf_counter()
     timings: dict[str, float] = {}
     output = Path(config.output) if config.output else None
@@ -170,14 +178,8 @@ def _cook(
         trust_remote_code=config.trust_remote_code,
     )
     compatibility.raise_if_unusable(strict=config.strict)
-    full = [c.id for c in compatibility.accepted if c.kind != "lora"]
-    if config.output_kind == "lora" and full:
-        from .errors import ConfigError
-
-        raise ConfigError(
-            f"--output-kind lora needs every candidate to be a LoRA adapter, but {full[0]} is a full model; use "
-            "--output-kind merged (LoRA candidates are then merged into full weights), or leave it out."
-        )
+    if config.output_kind == "lora":
+        require_lora_candidates(compatibility.accepted)
     timings["check"] = time.perf_counter() - started
 
     cache = JsonCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())

@@ -153,6 +153,7 @@ class LoraSource:
 
     Args:
         folder (`Path`): the adapter folder.
+        config (`dict`): its `adapter_config.json`.
         adapter (`TensorSource`): the adapter's weights.
         layout (`LoraLayout`): what the adapter changes.
         base (`TensorSource`): the base model's weights.
@@ -160,14 +161,23 @@ class LoraSource:
         shapes, dtypes: of the merged tensors.
     """
 
-    format = "lora"
-
-    def __init__(self, folder, adapter, layout: LoraLayout, base, names, shapes, dtypes):
-        self.folder, self.adapter, self.layout, self.base = Path(folder), adapter, layout, base
+    def __init__(self, folder, config, adapter, layout: LoraLayout, base, names, shapes, dtypes):
+        self.folder, self.config, self.adapter, self.layout, self.base = (
+            Path(folder),
+            config,
+            adapter,
+            layout,
+            base,
+        )
         self._names, self._shapes, self._dtypes = names, shapes, dtypes
-        # What is fingerprinted (and checked for NaN/Inf) is the adapter's own files and tensors; the base is
-        # fingerprinted once on its own, and its fingerprint is part of every LoRA candidate's.
+        # The adapter's own files; the base is fingerprinted once on its own, and its fingerprint is appended to
+        # every LoRA candidate's.
         self.files = [self.folder / ADAPTER_CONFIG, *adapter.files]
+
+    @property
+    def stored(self):
+        """The tensors held in `files` (checked for NaN/Inf): the adapter's, not the merged ones."""
+        return self.adapter
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -201,10 +211,6 @@ class LoraSource:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.get(name)[start:stop]
-
-    def items(self):
-        for name in self._names:
-            yield name, self.get(name)
 
 
 def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: dict[str, Any], layout: LoraLayout,
@@ -303,7 +309,7 @@ def open_lora_candidate(folder: Path, base, base_source) -> tuple[dict[str, Any]
     layout = read_layout(adapter, headers)
     config = merged_config(folder, adapter, base.config, layout, headers)
     names, shapes, dtypes = merged_tensors(config, base_source, layout, headers)
-    return config, LoraSource(folder, headers, layout, base_source, names, shapes, dtypes)
+    return config, LoraSource(folder, adapter, headers, layout, base_source, names, shapes, dtypes)
 
 
 @dataclass
@@ -314,6 +320,16 @@ class LoraOutput:
     tensor_sha256: dict[str, str]
     rank: int
     truncation: dict[str, Any] | None = None
+
+
+def require_lora_candidates(candidates) -> None:
+    """`--output-kind lora` writes one adapter: refuse, before any scoring, a soup with a full-model candidate."""
+    full = [c.id for c in candidates if c.kind != "lora"]
+    if full:
+        raise ConfigError(
+            f"--output-kind lora needs every candidate to be a LoRA adapter, but {full[0]} is a full model; use "
+            "--output-kind merged (LoRA candidates are then merged into full weights), or leave it out."
+        )
 
 
 def _weights(mixture, name: str) -> list[tuple[str, float]]:
@@ -363,12 +379,6 @@ def write_adapter(
     from .materialize import mix_tensor, tensor_sha256
 
     ingredients = [i.id for i in mixture.ingredients if i.weight or mixture.per_tensor_weights]
-    plain = [cid for cid in ingredients if not isinstance(sources[cid], LoraSource)]
-    if plain:
-        raise ConfigError(
-            f"--output-kind lora needs every ingredient to be a LoRA adapter, but {plain[0]} is a full model; "
-            "use --output-kind merged (LoRAs are merged into full weights first)."
-        )
     adapters = [sources[cid] for cid in ingredients]
     weights = sorted({w for source in adapters for w in source.layout.modules})
     saved = sorted({n for source in adapters for n in source.layout.saved})
@@ -388,7 +398,9 @@ def write_adapter(
     for weight, (b, a) in updates.items():
         module = PEFT_PREFIX + weight.removesuffix(".weight")
         pad = out_rank - a.shape[0]
-        dtype = adapters[0].adapter.dtype(next(iter(adapters[0].layout.modules.values())).lora_a)
+        dtype = next(
+            s.adapter.dtype(s.layout.modules[weight].lora_a) for s in adapters if weight in s.layout.modules
+        )
         tensors[f"{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).to(dtype).contiguous()
         tensors[f"{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).to(dtype).contiguous()
     for name in saved:
@@ -396,10 +408,8 @@ def write_adapter(
         tensors[PEFT_PREFIX + name] = mixed.to(adapters[0].dtype(name)).contiguous()
     save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
-    first = read_adapter_config(adapters[0].folder)
-    modules_to_save = sorted(
-        {m for s in adapters for m in read_adapter_config(s.folder).get("modules_to_save") or []}
-    )
+    first = adapters[0].config
+    modules_to_save = sorted({m for s in adapters for m in s.config.get("modules_to_save") or []})
     config = {**first, "r": out_rank, "lora_alpha": out_rank, "use_rslora": False, "rank_pattern": {},
               "alpha_pattern": {}, "target_modules": sorted(w.removesuffix(".weight") for w in updates),
               "modules_to_save": modules_to_save or None, "base_model_name_or_path": base_id,

@@ -15,7 +15,7 @@ from typing import Any
 from .compat import check_compatibility
 from .errors import HubError, ReproduceMismatchError
 from .hub import hub_errors, is_hub_pattern, split_revision
-from .lora import write_adapter
+from .lora import require_lora_candidates, write_adapter
 from .materialize import materialize
 from .mixture import Mixture
 from .output import MANIFEST_NAME
@@ -117,6 +117,7 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         )
     with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
         if options.get("output_kind") == "lora":
+            require_lora_candidates(report.accepted)
             stats = write_adapter(
                 Path(scratch), mixture, report, sources, options["base"], options.get("lora_rank")
             )

@@ -33,9 +33,9 @@ def _scan(source: TensorSource, bar) -> tuple[str, str | None]:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
                 bar.update(len(chunk))
-    own = getattr(source, "adapter", source)  # a LoRA's own tensors: its merged ones would re-read the base
-    for name in own.keys():
-        tensor = own.get(name)
+    stored = source.stored  # a LoRA adapter's own tensors, not its merged ones (they would re-read the base)
+    for name in stored.keys():
+        tensor = stored.get(name)
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             return digest.hexdigest(), name
     return digest.hexdigest(), None

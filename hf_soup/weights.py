@@ -131,6 +131,11 @@ class TensorSource:
             self._dtypes[name] = tensor.dtype
         return state
 
+    @property
+    def stored(self) -> TensorSource:
+        """The tensors held in `files` (what `verify` checks for NaN/Inf): this checkpoint's own."""
+        return self
+
     def keys(self) -> list[str]:
         return list(self._where)
 

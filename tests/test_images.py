@@ -311,3 +311,9 @@ def test_large_splits_are_processed_on_access_with_the_same_pixels(image_zoo, mo
         direct = processor(images=[data[index]["image"]], return_tensors="pt")["pixel_values"][0]
         assert torch.equal(lazy[index]["pixel_values"], direct)
         assert torch.equal(kept[index]["pixel_values"], direct)
+
+
+def test_recalibrate_bn_with_a_trainer_is_refused_before_any_work(tmp_path):
+    config = SoupConfig(base=str(tmp_path / "missing"), candidates=["c"], recipe="uniform", recalibrate_bn=2)
+    with pytest.raises(ConfigError, match=r"with cook\(trainer=\.\.\.\) pass the data as dataset="):
+        cook(config, trainer=object())
