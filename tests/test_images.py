@@ -264,8 +264,13 @@ def test_recalibrate_bn_without_batchnorm_is_refused(zoo):
 
 
 def test_image_cli_and_evaluate_agree(image_zoo, image_run, tmp_path):
-    """`hf-soup evaluate` on the written soup gives the numbers `cook` reported for it."""
+    """`hf-soup evaluate` on the written soup gives plain transformers' numbers, and the ones `cook` reported."""
     result, output = image_run
+    test = datasets.load_dataset(str(image_zoo["data"]), split="test")
+    logits = logits_of(output, list(test["image"]))
+    labels = names_to_model_ids(output, test)
+    direct = {"accuracy": float(np.mean(logits.argmax(1) == labels)),
+              "top5_accuracy": float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits, labels)]))}  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "hf_soup", "evaluate", str(output), "--task", "image-classification",
          "--dataset", str(image_zoo["data"]), "--format", "json", "--quiet"],
@@ -273,6 +278,7 @@ def test_image_cli_and_evaluate_agree(image_zoo, image_run, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     scores = json.loads(run.stdout)
+    assert scores["test"]["metrics"] == pytest.approx(direct, abs=1e-9)
     assert scores["test"]["metrics"] == pytest.approx(result.report["soup"]["report"]["test"], abs=1e-9)
 
 
