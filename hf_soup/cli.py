@@ -6,12 +6,15 @@ Errors print one line and exit with status 2; set `HF_SOUP_DEBUG=1` for the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from typing import Any
 
 from . import __version__
@@ -292,17 +295,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet or not _main_process())
+    with _interrupts_recorded() as interrupted:
+        try:
+            return _run(args, argv)
+        except HfSoupError as error:
+            if os.environ.get("HF_SOUP_DEBUG", "") not in ("", "0"):
+                raise
+            if _main_process():  # every rank fails the same way; one says so
+                print(f"hf-soup: error: {error}", file=sys.stderr)
+            return EXIT_CODE
+        except BaseException as error:
+            # Ctrl-C raises KeyboardInterrupt, but when it lands inside a C extension (safetensors building a
+            # tensor, say) the extension may turn it into another exception: after a SIGINT, whatever surfaces is
+            # the interrupt.
+            if not (isinstance(error, KeyboardInterrupt) or interrupted):
+                raise
+            print("hf-soup: interrupted; nothing was written.", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _interrupts_recorded():
+    """SIGINT still raises KeyboardInterrupt; the yielded list becomes non-empty once one has arrived.
+
+    Nothing changes when SIGINT is ignored (a background job), handled by someone else, or off the main thread.
+    """
+    seen: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if (
+        previous is not signal.default_int_handler
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(True)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
     try:
-        return _run(args, argv)
-    except HfSoupError as error:
-        if os.environ.get("HF_SOUP_DEBUG", "") not in ("", "0"):
-            raise
-        if _main_process():  # every rank fails the same way; one says so
-            print(f"hf-soup: error: {error}", file=sys.stderr)
-        return EXIT_CODE
-    except KeyboardInterrupt:
-        print("hf-soup: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -334,9 +334,33 @@ def test_kill_9_during_a_greedy_soup_then_rerun_reuses_every_cached_score(zoo, r
 def test_ctrl_c_says_nothing_was_written(zoo, reviews, tmp_path):
     out = tmp_path / "soup"
     interrupted, _ = _interrupt(_cook_command(zoo, reviews, out), tmp_path / "cache", 10, signal.SIGINT)
-    assert interrupted.returncode == 130
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
     assert "interrupted; nothing was written" in interrupted.stderr and "Traceback" not in interrupted.stderr
     assert not out.exists() and not list(tmp_path.glob(".soup.*"))
+
+
+def test_ctrl_c_that_a_c_extension_turns_into_another_error_is_still_an_interrupt(monkeypatch, capsys):
+    """A SIGINT inside safetensors' get_tensor can surface as a ValueError (seen in CI); it is still Ctrl-C."""
+
+    def run_interrupted_inside_an_extension(args, argv):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError(
+                "could not determine the shape of object type 'torch.storage.UntypedStorage'"
+            ) from None
+
+    monkeypatch.setattr("hf_soup.cli._run", run_interrupted_inside_an_extension)
+    assert main(["check", "--base", "b", "--candidates", "c"]) == 130
+    assert capsys.readouterr().err.strip() == "hf-soup: interrupted; nothing was written."
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+    def run_failing(args, argv):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr("hf_soup.cli._run", run_failing)  # without a SIGINT, a bug stays a bug
+    with pytest.raises(ValueError, match="a real bug"):
+        main(["check", "--base", "b", "--candidates", "c"])
 
 
 def test_two_runs_sharing_a_cache_at_the_same_time(zoo, reviews, tmp_path):
