@@ -29,7 +29,7 @@ from .compat import CompatibilityReport, check_compatibility
 from .config import SoupConfig
 from .data import IMAGE_TASK
 from .diagnostics import Diagnostics, diagnose
-from .errors import OutputExistsError
+from .errors import IncompatibleCandidatesError, NoCandidatesError, OutputExistsError
 from .hub import check_push_target, push
 from .lora import require_lora_candidates
 from .mixture import Ingredient, Mixture
@@ -180,12 +180,18 @@ def _cook(
     compatibility.raise_if_unusable(strict=config.strict)
     if config.output_kind == "lora":
         require_lora_candidates(compatibility.accepted)
-    timings["check"] = time.perf_counter() - started
-
     cache = JsonCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
     fingerprints = ingredient_fingerprints(compatibility, sources, cache, quiet=quiet)
+    for duplicate in compatibility.reject_duplicates(fingerprints):
+        logger.warning("%s is identical to another candidate; it counts once.", duplicate)
+    compatibility.raise_if_unusable(strict=config.strict)
+    diagnostics = _diagnostics(compatibility, sources, fingerprints, cache, quiet)
+    excluded = _excluded_candidates(config, diagnostics)
+    timings["check"] = time.perf_counter() - started
+
     revisions = {c.id: c.revision for c in compatibility.accepted}
     ids = [c.id for c in compatibility.accepted]
+    pool = [cid for cid in ids if cid not in excluded]  # what recipes may put in the soup
     image = (config.task or "").lower() == IMAGE_TASK
     preprocessor, preprocessor_dir = load_preprocessor(compatibility, image)
 
@@ -195,87 +201,34 @@ def _cook(
         "compatibility": compatibility.to_dict(),
         "command": command or " ".join(sys.argv),
         "config": config.to_dict(),
+        "excluded": excluded,
     }
     recipe_result: RecipeResult | None = None
     scorer: Scorer | None = None
     overrides: dict[str, torch.Tensor] = {}
 
     if not config.scored:
-        mixture = Mixture.uniform("uniform", ids, revisions)
-        report.update({"task": None, "splits": None, "candidates": [{"id": i, "kept": True} for i in ids]})
+        mixture = Mixture.uniform("uniform", pool, revisions)
+        report.update({"task": None, "splits": None, "candidates": [
+            {"id": i, "kept": i in pool, "excluded": excluded.get(i)} for i in ids
+        ]})  # fmt: skip
         report.update({"best_individual": None, "uniform": None, "soup": None, "ensembles": None})
     else:
-        trainer, report_dataset = scoring
-        if trainer is not None:
-            scorer, plan = prepare_trainer_scorer(
-                trainer,
-                report_dataset,
-                compatibility,
-                sources,
-                fingerprints,
-                None if config.no_cache else cache,
-            )
-            spec = scorer.spec
-        else:
-            spec = task_spec_of(config)
-            scorer, plan = prepare_scorer(
-                config, spec, compatibility, sources, fingerprints, preprocessor, cache, quiet
-            )
-            spec = scorer.spec  # with top-5 accuracy for images of more than 5 classes
+        scorer, plan = _prepare_scoring(config, scoring, compatibility, sources, fingerprints, preprocessor,
+                                        cache, quiet)  # fmt: skip
         timings["data"] = time.perf_counter() - started - sum(timings.values())
-        recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
-        report["recipe"] = _describe(recipe)
-
         singles = {cid: Mixture.uniform("single", [cid], revisions) for cid in ids}
-        summary = Summary(scorer, singles)
         individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
-        # Losses break ties on coarse metrics such as accuracy.
-        losses = {cid: scorer.score(m, "selection").loss for cid, m in singles.items()}
-        recipe_result = recipe.cook(ids, individual, scorer.selection_value, revisions, tie_break=losses)
+        losses = {
+            cid: scorer.score(m, "selection").loss for cid, m in singles.items()
+        }  # ties on coarse metrics
+        recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
+        recipe_result = recipe.cook(pool, individual, scorer.selection_value, revisions, tie_break=losses)
         mixture = recipe_result.mixture
         ranked = rank(ids, individual, losses)
-        uniform = Mixture.uniform("uniform", ranked, revisions)
-        best_id = ranked[0]
-        kept = {i.id for i in mixture.ingredients if i.weight != 0}
-        training = {c.id: _training_record(c.local_dir) for c in compatibility.accepted}
-        report["candidates"] = [
-            {**summary.entry(cid, singles[cid]), "id": cid, "kept": cid in kept, "training": training[cid]}
-            for cid in ranked
-        ]
-        report["best_individual"] = summary.entry(best_id, singles[best_id])
-        report["uniform"] = summary.entry("uniform soup", uniform)
-        report["soup"] = summary.entry(f"{recipe.name()} soup", mixture)
-        soup_ids = [cid for cid in ranked if cid in kept]
-        report["ensembles"] = [summary.ensemble(f"ensemble of all {len(ids)} candidates", ranked)]
-        if soup_ids != ranked and len(soup_ids) > 1:
-            report["ensembles"].append(
-                summary.ensemble(f"ensemble of the {len(soup_ids)} soup ingredients", soup_ids)
-            )
-        report["task"] = {
-            "name": spec.name,
-            "metrics": list(spec.metrics),
-            "primary_metric": spec.primary_metric,
-            "selection_metric": scorer.selection_metric,
-            "dataset": spec.dataset or "",
-            "dataset_config": spec.dataset_config,
-        }
-        report["splits"] = {
-            "selection": {"name": plan.selection_name, "size": len(scorer.splits["selection"])},
-            "report": {name: {"size": len(scorer.splits[name])} for name in summary.report_names},
-            "same_split": plan.same_split,
-            "notes": plan.notes,
-        }
-        report["trajectory"] = [vars(step) for step in recipe_result.trajectory]
-        report["comparisons"] = summary.comparisons(
-            singles[best_id],
-            {"soup": mixture, "uniform": uniform, "ensemble": ranked},
-            resamples=config.bootstrap,
-            seed=config.seed,
-        )
-        report["ties"] = ties(ranked, individual, losses)
-        report["warnings"] = summary.warnings(ids)
-        report.update(_recipe_details(recipe, mixture, summary))
-        if trainer is not None:  # trainer.model holds the soup afterwards, bit for bit as written
+        report.update(_scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles, excluded,
+                                     compatibility))  # fmt: skip
+        if scoring[0] is not None:  # trainer.model holds the soup afterwards, bit for bit as written
             scorer.workbench.load(mixture, running_sum=False)
         if config.recalibrate_bn:
             overrides = _recalibrated_statistics(scorer, mixture)
@@ -285,12 +238,10 @@ def _cook(
             }
         timings["soup"] = time.perf_counter() - started - sum(timings.values())
 
-    diagnostics = _diagnostics(compatibility, sources, fingerprints, cache, quiet)
     report["diagnostics"] = diagnostics.to_dict()
     for message in diagnostics.warnings():
         logger.warning("Shared initialisation: %s", message)
-    report.setdefault("warnings", [])
-    report["warnings"] = [*(report["warnings"] or []), *diagnostics.warnings()]
+    report["warnings"] = [*(report.get("warnings") or []), *diagnostics.warnings()]
     if mixture.base is None:
         mixture = replace(mixture, base=Ingredient(compatibility.base.id, 0.0, compatibility.base.revision))
     report["mixture"] = mixture.to_dict()
@@ -336,6 +287,118 @@ def _cook(
         evaluations=scorer.evaluations if scorer else 0,
         timings=timings,
     )
+
+
+def _excluded_candidates(config: SoupConfig, diagnostics: Diagnostics) -> dict[str, str]:
+    """Candidates kept out of the soup because they do not look fine-tuned from the base, with the reason.
+
+    `--strict` makes any of them fatal (before scoring); `--include-flagged` lets them in.
+    """
+    flagged = diagnostics.flagged
+    if flagged and config.strict:
+        reasons = "; ".join(f"{cid}: {reason}" for cid, reason in flagged.items())
+        raise IncompatibleCandidatesError(
+            f"--strict: {len(flagged)} candidate(s) do not look fine-tuned from {config.base} ({reasons}). "
+            "Remove them, check --base, or drop --strict (they are then kept out of the soup)."
+        )
+    if config.include_flagged:
+        return {}
+    if flagged and len(flagged) == len(diagnostics.ids):
+        raise NoCandidatesError(
+            f"No candidate looks fine-tuned from {config.base} ({'; '.join(flagged.values())}). Check --base, "
+            "or pass --include-flagged to soup them anyway."
+        )
+    excluded = {
+        cid: f"kept out of the soup: {reason} (--include-flagged lets it in)"
+        for cid, reason in flagged.items()
+    }
+    for cid, reason in excluded.items():
+        logger.warning("%s %s", cid, reason)
+    return excluded
+
+
+def _prepare_scoring(config, scoring, compatibility, sources, fingerprints, preprocessor, cache, quiet):
+    """The `Scorer` (hf-soup's data pipeline, or the user's Trainer) and the split plan."""
+    trainer, report_dataset = scoring
+    if trainer is not None:
+        return prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints,
+                                      None if config.no_cache else cache)  # fmt: skip
+    return prepare_scorer(config, task_spec_of(config), compatibility, sources, fingerprints, preprocessor,
+                          cache, quiet)  # fmt: skip
+
+
+def _scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles, excluded, compatibility):
+    """The scored part of the report: every candidate (`ranked` by the selection metric), the best individual
+    (the paper's: the best primary metric on the selection split; ties by selection loss, then id), the soup,
+    the baselines, and the paired comparisons against that best individual."""
+    spec = scorer.spec
+    mixture = recipe_result.mixture
+    summary = Summary(scorer, singles)
+    selection = {cid: scorer.score(singles[cid], "selection") for cid in ranked}
+    losses = {cid: score.loss for cid, score in selection.items()}
+    best_id = rank(ranked, {cid: scorer.primary_value(score) for cid, score in selection.items()}, losses)[0]
+    pool = [cid for cid in ranked if cid not in excluded]
+    revisions = {cid: m.ingredients[0].revision for cid, m in singles.items()}
+    uniform = Mixture.uniform("uniform", pool, revisions)
+    kept = {i.id for i in mixture.ingredients if i.weight != 0}
+    training = {c.id: _training_record(c.local_dir) for c in compatibility.accepted}
+    report: dict[str, Any] = {"recipe": _describe(recipe)}
+    report["candidates"] = [
+        {**summary.entry(cid, singles[cid]), "id": cid, "kept": cid in kept, "excluded": excluded.get(cid),
+         "training": training[cid]}
+        for cid in ranked
+    ]  # fmt: skip
+    report["best_individual"] = {**summary.entry(best_id, singles[best_id]), "id": best_id}
+    if ranked[0] != best_id and scorer.selection_metric != spec.primary_metric:
+        # The recipe's own ranking picked another single model: shown, never compared against.
+        report["best_by_selection_metric"] = {**summary.entry(ranked[0], singles[ranked[0]]), "id": ranked[0]}
+    report["oracle"] = _oracle(summary, singles, ranked)
+    report["uniform"] = summary.entry("uniform soup", uniform)
+    report["soup"] = summary.entry(f"{recipe.name()} soup", mixture)
+    soup_ids = [cid for cid in ranked if cid in kept]
+    report["ensembles"] = [summary.ensemble(f"ensemble of all {len(ranked)} candidates", ranked)]
+    if soup_ids != ranked and len(soup_ids) > 1:
+        report["ensembles"].append(
+            summary.ensemble(f"ensemble of the {len(soup_ids)} soup ingredients", soup_ids)
+        )
+    report["task"] = {
+        "name": spec.name,
+        "metrics": list(spec.metrics),
+        "primary_metric": spec.primary_metric,
+        "selection_metric": scorer.selection_metric,
+        "positive_label": getattr(spec, "positive_label", None),
+        "dataset": spec.dataset or "",
+        "dataset_config": spec.dataset_config,
+    }
+    report["splits"] = {
+        "selection": {"name": plan.selection_name, "size": len(scorer.splits["selection"])},
+        "report": {name: {"size": len(scorer.splits[name])} for name in summary.report_names},
+        "same_split": plan.same_split,
+        "notes": plan.notes,
+    }
+    report["trajectory"] = [vars(step) for step in recipe_result.trajectory]
+    report["comparisons"] = summary.comparisons(
+        singles[best_id],
+        {"soup": mixture, "uniform": uniform, "ensemble": ranked},
+        resamples=config.bootstrap,
+        seed=config.seed,
+    )
+    report["ties"] = ties(ranked, {cid: scorer.value(score) for cid, score in selection.items()}, losses)
+    report["warnings"] = [*getattr(plan, "warnings", []), *summary.warnings(ranked)]
+    report.update(_recipe_details(recipe, mixture, summary))
+    return report
+
+
+def _oracle(summary: Summary, singles: dict[str, Mixture], ids: list[str]) -> dict[str, Any] | None:
+    """The candidate that is best on the first report split: chosen by looking at the answers, so a labelled row
+    for context, never a claim."""
+    if not summary.report_names:
+        return None
+    split = summary.report_names[0]
+    scores = {cid: summary.scorer.score(singles[cid], split) for cid in ids}
+    values = {cid: summary.scorer.primary_value(score) for cid, score in scores.items()}
+    oracle = rank(ids, values, {cid: score.loss for cid, score in scores.items()})[0]
+    return {**summary.entry(oracle, singles[oracle]), "id": oracle, "split": split}
 
 
 def _recalibrated_statistics(scorer: Scorer, mixture: Mixture) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ def _pipeline_tag(manifest: dict[str, Any]) -> str:
     return "image-classification" if task.get("name") == "image-classification" else "text-classification"
 
 
+def _dataset_id(task: dict[str, Any]) -> str:
+    """A Hub dataset id, or for local data a plain name (a file's or folder's stem): never a path."""
+    dataset = task.get("dataset") or ""
+    if _is_hub_id(dataset):
+        return dataset
+    name = Path(dataset).stem if dataset else task["name"]
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "custom"
+
+
 def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
     task, soup = manifest.get("task"), manifest.get("soup")
     if not task or not soup:
@@ -37,8 +47,8 @@ def _eval_results(manifest: dict[str, Any]) -> list[EvalResult]:
             results.append(
                 EvalResult(
                     task_type=_pipeline_tag(manifest),
-                    dataset_type=task["dataset"] or task["name"],
-                    dataset_name=task["name"],
+                    dataset_type=_dataset_id(task),
+                    dataset_name=_dataset_id(task) if task["name"] == "custom" else task["name"],
                     dataset_config=task.get("dataset_config"),
                     dataset_split=split,
                     metric_type=metric,
@@ -52,16 +62,30 @@ def _is_hub_id(dataset: str | None) -> bool:
     return bool(dataset) and not Path(dataset).exists() and not dataset.startswith((".", "/"))
 
 
+def _base_model(manifest: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+    """`base_model` lists Hub model ids only (the Hub rejects paths): the Hub ingredients, merged; else the Hub
+    base the local ingredients were fine-tuned from; else nothing."""
+    compatibility = manifest.get("compatibility") or {}
+    on_hub = set(compatibility.get("hub") or [])
+    hub_ingredients = [i["id"] for i in manifest["mixture"]["ingredients"] if i["id"] in on_hub]
+    if hub_ingredients:
+        return hub_ingredients, "merge"
+    if compatibility.get("base_on_hub"):
+        return [manifest["base"]], "finetune"
+    return None, None
+
+
 def build_model_card(manifest: dict[str, Any]) -> ModelCard:
-    """The `ModelCard` of a soup, from its manifest."""
+    """The `ModelCard` of a soup, from its (portable) manifest."""
     ingredients = [i["id"] for i in manifest["mixture"]["ingredients"]]
     task = manifest.get("task")
-    model_name = Path(manifest["output"]).name if manifest.get("output") else "soup"
+    model_name = manifest.get("output") or "soup"
+    base_model, relation = _base_model(manifest)
     card_data = ModelCardData(
-        base_model=ingredients,
-        base_model_relation="merge",
+        base_model=base_model,
+        base_model_relation=relation,
         tags=["model-soup", "merge", "hf-soup"],
-        datasets=[task["dataset"]] if task and _is_hub_id(task.get("dataset")) else None,
+        datasets=[task["dataset"]] if task and _is_hub_id(task.get("dataset")) else None,  # Hub ids only
         eval_results=_eval_results(manifest) or None,
         model_name=model_name,
         library_name="peft" if manifest.get("lora") else "transformers",

@@ -61,6 +61,24 @@ class CompatibilityReport:
                 "Add more fine-tunes of the same base to --candidates."
             )
 
+    def reject_duplicates(self, fingerprints: dict[str, str]) -> list[str]:
+        """Reject every candidate whose content fingerprint equals an earlier one's, so it counts once.
+
+        A copied folder, or a Trainer's last checkpoint next to its final save, would otherwise weigh twice in every
+        recipe and in the ensemble. Returns the ids rejected.
+        """
+        first: dict[str, str] = {}
+        duplicates = []
+        for candidate in self.accepted:
+            original = first.setdefault(fingerprints[candidate.id], candidate.id)
+            if original != candidate.id:
+                duplicates.append(candidate.id)
+                self.rejected.append(
+                    Rejection(candidate.id, f"identical to {original} (same content): it counts once")
+                )
+        self.accepted = [c for c in self.accepted if c.id not in duplicates]
+        return duplicates
+
     def rows(self) -> list[tuple[str, str, str]]:
         """`(candidate, status, detail)` rows for the printed table."""
         rows = []
@@ -75,10 +93,18 @@ class CompatibilityReport:
     def to_dict(self) -> dict:
         return {
             "accepted": [c.id for c in self.accepted],
+            # Non-float tensors come from the reference candidate; `reproduce` puts it first again.
+            "reference": {"id": self.accepted[0].id, "revision": self.accepted[0].revision}
+            if self.accepted
+            else None,
             "rejected": [{"id": r.candidate_id, "reason": r.reason} for r in self.rejected],
             "label_names": self.label_names,
             "permuted": sorted(self.permutations),
             "lora": [c.id for c in self.accepted if c.kind == "lora"],
+            "hub": [
+                c.id for c in self.accepted if c.source == "hub"
+            ],  # the card's `base_model` lists only these
+            "base_on_hub": self.base.source == "hub",
             "warnings": self.warnings,
         }
 

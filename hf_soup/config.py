@@ -113,6 +113,22 @@ class SoupConfig:
             metavar="METRIC",
         ),
     )
+    positive_label: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Custom binary labels: the label F1 treats as positive (default: the selection split's rarer one).",
+            metavar="LABEL",
+        ),
+    )
+    extra_metrics: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt(
+            "Custom data: report these metrics too, e.g. matthews_correlation (accuracy and F1 are always there).",
+            nargs="+",
+            choices=("matthews_correlation",),
+            metavar="METRIC",
+        ),
+    )
     no_early_rejection: bool = field(
         default=False,
         metadata=_opt(
@@ -158,7 +174,19 @@ class SoupConfig:
         metadata=_opt("Push the soup to this Hub repo as one commit (needs HF_TOKEN).", metavar="ORG/NAME"),
     )
     private: bool = field(default=False, metadata=_opt("Create the --push-to repo as private."))
-    strict: bool = field(default=False, metadata=_opt("Fail if any candidate is rejected."))
+    strict: bool = field(
+        default=False,
+        metadata=_opt(
+            "Fail if any candidate is rejected, or does not look fine-tuned from --base (before any scoring)."
+        ),
+    )
+    include_flagged: bool = field(
+        default=False,
+        metadata=_opt(
+            "Let candidates that do not look fine-tuned from --base into the soup (by default they are scored and "
+            "shown, but kept out: models from another initialisation average to garbage)."
+        ),
+    )
     allow_pickle: bool = field(
         default=False,
         metadata=_opt(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .errors import DatasetError
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 IMAGE_TASK = "image-classification"
 TOP5 = "top5_accuracy"
+# A class holding less than this share of a uniform split (1/K each) is rare: 20% of the examples for binary labels.
+RARE_SHARE_OF_UNIFORM = 0.4
 _DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -39,6 +42,7 @@ class TaskSpec:
         dataset (`str`, *optional*): where the data comes from (a Hub id, file or folder).
         dataset_config (`str`, *optional*): the dataset's config name (the GLUE task).
         image_column (`str`, *optional*): the image column, for image classification.
+        positive_label (`str`, *optional*): the label that F1 treats as positive (custom binary tasks).
     """
 
     name: str
@@ -51,6 +55,7 @@ class TaskSpec:
     dataset: str | None = None
     dataset_config: str | None = None
     image_column: str | None = None
+    positive_label: str | None = None
 
     @property
     def primary_metric(self) -> str:
@@ -138,6 +143,70 @@ def task_spec(
     return TaskSpec("custom", text_column, label_column, text_pair_column, metrics, regression, (), dataset)
 
 
+@dataclass(frozen=True)
+class LabelBalance:
+    """How a custom classification task is scored, decided from the selection split's labels.
+
+    Args:
+        spec (`TaskSpec`): the task with the metrics that fit its labels (the headline metric first) and, for
+            binary labels, the name of the positive one.
+        pos_label (`int`): the model label id F1 treats as positive (binary labels).
+        warning (`str`, *optional*): set when a class is rare, so that accuracy misleads.
+    """
+
+    spec: TaskSpec
+    pos_label: int = 1
+    warning: str | None = None
+
+
+def fit_metrics_to_labels(
+    spec: TaskSpec,
+    labels: np.ndarray,
+    num_labels: int,
+    label_names: list[str] | None,
+    positive_label: str | None = None,
+    extra_metrics: tuple[str, ...] = (),
+) -> LabelBalance:
+    """The metrics of a custom classification task: accuracy plus F1 of the positive class (binary labels) or
+    macro-F1 (more classes), and any `extra_metrics` (e.g. `matthews_correlation`).
+
+    The positive class is `positive_label` (a label name or id), by default the selection split's rarest class.
+    When a class holds less than 20% of a binary selection split (less than 0.4/K of a K-class one), accuracy
+    misleads, so F1 becomes the headline metric and the returned warning says so. GLUE and regression tasks keep
+    their own metrics.
+    """
+    if spec.name != "custom" or spec.regression:
+        return LabelBalance(spec)
+    names = label_names or [str(i) for i in range(num_labels)]
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels]
+    if positive_label is None:
+        pos_label = int(
+            max(range(num_labels), key=lambda i: (-counts[i], i))
+        )  # rarest; ties: the later label
+    elif positive_label in names:
+        pos_label = names.index(positive_label)
+    else:
+        raise DatasetError(
+            f"--positive-label {positive_label!r} is not one of the labels ({', '.join(names)}); name one of them."
+        )
+    f1 = "f1" if num_labels == 2 else "macro_f1"
+    shares = counts / max(1, counts.sum())
+    rare = int(np.argmin(shares))
+    imbalanced = bool(shares[rare] < RARE_SHARE_OF_UNIFORM / num_labels)
+    metrics = (f1, "accuracy") if imbalanced else ("accuracy", f1)
+    metrics = (*metrics, *(m for m in extra_metrics if m not in metrics))
+    warning = None
+    if imbalanced:
+        warning = (
+            f"Label {names[rare]!r} is {shares[rare]:.1%} of the selection split: accuracy misleads on "
+            f"imbalanced labels (always predicting the majority scores {shares.max():.1%}), so the headline "
+            f"compares {f1 if num_labels == 2 else 'macro-F1'}"
+            + (f" of the positive label {names[pos_label]!r}." if num_labels == 2 else ".")
+        )
+    positive_name = names[pos_label] if num_labels == 2 else None
+    return LabelBalance(replace(spec, metrics=metrics, positive_label=positive_name), pos_label, warning)
+
+
 def load_data(source: str, config: str | None = None, split: str | None = None):
     path = Path(source)
     try:
@@ -167,6 +236,7 @@ class SplitPlan:
     selection_name: str
     same_split: bool = False
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def carve_selection(train: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -203,11 +273,11 @@ def plan_splits(
     selection_fraction: float = 0.1,
     seed: int = 0,
     max_eval_examples: int | None = None,
-    batch_size: int = 1,
 ) -> SplitPlan:
     """Load the data and apply the split policy (see the module docstring).
 
-    A selection split carved with `selection_fraction` must hold at least one batch (`batch_size` examples).
+    A small selection split is allowed (GLUE WNLI has 635 training rows); when it cannot tell the candidates apart,
+    the report warns (`stats.small_split_warning`).
     """
     loaded = load_data(spec.dataset, spec.dataset_config)
     if isinstance(loaded, Dataset):
@@ -228,13 +298,6 @@ def plan_splits(
         selection = _resolve_split(spec, loaded, selection_split)
     elif "train" in loaded:
         rest, selection = carve_selection(loaded["train"], selection_fraction, seed)
-        if len(selection) < batch_size:
-            raise DatasetError(
-                f"--selection-fraction {selection_fraction:g} of {len(loaded['train'])} train rows leaves "
-                f"{len(selection)} selection example(s), fewer than one batch (--batch-size {batch_size}); the "
-                "soup would be chosen on noise. Use a larger --selection-fraction, a --selection-split, or a "
-                "smaller --batch-size."
-            )
         selection_name = f"train carve-out ({selection_fraction:g}, seed {seed})"
         if not reports:
             # A single-file dataset: carve the report split from the rest of it, disjoint from selection.

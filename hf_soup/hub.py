@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir, snapshot_download
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -266,12 +267,33 @@ def check_push_target(repo_id: str, overwrite: bool, api: HfApi) -> None:
         )
 
 
+def validate_card(readme: Path) -> None:
+    """Ask the Hub whether it accepts the card's metadata (`/api/validate-yaml`, as `ModelCard.push_to_hub` does),
+    before anything is created or uploaded: the Hub rejects a commit whose README metadata it finds invalid."""
+    if not readme.is_file():
+        return
+    card = ModelCard.load(readme)
+    with hub_errors(f"Validating {readme.name}"):
+        try:
+            card.validate()
+        except ValueError as error:
+            try:
+                errors = [e["message"] for e in json.loads(str(error))["errors"]]
+            except (ValueError, KeyError, TypeError):
+                errors = [str(error)]
+            raise HubError(
+                f"The Hub rejects the model card's metadata: {'; '.join(errors)}. Fix that field in "
+                f"{readme}, then push again (`hf-soup push FOLDER --to REPO`); nothing was uploaded."
+            ) from error
+
+
 def push(folder: Path, repo_id: str, private: bool, message: str, api: HfApi) -> dict[str, str]:
     """Create the repo if needed and upload the soup folder as **one** commit (stale files are deleted in it).
 
     The commit is atomic on the Hub: if an upload fails, nothing is committed, and a repo created by this push is
     deleted again, so a failed push leaves no trace.
     """
+    validate_card(folder / "README.md")
     with hub_errors(f"Pushing to {repo_id}"):
         existed = api.repo_exists(repo_id)
         api.create_repo(repo_id, private=private, exist_ok=True)

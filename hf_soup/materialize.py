@@ -1,7 +1,7 @@
 """Turn a Mixture into tensors: on disk (`materialize`) or inside a live model for scoring (`Workbench`).
 
 Both stream tensor by tensor and accumulate in float32, whatever the input dtypes. Non-float buffers (such as
-`position_ids`) are copied from the first ingredient, never averaged. Peak memory does not grow with the number
+`position_ids`) are copied from the reference candidate, never averaged. Peak memory does not grow with the number
 of ingredients: one float32 accumulator and one input tensor are alive at a time (plus one output shard).
 """
 
@@ -81,8 +81,10 @@ def mix_tensor(
     mixture: Mixture, report: CompatibilityReport, sources: dict[str, TensorSource], name: str
 ) -> tuple[torch.Tensor, int]:
     """The mixed value of one tensor in float32 (or copied, if not float), and the bytes held to make it."""
-    reference = mixture.ingredients[0].id
-    if not sources[reference].dtype(name).is_floating_point:  # e.g. position ids: copied, never averaged
+    # Non-float tensors (position ids, BatchNorm's num_batches_tracked) are copied, never averaged, from the
+    # reference candidate (the first accepted one): a rule that never depends on how the candidates rank.
+    reference = report.accepted[0].id
+    if not sources[reference].dtype(name).is_floating_point:
         copied = sources[reference].get(name).clone()
         return copied, _nbytes(copied)
     pairs = tensor_weights(mixture, name)

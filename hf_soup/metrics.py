@@ -16,7 +16,9 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, top_k_accuracy_score
 
-MetricName = Literal["accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "top5_accuracy"]
+MetricName = Literal[
+    "accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr", "top5_accuracy"
+]
 # Metrics computed from each example's scores (logits) rather than from one predicted label.
 SCORE_METRICS = {"top5_accuracy": 5}
 
@@ -49,6 +51,8 @@ class TaskMetric(evaluate.Metric):
             value = f1_score(
                 references, predictions, pos_label=pos_label, average="binary", zero_division=0.0
             )
+        elif name == "macro_f1":  # multiclass: the unweighted mean of per-class F1
+            value = f1_score(references, predictions, average="macro", zero_division=0.0)
         elif name == "matthews_correlation":
             value = matthews_corrcoef(references, predictions)
         elif name == "pearson":

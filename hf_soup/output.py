@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,6 +87,27 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+# An absolute POSIX path: a '/' at the start of a string or after a space, quote, '=', '(', ',' or '[' (so URLs and
+# ratios such as 1/2 are left alone), followed by a name character.
+_ABSOLUTE_PATH = re.compile(r"""(?<![^\s="'(,\[])/[\w.~-][^\s"']*""")
+
+
+def portable(value: Any, folder: Path) -> Any:
+    """`value` (a manifest) with every absolute path rewritten relative to the soup `folder`.
+
+    A soup folder is meant to be pushed: it must not carry the paths of the machine that made it (user names,
+    temp folders). Relative to the folder, local ingredients stay findable by `hf-soup reproduce` as long as the
+    soup and its ingredients keep their places.
+    """
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda match: os.path.relpath(match.group(0), folder), value)
+    if isinstance(value, dict):
+        return {portable(key, folder): portable(item, folder) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item, folder) for item in value]
+    return value
+
+
 def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[str, Any]:
     """The reference candidate's config, with the aligned label map."""
     config = dict(compatibility.accepted[0].config)
@@ -139,20 +161,20 @@ def write_soup_folder(
             _write_config(staging, stats, mixture, compatibility, sources)
         if preprocessor is not None:  # the tokenizer, or the image processor
             preprocessor.save_pretrained(staging)
-        plots = write_plots(staging / "plots", report) if report.get("soup") else []
         manifest = {
             **report,
-            "output": str(output),
+            "output": Path(output).name,
             "files": stats.files,
-            "plots": plots,
             "tensor_sha256": stats.tensor_sha256,
             "versions": package_versions(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
         }
-        (staging / MANIFEST_NAME).write_text(
-            json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-        )
+        # Plots, soup.json and the card all read the portable manifest: nothing in the folder names this machine.
+        manifest = portable(json.loads(json.dumps(manifest, default=str)), Path(output).absolute())
+        plots = write_plots(staging / "plots", manifest) if report.get("soup") else []
+        manifest["plots"] = plots
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         write_model_card(staging, manifest)
         report["files"] = stats.files
         report["plots"] = plots

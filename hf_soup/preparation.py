@@ -22,7 +22,7 @@ from transformers import (
 from .batchnorm import BatchNormRecalibrator
 from .compat import CompatibilityReport
 from .config import SoupConfig
-from .data import TaskSpec, plan_splits, task_spec
+from .data import TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
 from .materialize import Workbench
 from .scoring import Scorer, encode_split
 
@@ -144,7 +144,6 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
         selection_fraction=config.selection_fraction,
         seed=config.seed,
         max_eval_examples=config.max_eval_examples,
-        batch_size=config.batch_size,
     )
     for note in plan.notes:
         logger.warning(note)
@@ -156,6 +155,20 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
         splits[name] = encode(name, data)
+    requested = (
+        *config.extra_metrics,
+        *(m for m in [config.selection_metric] if m == "matthews_correlation"),
+    )
+    balance = fit_metrics_to_labels(
+        spec, splits["selection"].labels, reference.num_labels, compatibility.label_names,
+        config.positive_label, requested,
+    )  # fmt: skip
+    spec = balance.spec
+    for split in splits.values():
+        split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
+    if balance.warning:
+        logger.warning(balance.warning)
+        plan.warnings.append(balance.warning)
     model = scoring_model(model_class, reference, config.trust_remote_code)
     recalibrate = None
     if config.recalibrate_bn:

@@ -63,21 +63,34 @@ def soup_table(report: dict[str, Any]) -> str:
             *((_fmt(eces.get(s)) if ece else "" for s in splits) if with_ece else ()),
         ]
 
-    rows = [row(c["id"], c, "yes" if c["kept"] else "no") for c in report["candidates"]]
+    rows = [row(c["id"], c, _kept(c)) for c in report["candidates"]]
     rows.append(["" for _ in headers])
-    rows.append(
-        row(f"best individual ({report['best_individual']['name']})", report["best_individual"], ece=True)
-    )
+    best = report["best_individual"]
+    rows.append(row(f"best individual ({best['id']}: best selection {metric})", best, ece=True))
+    if report.get("best_by_selection_metric"):
+        other = report["best_by_selection_metric"]
+        rows.append(
+            row(f"best individual by {chosen_by} ({other['id']}; not the comparison)", other, ece=True)
+        )
+    if report.get("oracle") and report["oracle"]["id"] != best["id"]:
+        oracle = report["oracle"]
+        rows.append(
+            row(
+                f"oracle: best on {oracle['split']} ({oracle['id']}; chosen on the answers, not a claim)",
+                oracle,
+            )
+        )
     rows.append(row("uniform soup", report["uniform"], ece=True))
     rows.append(row(_soup_label(report), report["soup"], ece=True))
     for ensemble in report.get("ensembles") or []:
         rows.append(row(f"{ensemble['name']} (logits)", ensemble, ece=True))
     lines = [format_table(headers, rows)]
-    best, soup = report["best_individual"], report["soup"]
+    soup = report["soup"]
     for split in splits:
         delta = soup["report"][split][metric] - best["report"][split][metric]
         lines.append(
-            f"{report['soup']['name']} vs best individual on {split}: {delta * 100:+.2f} points of {metric}"
+            f"{soup['name']} vs best individual ({best['id']}, the best selection {metric}) on {split}: "
+            f"{delta * 100:+.2f} points of {metric}"
         )
     for split, comparisons in (report.get("comparisons") or {}).items():
         for name, by_metric in comparisons.items():
@@ -93,9 +106,17 @@ def soup_table(report: dict[str, Any]) -> str:
         lines.append(f"TIE at selection {tie['score']:.4f}: {order}; broken by {tie['broken_by']}.")
     for warning in report.get("warnings") or []:
         lines.append(f"WARNING: {warning}")
+    if report["task"].get("positive_label") is not None:
+        lines.append(f"NOTE: F1 counts {report['task']['positive_label']!r} as the positive label.")
     for note in report["splits"]["notes"]:
         lines.append(f"NOTE: {note}")
     return "\n".join(lines)
+
+
+def _kept(candidate: dict[str, Any]) -> str:
+    if candidate.get("excluded"):
+        return "no (flagged: not fine-tuned from the base?)"
+    return "yes" if candidate["kept"] else "no"
 
 
 def lora_summary(lora: dict[str, Any]) -> str:

@@ -6,8 +6,11 @@ after the run does not change the rebuild. The expected result is bit-exact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from .errors import HubError, ReproduceMismatchError
 from .hub import hub_errors, is_hub_pattern, split_revision
 from .lora import require_lora_candidates, write_adapter
 from .materialize import materialize
-from .mixture import Mixture
+from .mixture import Ingredient, Mixture
 from .output import MANIFEST_NAME
 
 
@@ -88,6 +91,33 @@ def _pinned(ingredient) -> str:
     return f"{ingredient.id}@{ingredient.revision}" if ingredient.revision else ingredient.id
 
 
+def _locator(target: str) -> Callable[[str], str]:
+    """Where a local ingredient is now: soup folders record local paths relative to themselves (or as typed)."""
+    folder = Path(target) if Path(target).is_dir() else None
+
+    def locate(cid: str) -> str:
+        if folder is not None and not os.path.isabs(cid) and (folder / cid).exists():
+            return os.path.normpath(folder.absolute() / cid)
+        return cid
+
+    return locate
+
+
+def _located(mixture: Mixture, locate: Callable[[str], str]) -> Mixture:
+    """`mixture` with each local ingredient's id replaced by where it is found now."""
+    return Mixture(
+        mixture.recipe,
+        tuple(dataclasses.replace(i, id=locate(i.id)) for i in mixture.ingredients),
+        base=dataclasses.replace(mixture.base, id=locate(mixture.base.id)) if mixture.base else None,
+        per_tensor_weights={
+            name: {locate(cid): w for cid, w in weights.items()}
+            for name, weights in mixture.per_tensor_weights.items()
+        }
+        if mixture.per_tensor_weights
+        else None,
+    )
+
+
 def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
     """Rebuild the soup described by `target`'s manifest; check the rebuild *and* the published weights against
     the manifest's tensor hashes.
@@ -99,13 +129,21 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         ReproduceMismatchError: some tensors differ (the result still lists which).
     """
     manifest = load_manifest(target)
-    mixture = Mixture.from_dict(manifest["mixture"])
+    locate = _locator(target)
+    mixture = _located(Mixture.from_dict(manifest["mixture"]), locate)
     expected: dict[str, str] = manifest["tensor_sha256"]
     options = manifest.get("config") or {}
-    base = _pinned(mixture.base) if mixture.base else manifest["base"]
+    base = _pinned(mixture.base) if mixture.base else locate(manifest["base"])
+    # The reference candidate comes first, as it did when the soup was made: non-float tensors are copied from it.
+    reference = (manifest.get("compatibility") or {}).get("reference")
+    pinned = {i.id: _pinned(i) for i in mixture.ingredients}
+    candidates = list(pinned.values())
+    if reference is not None:  # written by hf-soup >= 0.4
+        first = Ingredient(locate(reference["id"]), 0.0, reference.get("revision"))
+        candidates = [_pinned(first), *(c for i, c in pinned.items() if i != first.id)]
     report, sources = check_compatibility(
         base,
-        [_pinned(i) for i in mixture.ingredients],
+        candidates,
         allow_pickle=bool(options.get("allow_pickle")),
         label_order=manifest["compatibility"].get("label_names"),
     )
@@ -119,7 +157,7 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         if options.get("output_kind") == "lora":
             require_lora_candidates(report.accepted)
             stats = write_adapter(
-                Path(scratch), mixture, report, sources, options["base"], options.get("lora_rank")
+                Path(scratch), mixture, report, sources, locate(options["base"]), options.get("lora_rank")
             )
         else:
             stats = materialize(mixture, report, sources, Path(scratch), quiet=quiet)

@@ -299,6 +299,7 @@ class Scorer:
         self.examples_forwarded = 0
         self.early_stops = 0
         self.log: list[dict] = []  # one entry per forward pass over a split (full or stopped early)
+        self._memory: dict[str, SplitScore] = {}
 
     def _key(self, mixture: Mixture, split: EncodedSplit) -> str:
         return cache_key(
@@ -310,11 +311,15 @@ class Scorer:
         )
 
     def _cached(self, key: str) -> SplitScore | None:
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return SplitScore.from_dict(hit)
+        if (hit := self._memory.get(key)) is not None:
+            return hit
+        if self.cache is not None and (stored := self.cache.get(key)) is not None:
+            self._memory[key] = SplitScore.from_dict(stored)
+            return self._memory[key]
         return None
 
     def _store(self, key: str, result: SplitScore) -> SplitScore:
+        self._memory[key] = result  # within a run, even with --no-cache, nothing is scored twice
         if self.cache is not None:
             self.cache.put(key, result.to_dict())
         return result
@@ -342,6 +347,10 @@ class Scorer:
         return (
             -score.loss if self.selection_metric == SELECTION_LOSS else score.metrics[self.selection_metric]
         )
+
+    def primary_value(self, score: SplitScore) -> float:
+        """The task's primary metric (accuracy, MCC, Pearson, F1 on rare labels...): what "best individual" means."""
+        return score.metrics[self.spec.primary_metric]
 
     def selection_value(self, mixture: Mixture, must_reach: float | None = None) -> float | None:
         """The selection objective of `mixture` (higher is better).

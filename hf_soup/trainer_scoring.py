@@ -125,6 +125,15 @@ class TrainerScorer:
         value = score.metrics[self.selection_metric]
         return value if self.higher_is_better else -value
 
+    def primary_value(self, score: SplitScore) -> float:
+        """The primary metric as "higher is better": `metric_for_best_model` (with `greater_is_better`) when it is
+        one of the trainer's metrics, else the first of them (a task metric such as accuracy), else the loss."""
+        primary = self.spec.primary_metric
+        if primary not in score.metrics:
+            return -score.loss
+        value = score.metrics[primary]
+        return -value if primary == self.selection_metric and not self.higher_is_better else value
+
     def selection_value(self, mixture: Mixture, must_reach: float | None = None) -> float:
         return self.value(self.score(mixture, "selection"))
 

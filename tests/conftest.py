@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,12 @@ def isolated_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SOUP_CACHE", str(tmp_path / "soup_cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def installed_script(name: str) -> str:
+    """A console script of this environment: next to `sys.executable`, so that `python -m pytest` from an
+    unactivated venv runs this install, not whatever `PATH` holds."""
+    return str(Path(sys.executable).parent / name)
 
 
 def data_dir() -> Path:

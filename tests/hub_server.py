@@ -113,6 +113,88 @@ def _card_data(readme: bytes) -> dict | None:
     return yaml.safe_load(text.split("---", 2)[1])
 
 
+# The licence identifiers the Hub accepts (a subset of its list: the common ones, plus "other").
+_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
+             "gpl-3.0", "lgpl-3.0", "agpl-3.0", "llama2", "llama3", "gemma", "openrail", "unknown", "other"}  # fmt: skip
+_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def _is_repo_id(value) -> bool:
+    """The Hub's repo id rules (as `huggingface_hub.utils.validate_repo_id`): `name` or `namespace/name`."""
+    return (
+        isinstance(value, str)
+        and bool(_REPO_ID.match(value))
+        and ".." not in value
+        and not value.startswith((".", "-"))
+        and not value.endswith(".git")
+        and len(value) <= 96
+    )
+
+
+def metadata_errors(metadata: dict | None) -> list[str]:
+    """What the Hub says about a model card's metadata: the documented rules for the fields hf-soup writes
+    (`base_model`, `base_model_relation`, `license`, `datasets`, `model-index`)."""
+    if not metadata:
+        return []
+    if not isinstance(metadata, dict):
+        return ["metadata must be a YAML mapping"]
+    errors = []
+    base = metadata.get("base_model")
+    if base is not None:
+        for i, value in enumerate(
+            [base] if isinstance(base, str) else base if isinstance(base, list) else [base]
+        ):
+            if not _is_repo_id(value):
+                errors.append(f'"base_model[{i}]" with value {json.dumps(value)} is not a valid model id')
+    relation = metadata.get("base_model_relation")
+    if relation is not None and (relation not in _RELATIONS or base is None):
+        errors.append(f'"base_model_relation" must be one of {sorted(_RELATIONS)} and needs "base_model"')
+    if "license" in metadata and metadata["license"] not in _LICENSES:
+        errors.append(
+            f'"license" with value {json.dumps(metadata["license"])} is not a known licence identifier'
+        )
+    datasets = metadata.get("datasets")
+    if datasets is not None:
+        for i, value in enumerate([datasets] if isinstance(datasets, str) else datasets):
+            if not _is_repo_id(value):
+                errors.append(f'"datasets[{i}]" with value {json.dumps(value)} is not a valid dataset id')
+    for i, model in enumerate(metadata.get("model-index") or []):
+        for j, result in enumerate((model or {}).get("results") or []):
+            where = f'"model-index[{i}].results[{j}]'
+            if not isinstance((result.get("task") or {}).get("type"), str):
+                errors.append(f'{where}.task.type" is required')
+            dataset = result.get("dataset") or {}
+            for key in ("type", "name"):
+                if not isinstance(dataset.get(key), str):
+                    errors.append(f'{where}.dataset.{key}" must be a string')
+            for key in ("config", "split"):
+                if key in dataset and dataset[key] is not None and not isinstance(dataset[key], str):
+                    errors.append(f'{where}.dataset.{key}" must be a string')
+            if isinstance(dataset.get("type"), str) and not _is_repo_id(dataset["type"]):
+                errors.append(
+                    f'{where}.dataset.type" with value {json.dumps(dataset["type"])} is not a dataset id'
+                )
+            for k, metric in enumerate(result.get("metrics") or []):
+                if not isinstance(metric.get("type"), str):
+                    errors.append(f'{where}.metrics[{k}].type" is required')
+                value = metric.get("value")
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    errors.append(f'{where}.metrics[{k}].value" must be a number')
+    return errors
+
+
+def _readme_errors(content: str) -> list[str]:
+    import yaml
+
+    if not content.startswith("---"):
+        return []
+    try:
+        return metadata_errors(yaml.safe_load(content.split("---", 2)[1]))
+    except yaml.YAMLError as error:
+        return [f"invalid YAML: {error}"]
+
+
 class HubServer:
     """Start with `HubServer(root).start()`; `url` is the endpoint. `tokens` maps tokens to user names."""
 
@@ -411,14 +493,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200)
 
     def _validate_yaml(self, query) -> None:
-        import yaml
-
-        content = json.loads(self._body()).get("content", "")
-        try:
-            if content.startswith("---"):
-                yaml.safe_load(content.split("---", 2)[1])
-        except yaml.YAMLError as error:
-            return self._json(400, {"errors": [{"message": str(error)}], "warnings": []})
+        errors = _readme_errors(json.loads(self._body()).get("content", ""))
+        if errors:
+            return self._json(400, {"errors": [{"message": e} for e in errors], "warnings": []})
         self._json(200, {"errors": [], "warnings": []})
 
     def _preupload(self, query, repo, rev) -> None:
@@ -475,6 +552,11 @@ class _Handler(BaseHTTPRequestHandler):
                 added[value["path"]] = value["oid"]
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
+        readme = added.get("README.md")
+        errors = _readme_errors(readme.decode()) if isinstance(readme, bytes) else []
+        if errors:  # the Hub validates README metadata on every commit
+            message = "Invalid metadata in README.md: " + "; ".join(errors)
+            return self._error(400, "BadRequest", message)
         sha = self.hub.store.commit(repo, added, summary, deleted)
         self._json(
             200,

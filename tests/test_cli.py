@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from conftest import copy_model
+from conftest import copy_model, installed_script
 from safetensors.torch import load_file
 from test_compat import permute_labels, rewrite, to_pickle
 
 from hf_soup.cli import main
 
-HF_SOUP = shutil.which("hf-soup")
+HF_SOUP = installed_script("hf-soup")
 
 
 def data_args(reviews):

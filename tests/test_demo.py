@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
+from conftest import installed_script
 from transformers import AutoModelForSequenceClassification
 
 
@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 def test_demo_quick_runs_offline(tmp_path):
     out = tmp_path / "soup-demo"
     run = subprocess.run(
-        [shutil.which("hf-soup"), "demo", "--quick", "--output", str(out), "--format", "json", "--quiet"],
+        [installed_script("hf-soup"), "demo", "--quick", "--output", str(out), "--format", "json", "--quiet"],
         capture_output=True,
         text=True,
         timeout=900,

@@ -16,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import copy_model, tiny_config
+from conftest import copy_model, installed_script, tiny_config
 from safetensors.torch import load_file, save_file
 from test_compat import Payload, rewrite, to_pickle
 from transformers import BertForMaskedLM
 
 from hf_soup.cli import main
 
-HF_SOUP = shutil.which("hf-soup")
+HF_SOUP = installed_script("hf-soup")
 
 
 def data_args(reviews, fraction="0.25"):
@@ -350,10 +350,16 @@ def test_ctrl_c_that_a_c_extension_turns_into_another_error_is_still_an_interrup
                 "could not determine the shape of object type 'torch.storage.UntypedStorage'"
             ) from None
 
+    # A background launch (nohup, `&`) inherits SIGINT as ignored; this test needs Ctrl-C's usual handler.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr("hf_soup.cli._run", run_interrupted_inside_an_extension)
-    assert main(["check", "--base", "b", "--candidates", "c"]) == 130
+    try:
+        code = main(["check", "--base", "b", "--candidates", "c"])
+    finally:
+        restored = signal.signal(signal.SIGINT, inherited)
+    assert code == 130
     assert capsys.readouterr().err.strip() == "hf-soup: interrupted; nothing was written."
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+    assert restored is signal.default_int_handler  # hf-soup restored the handler it found
 
     def run_failing(args, argv):
         raise ValueError("a real bug")

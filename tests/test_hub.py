@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_model, tiny_config
+from conftest import copy_model, installed_script, tiny_config
 from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
-HF_SOUP = shutil.which("hf-soup")
+HF_SOUP = installed_script("hf-soup")
 TOKEN = "hf_test_token_org"
 
 
@@ -215,7 +214,7 @@ def test_hf_cli_dispatches_to_hf_soup(tmp_path):
     manifest.save(home / ".local" / "share" / "hf" / "extensions" / "hf-soup")
     env = {**hub_env(None, tmp_path, offline=True), "HOME": str(home)}
     result = subprocess.run(
-        [shutil.which("hf"), "soup", "--help"], capture_output=True, text=True, env=env, timeout=120
+        [installed_script("hf"), "soup", "--help"], capture_output=True, text=True, env=env, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "usage: hf-soup" in result.stdout and "reproduce" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,16 @@ def test_manifest_card_and_plots(greedy_run):
 
     folder = Path(config.output)
     manifest = json.loads((folder / "soup.json").read_text())
-    assert manifest["mixture"] == result.mixture.to_dict()
+    # The manifest names local ingredients relative to the soup folder, never by absolute path.
+    relative = {
+        i.id: os.path.relpath(i.id, folder.absolute())
+        for i in (*result.mixture.ingredients, result.mixture.base)
+    }
+    assert [(i["id"], i["weight"]) for i in manifest["mixture"]["ingredients"]] == [
+        (relative[i.id], i.weight) for i in result.mixture.ingredients
+    ]
+    assert manifest["mixture"]["base"]["id"] == relative[result.mixture.base.id]
+    assert all((folder / i["id"]).is_dir() for i in manifest["mixture"]["ingredients"])
     assert manifest["splits"]["same_split"] is False
     assert set(manifest["versions"]) >= {"hf-soup", "torch", "transformers", "safetensors"}
     written = load_file(str(folder / "model.safetensors"))
@@ -145,8 +155,8 @@ def test_manifest_card_and_plots(greedy_run):
 
     assert {k: tensor_sha256(v) for k, v in written.items()} == manifest["tensor_sha256"]
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == result.mixture.ids()
-    assert card.data.base_model_relation == "merge"
+    assert card.data.base_model is None  # local ingredients and base: no Hub id to name
+    assert all(f"`{relative[i]}`" in card.text for i in result.mixture.ids())
     assert set(card.data.tags) == {"model-soup", "merge", "hf-soup"}
     assert card.data.eval_results[0].metric_type == "accuracy"
     assert card.data.eval_results[0].metric_value == pytest.approx(
@@ -186,7 +196,7 @@ def test_pruned_and_uniform_recipes(zoo, reviews, tmp_path):
         quiet=True,
     )
     assert merged.report["soup"] is None and (tmp_path / "merge" / "model.safetensors").is_file()
-    assert ModelCard.load(tmp_path / "merge" / "README.md").data.base_model_relation == "merge"
+    assert ModelCard.load(tmp_path / "merge" / "README.md").data.base_model is None  # no Hub ids: none listed
 
 
 def test_split_policy(reviews, tmp_path):
