@@ -229,7 +229,7 @@ def _cook(
         report.update(_scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles, excluded,
                                      compatibility))  # fmt: skip
         if scoring[0] is not None:  # trainer.model holds the soup afterwards, bit for bit as written
-            scorer.workbench.load(mixture, running_sum=False)
+            scorer.workbench.load(mixture)
         if config.recalibrate_bn:
             overrides = _recalibrated_statistics(scorer, mixture)
             report["batchnorm"] = {
@@ -404,7 +404,7 @@ def _oracle(summary: Summary, singles: dict[str, Mixture], ids: list[str]) -> di
 def _recalibrated_statistics(scorer: Scorer, mixture: Mixture) -> dict[str, torch.Tensor]:
     """The soup's BatchNorm statistics re-estimated on the selection split, to be written instead of averages."""
     workbench = scorer.workbench
-    workbench.load(mixture, running_sum=False)  # `after_load` recalibrates
+    workbench.load(mixture)  # `after_load` recalibrates
     state = workbench.model.state_dict()
     return {name: state[name].detach().cpu().clone()
             for name in workbench.after_load.buffer_names(workbench.model)}  # fmt: skip
@@ -475,7 +475,9 @@ def _recipe_details(recipe, mixture: Mixture, summary: Summary) -> dict[str, Any
                 "alpha": WiseSoup.alpha_of(mixture),
                 "endpoint": recipe.endpoint.name(),
                 "endpoint_mixture": recipe.endpoint_mixture.to_dict(),
-                "head": "the fine-tuned endpoint's head, at every alpha (the base has none)",
+                "head": "the fine-tuned endpoint's head, at every alpha (the base has none of these labels)"
+                if recipe.headless
+                else "interpolated like the body: the base's own head has the same labels (rows aligned by name)",
                 "curve": curve,
             }
         }

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # Module names under which classification heads live in transformers models (BERT/ViT `classifier`,
 # RoBERTa `classifier.out_proj`, decoder models `score`, ConvNeXt-style `head`).
 HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
+BASE = "__base__"  # the base's key among the tensor sources
 
 
 @dataclass
@@ -242,6 +243,39 @@ def _head_tensors(source: TensorSource, num_labels: int, base_names: dict[str, s
     return heads
 
 
+@dataclass
+class _BaseHead:
+    names: list[str]  # candidate names of the head tensors the base has too
+    dropped: str | None = None  # why the base's own head is not the candidates' head
+    permutation: list[int] | None = None
+
+
+def _base_head(
+    base: Candidate,
+    base_source: TensorSource,
+    reference_source: TensorSource,
+    base_names: dict[str, str],
+    labels: list[str] | None,
+) -> _BaseHead:
+    """A base that ships a head of its own (an ImageNet classifier, or a classifier of another label set) is
+    treated as a base with no head; one with the candidates' labels in another order is permuted like them."""
+    names = [c for c in base_names if HEAD_PARTS & set(c.split(".")[:-1])]
+    if not names:
+        return _BaseHead(names)
+    shapes = {c: (list(base_source.shape(base_names[c])), list(reference_source.shape(c))) for c in names}
+    mismatched = [c for c, (ours, theirs) in shapes.items() if ours != theirs]
+    if mismatched:
+        ours, theirs = shapes[mismatched[0]]
+        return _BaseHead(names, f"the base's own head ({base_names[mismatched[0]]} {ours}) is not the candidates' "
+                                f"({theirs}): it is treated as a base with no head")  # fmt: skip
+    permutation, problem = _align_labels(labels, base) if base.label_names else (None, None)
+    if problem:
+        return _BaseHead(
+            names, f"the base's head has other labels ({problem}): it is treated as a base with no head"
+        )
+    return _BaseHead(names, permutation=permutation)
+
+
 def check_compatibility(
     base_dir: str | Path,
     patterns: list[str],
@@ -356,6 +390,12 @@ def check_compatibility(
                 f"The base {base_dir} shares no tensor with the candidates: it is not their initialisation. "
                 "Pass the pretrained model they were fine-tuned from as --base."
             )
+        base_head = _base_head(base, base_source, reference_source, base_names, reference_labels)
+        if base_head.dropped:
+            warnings.append(base_head.dropped)
+            base_names = {c: b for c, b in base_names.items() if c not in base_head.names}
+        elif base_head.permutation is not None:
+            permutations[BASE] = base_head.permutation
         for cand_name, base_name in base_names.items():
             if base_source.shape(base_name) != reference_source.shape(cand_name):
                 raise IncompatibleCandidatesError(
@@ -399,10 +439,15 @@ def _download_hub_candidates(
 
 
 def read_aligned(
-    report: CompatibilityReport, source: TensorSource, candidate_id: str, name: str
+    report: CompatibilityReport,
+    source: TensorSource,
+    candidate_id: str,
+    name: str,
+    stored_name: str | None = None,
 ) -> torch.Tensor:
-    """Read one tensor of a candidate, with its head rows in the reference label order."""
-    tensor = source.get(name)
+    """Read one tensor of a candidate (or of the base, stored as `stored_name`), with its head rows in the
+    reference label order."""
+    tensor = source.get(stored_name or name)
     permutation = report.permutations.get(candidate_id)
     if permutation is not None and name in report.head_tensors:
         tensor = tensor[permutation]

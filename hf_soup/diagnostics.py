@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .compat import CompatibilityReport
+from .compat import BASE, CompatibilityReport
 from .progress import progress_bar
 from .weights import TensorSource
 
-BASE = "__base__"
 # Farther than this from the base (relative to the base's norm) is not what fine-tuning produces.
 MAX_RELATIVE_DISTANCE = 1.0
 # Farther than this multiple of the median of the other candidates' distances is out of line with them.
@@ -94,7 +93,9 @@ def diagnose(
 ) -> Diagnostics:
     """Distances to the base and pairwise angles between task vectors, over the tensors the base has."""
     ids = [c.id for c in report.accepted]
-    names = [n for n, b in report.base_names.items() if sources[BASE].dtype(b).is_floating_point]
+    # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
+    names = [n for n, b in report.base_names.items()
+             if sources[BASE].dtype(b).is_floating_point and n not in report.head_tensors]  # fmt: skip
     gram = np.zeros((len(ids), len(ids)))
     base_sq = 0.0
     with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,15 +18,13 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-from .compat import CompatibilityReport, read_aligned
+from .compat import BASE, CompatibilityReport, read_aligned
 from .errors import ConfigError
 from .mixture import Mixture
 from .progress import progress_bar
 from .weights import TensorSource
 
 logger = logging.getLogger(__name__)
-
-BASE = "__base__"
 
 
 @dataclass
@@ -73,7 +70,7 @@ def _read(report: CompatibilityReport, sources: dict[str, TensorSource], cid: st
             raise ConfigError(
                 f"The base has no tensor for {name} (usually the task head), so it cannot be given a weight there."
             )
-        return sources[BASE].get(base_name)
+        return read_aligned(report, sources[BASE], BASE, name, stored_name=base_name)
     return read_aligned(report, sources[cid], cid, name)
 
 
@@ -218,8 +215,6 @@ class Workbench:
                 "make sure config.json's `architectures` names the class the weights were saved from."
             )
         self.shapes = {n: state[n].shape for n in self.names}
-        self._sum: dict[str, torch.Tensor] | None = None
-        self._members: Counter[str] = Counter()
         self.loaded: Mixture | None = None
 
     def _targets(self) -> dict[str, torch.Tensor]:
@@ -227,47 +222,21 @@ class Workbench:
         state = self.model.state_dict()
         return {n: state[n] for n in self.names}
 
-    def _is_plain_uniform(self, mixture: Mixture) -> bool:
-        weights = [i.weight for i in mixture.ingredients]
-        no_base = mixture.base is None or mixture.base.weight == 0
-        return no_base and not mixture.per_tensor_weights and max(weights) - min(weights) < 1e-12
-
     @torch.no_grad()
-    def load(self, mixture: Mixture, running_sum: bool = True) -> None:
-        """Write `mixture`'s weights into the model's parameters.
+    def load(self, mixture: Mixture) -> None:
+        """Write `mixture`'s weights into the model's parameters, exactly as `materialize` would write them.
 
-        Args:
-            running_sum (`bool`, *optional*, defaults to `True`): reach uniform mixtures through the float32
-                running sum (fast for greedy and pruned trials; holds one extra model-sized buffer).
+        Every mixture is built from its ingredients by the same `mix_tensor` as the written soup (no running sum
+        that adds and subtracts trial members): a single candidate is scored as itself, bit for bit, and a soup
+        is scored with the tensors that are written, whatever the order of the trials before it.
         """
-        if running_sum and self._is_plain_uniform(mixture):
-            self._load_uniform(Counter(mixture.ids()))
-        else:
-            self._sum, self._members = None, Counter()  # the running sum only serves uniform trials
-            targets = self._targets()
-            for name in self.names:
-                mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
-                targets[name].copy_(mixed)
+        targets = self._targets()
+        for name in self.names:
+            mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
+            targets[name].copy_(mixed)
         blended = (
             sum(w != 0 for w in mixture.weights().values()) + bool(mixture.base and mixture.base.weight) > 1
         )
         if self.after_load is not None and (blended or mixture.per_tensor_weights):
             self.after_load(self.model)
         self.loaded = mixture
-
-    def _load_uniform(self, members: Counter[str]) -> None:
-        if self._sum is None:
-            self._sum = {n: torch.zeros(shape, dtype=torch.float32) for n, shape in self.shapes.items()}
-            self._members = Counter()
-        targets = self._targets()
-        added = members - self._members
-        removed = self._members - members
-        count = sum(members.values())
-        for name in self.names:
-            running = self._sum[name]
-            for cid, times in added.items():
-                running.add_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
-            for cid, times in removed.items():
-                running.sub_(read_aligned(self.report, self.sources[cid], cid, name).float(), alpha=times)
-            targets[name].copy_(running / count)
-        self._members = Counter(members)

@@ -66,17 +66,15 @@ def soup_table(report: dict[str, Any]) -> str:
     rows = [row(c["id"], c, _kept(c)) for c in report["candidates"]]
     rows.append(["" for _ in headers])
     best = report["best_individual"]
-    rows.append(row(f"best individual ({best['id']}: best selection {metric})", best, ece=True))
+    rows.append(row(f"best individual ({best['id']})", best, ece=True))
     if report.get("best_by_selection_metric"):
         other = report["best_by_selection_metric"]
-        rows.append(
-            row(f"best individual by {chosen_by} ({other['id']}; not the comparison)", other, ece=True)
-        )
+        rows.append(row(f"best by {chosen_by} ({other['id']}; not compared)", other, ece=True))
     if report.get("oracle") and report["oracle"]["id"] != best["id"]:
         oracle = report["oracle"]
         rows.append(
             row(
-                f"oracle: best on {oracle['split']} ({oracle['id']}; chosen on the answers, not a claim)",
+                f"oracle on {oracle['split']} ({oracle['id']}; not a claim)",
                 oracle,
             )
         )

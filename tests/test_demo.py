@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -28,4 +29,10 @@ def test_demo_quick_runs_offline(tmp_path):
     assert report["soup"]["selection_loss"] <= report["best_individual"]["selection_loss"]
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "great", 1: "other"}
-    assert json.loads((out / "soup.json").read_text())["mixture"] == report["mixture"]
+    written = json.loads((out / "soup.json").read_text())["mixture"]
+    assert [i["weight"] for i in written["ingredients"]] == [
+        i["weight"] for i in report["mixture"]["ingredients"]
+    ]
+    assert [os.path.normpath(out.absolute() / i["id"]) for i in written["ingredients"]] == [
+        i["id"] for i in report["mixture"]["ingredients"]
+    ]  # named relative to the soup folder: no absolute path of this machine in what is pushed

@@ -229,11 +229,22 @@ def test_an_empty_split(zoo, reviews, tmp_path, capsys):
     fails(argv, "empty", capsys, out)
 
 
-def test_a_selection_fraction_smaller_than_one_batch(zoo, reviews, tmp_path, capsys):
+def test_a_selection_split_too_small_to_tell_candidates_apart_warns(zoo, reviews, tmp_path, capsys):
+    """4 selection examples, fewer than one batch: the soup is made, and the report says the split cannot decide."""
+    from test_claims import with_constant_head
+
+    # Two candidates that predict the same label everywhere: no spread at all between their selection scores.
+    runs = [
+        with_constant_head(zoo[k], tmp_path / k, bias) for k, bias in (("a", [1.0, 0.0]), ("b", [2.0, 0.0]))
+    ]
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), *data_args(reviews, "0.01"),
-            "--output", str(out)]  # fmt: skip
-    fails(argv, "leaves 4 selection example(s), fewer than one batch (--batch-size 64)", capsys, out)
+    argv = ["--base", str(zoo["base"]), "--candidates", *map(str, runs), *data_args(reviews, "0.01"),
+            "--output", str(out), "--format", "json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"]["selection"]["size"] == 4
+    assert any("too small to tell these candidates apart" in w for w in report["warnings"])
+    assert (out / "model.safetensors").is_file()
 
 
 def test_a_text_base_without_tokenizer_files(zoo, reviews, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,86 @@ def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
     assert leaked == []
     pushed = hub.store.repos["org/soup"].commits[hub.store.repos["org/soup"].main].files
     assert all(token not in hub.store.blob(digest) for digest in pushed.values())
+
+
+def test_a_soup_of_local_candidates_pushes_no_local_path(hub, zoo, reviews, tmp_path):
+    """The Hub accepts the card (validated like the real one) and no pushed byte names this machine's paths."""
+    env = hub_env(hub, tmp_path)
+    cooked = run(["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), *data_args(reviews),
+                  "--output", str(tmp_path / "soup"), "--push-to", "org/local-soup", "--format", "json", "--quiet"],
+                 env)  # fmt: skip
+    assert cooked.returncode == 0, cooked.stderr
+    repo = hub.store.repos["org/local-soup"]
+    files = repo.commits[repo.main].files
+    assert {"model.safetensors", "soup.json", "README.md", "plots/trajectory.png"} <= set(files)
+    machine = {
+        os.path.commonpath([tmp_path, zoo["root"], reviews["train"]]),
+        str(Path.cwd()),
+        str(Path.home()),
+    }
+    for path, digest in files.items():
+        content = hub.store.blob(digest)
+        assert not [prefix for prefix in machine if prefix.encode() in content], path
+    metadata = _card_metadata(hub.store.blob(files["README.md"]))
+    assert "base_model" not in metadata  # local ingredients have no Hub id to list
+    assert metadata["model-index"][0]["results"][0]["dataset"]["type"] == "train"  # a plain name, not a path
+
+
+def _card_metadata(readme: bytes) -> dict:
+    import yaml
+
+    return yaml.safe_load(readme.decode().split("---", 2)[1])
+
+
+def test_the_test_hub_rejects_metadata_the_hub_rejects(hub, tmp_path):
+    """Like the real Hub: `/api/validate-yaml` (which the client asks before any upload) and the commit itself both
+    refuse README metadata with a path in `base_model`, an unknown relation or licence, a path as a dataset id, or
+    a non-numeric metric."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("org/cards")
+    bad = {
+        "base_model: /tmp/runs/a": "base_model[0]",
+        "base_model: org/x\nbase_model_relation: blend": "base_model_relation",
+        "license: my-own": "license",
+        "datasets:\n- ./train.csv": "datasets[0]",
+        "model-index:\n- name: x\n  results:\n  - task: {type: text-classification}\n    dataset: {type: d, name: d}\n"
+        "    metrics: [{type: accuracy, value: high}]": "metrics[0].value",
+    }
+    for metadata, field in bad.items():
+        readme = f"---\n{metadata}\n---\n# card\n".encode()
+        with pytest.raises(ValueError, match=re.escape(field)):
+            api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="org/cards")
+        # The commit endpoint refuses it too, for a client that skips the check.
+        lines = [{"key": "header", "value": {"summary": "card"}},
+                 {"key": "file", "value": {"path": "README.md", "content": base64.b64encode(readme).decode(),
+                                           "encoding": "base64"}}]  # fmt: skip
+        request = urllib.request.Request(
+            f"{hub.url}/api/models/org/cards/commit/main",
+            data="\n".join(json.dumps(line) for line in lines).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30)
+        assert error.value.code == 400 and field in error.value.read().decode()
+    api.upload_file(path_or_fileobj=card("org/base").encode(), path_in_repo="README.md", repo_id="org/cards")
+    assert "README.md" in hub.store.repos["org/cards"].commits[hub.store.repos["org/cards"].main].files
+
+
+def test_a_card_the_hub_would_reject_is_refused_before_any_upload(hub, zoo, tmp_path):
+    env = hub_env(hub, tmp_path)
+    folder = tmp_path / "soup"
+    merged = run(["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform",
+                  "--output", str(folder)], env)  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().replace("---\n", f"---\nbase_model: {zoo['a']}\n", 1))
+    pushed = run(["push", str(folder), "--to", "org/rejected"], env)
+    assert pushed.returncode == 2 and pushed.stderr.count("hf-soup: error:") == 1, pushed.stderr
+    assert "base_model[0]" in pushed.stderr and "nothing was uploaded" in pushed.stderr
+    assert "org/rejected" not in hub.store.repos and not hub.requests("PUT", "_lfs")

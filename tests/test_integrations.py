@@ -54,11 +54,19 @@ def pot(zoo, reviews, tmp_path_factory):
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=dev,
                       processing_class=tokenizer, compute_metrics=accuracy,
                       callbacks=[SoupCallback(root / "pot", base=str(zoo["base"]))])  # fmt: skip
+    import optuna
+
+    grid = {
+        "learning_rate": [1e-3, 3e-3]
+    }  # a grid: two random draws could pick one rate twice (identical models)
     trainer.hyperparameter_search(
-        hp_space=lambda trial: {"learning_rate": trial.suggest_categorical("learning_rate", [1e-3, 3e-3])},
+        hp_space=lambda trial: {
+            "learning_rate": trial.suggest_categorical("learning_rate", grid["learning_rate"])
+        },
         backend="optuna",
         n_trials=2,
         direction="maximize",
+        sampler=optuna.samplers.GridSampler(grid, seed=0),
     )
     return root / "pot"
 

@@ -107,7 +107,8 @@ def test_manifest_records_alpha_and_temperature_and_the_weights_follow_them(lear
     weights = {i["id"]: i["weight"] for i in manifest["mixture"]["ingredients"]}
     assert weights == pytest.approx(alpha)
     soup = load_file(str(learned_run.output / "model.safetensors"))
-    states = {cid: load_file(str(f"{cid}/model.safetensors")) for cid in alpha}
+    # Local ingredients are named relative to the soup folder in its manifest.
+    states = {cid: load_file(str(learned_run.output / cid / "model.safetensors")) for cid in alpha}
     for name, tensor in soup.items():
         expected = sum(alpha[cid] * states[cid][name].double() for cid in alpha)
         torch.testing.assert_close(tensor.double(), expected, atol=1e-6, rtol=0)

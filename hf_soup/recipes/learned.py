@@ -188,7 +188,7 @@ class MixingTrainer:
                     for indices in self._batches(generator):
                         alpha = torch.softmax(z, dim=1)
                         # No running sum: it would hold a second model-sized buffer for no gain here.
-                        self.workbench.load(self.mixture(alpha, ids, revisions), running_sum=False)
+                        self.workbench.load(self.mixture(alpha, ids, revisions))
                         gradient.reset()
                         batch = self.collator([self.split.features[i] for i in indices])
                         with torch.enable_grad():
