@@ -54,6 +54,7 @@ from .recipes import (
 from .scoring import Scorer, process_state
 from .summary import Summary, ties
 from .verify import ingredient_fingerprints
+from .weights import averaged
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +384,12 @@ def _scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles,
         resamples=config.bootstrap,
         seed=config.seed,
     )
-    report["ties"] = ties(ranked, {cid: scorer.value(score) for cid, score in selection.items()}, losses)
+    report["ties"] = ties(
+        ranked, {cid: scorer.value(s) for cid, s in selection.items()}, losses, scorer.selection_metric
+    )
+    if scorer.selection_metric != spec.primary_metric:  # the best individual's own ranking can tie too
+        by_primary = {cid: scorer.primary_value(s) for cid, s in selection.items()}
+        report["ties"] += ties(rank(ranked, by_primary, losses), by_primary, losses, spec.primary_metric)
     report["warnings"] = [*getattr(plan, "warnings", []), *summary.warnings(ranked)]
     report.update(_recipe_details(recipe, mixture, summary))
     return report
@@ -436,7 +442,7 @@ def _make_recipe(
     if config.recipe == "wise":
         reference = sources[compatibility.accepted[0].id]
         headless = [n for n in reference.keys()
-                    if n not in compatibility.base_names and reference.dtype(n).is_floating_point]  # fmt: skip
+                    if n not in compatibility.base_names and averaged(reference.dtype(n))]  # fmt: skip
         base = Ingredient(compatibility.base.id, 0.0, compatibility.base.revision)
         endpoint = get_recipe(config.wise_of, passes=config.passes)
         return WiseSoup(endpoint, parse_alphas(config.alpha), base, headless)

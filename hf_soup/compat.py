@@ -16,7 +16,7 @@ import torch
 
 from .candidates import Candidate, gather_candidates, resolve_base
 from .errors import IncompatibleCandidatesError, NoCandidatesError
-from .weights import TensorSource
+from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _compare_tensors(reference: TensorSource, other: TensorSource) -> str | None
                 f"tensor {name} has shape {list(other.shape(name))}, expected {list(reference.shape(name))} "
                 "(a resized vocabulary or a different model size)"
             )
-        if reference.dtype(name).is_floating_point != other.dtype(name).is_floating_point:
+        if averaged(reference.dtype(name)) != averaged(other.dtype(name)):
             return f"tensor {name} has dtype {other.dtype(name)}, expected {reference.dtype(name)}"
     return None
 
@@ -197,7 +197,7 @@ class TokenizerCheck:
 
 
 def _signature(candidate: Candidate, source: TensorSource) -> tuple:
-    tensors = tuple(sorted((n, source.shape(n), source.dtype(n).is_floating_point) for n in source.keys()))
+    tensors = tuple(sorted((n, source.shape(n), averaged(source.dtype(n))) for n in source.keys()))
     labels = tuple(sorted(candidate.label_names)) if candidate.label_names else None
     return (_architecture(candidate), candidate.num_labels, tensors, labels)
 
@@ -236,7 +236,7 @@ def _head_tensors(source: TensorSource, num_labels: int, base_names: dict[str, s
     heads = []
     for name in source.keys():
         shape = source.shape(name)
-        if not shape or shape[0] != num_labels or not source.dtype(name).is_floating_point:
+        if not shape or shape[0] != num_labels or not averaged(source.dtype(name)):
             continue
         if name not in base_names or HEAD_PARTS & set(name.split(".")[:-1]):
             heads.append(name)

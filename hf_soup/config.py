@@ -200,6 +200,14 @@ class SoupConfig:
             "Off by default: read the code first."
         ),
     )
+    dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "Dtype of the written soup, which is also the dtype it is scored in. auto: the candidates' common "
+            "dtype (float32 when they differ).",
+            choices=("auto", "float32", "bfloat16", "float16"),
+        ),
+    )
     max_shard_size: str = field(default="2GB", metadata=_opt("Largest safetensors shard of the output."))
     no_cache: bool = field(default=False, metadata=_opt("Neither read nor write the score cache."))
     cache_dir: str | None = field(

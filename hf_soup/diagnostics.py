@@ -22,7 +22,7 @@ import torch
 
 from .compat import BASE, CompatibilityReport
 from .progress import progress_bar
-from .weights import TensorSource
+from .weights import TensorSource, averaged
 
 # Farther than this from the base (relative to the base's norm) is not what fine-tuning produces.
 MAX_RELATIVE_DISTANCE = 1.0
@@ -95,7 +95,7 @@ def diagnose(
     ids = [c.id for c in report.accepted]
     # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
     names = [n for n, b in report.base_names.items()
-             if sources[BASE].dtype(b).is_floating_point and n not in report.head_tensors]  # fmt: skip
+             if averaged(sources[BASE].dtype(b)) and n not in report.head_tensors]  # fmt: skip
     gram = np.zeros((len(ids), len(ids)))
     base_sq = 0.0
     with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:

@@ -207,7 +207,9 @@ class LoraSource:
         delta = self.delta(name)
         if delta is None:
             return tensor
-        return (tensor.float() + delta).to(tensor.dtype)
+        # Kept in float32 until the soup is formed: rounding each W + s·BA to a bf16 base's dtype first would lose
+        # most of a small update before averaging.
+        return tensor.float() + delta
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.get(name)[start:stop]

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .compat import BASE, CompatibilityReport, read_aligned
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleCandidatesError
 from .mixture import Mixture
 from .progress import progress_bar
-from .weights import TensorSource
+from .weights import BUFFER_DTYPES, TensorSource, averaged
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,21 @@ def mix_tensor(
     # Non-float tensors (position ids, BatchNorm's num_batches_tracked) are copied, never averaged, from the
     # reference candidate (the first accepted one): a rule that never depends on how the candidates rank.
     reference = report.accepted[0].id
-    if not sources[reference].dtype(name).is_floating_point:
+    dtype = sources[reference].dtype(name)
+    if not averaged(dtype):
         copied = sources[reference].get(name).clone()
+        if (
+            dtype not in BUFFER_DTYPES
+        ):  # packed or quantized data (uint32, float8): only identical copies soup
+            for cid in mixture.ids():
+                if not torch.equal(
+                    _read(report, sources, cid, name).view(torch.uint8), copied.view(torch.uint8)
+                ):
+                    raise IncompatibleCandidatesError(
+                        f"Tensor {name} is stored as {dtype} (packed or quantized data), which cannot be averaged, "
+                        f"and {cid} differs from {reference} there. Dequantize the candidates to float weights "
+                        "(e.g. save them in bfloat16) and soup those."
+                    )
         return copied, _nbytes(copied)
     pairs = tensor_weights(mixture, name)
     if not pairs:
@@ -99,11 +112,20 @@ def mix_tensor(
     return accumulator, live
 
 
-def _output_dtype(report: CompatibilityReport, sources: dict[str, TensorSource], name: str, reference: str):
-    base_name = report.base_names.get(name)
-    if base_name is not None:
-        return sources[BASE].dtype(base_name)
-    return sources[reference].dtype(name)
+def soup_dtype(
+    report: CompatibilityReport, sources: dict[str, TensorSource], requested: str = "auto"
+) -> torch.dtype:
+    """The dtype the soup is written (and scored) in: `requested`, or with `"auto"` the candidates' common float
+    dtype, float32 when they disagree. Read from the tensor headers: no data is touched."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    dtypes = {
+        sources[c.id].dtype(name)
+        for c in report.accepted
+        for name in sources[c.id].keys()
+        if averaged(sources[c.id].dtype(name))
+    }
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def plan_output(
@@ -113,13 +135,12 @@ def plan_output(
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The soup's tensors as `meta` tensors: names, shapes and output dtypes, with no data."""
-    reference = mixture.ingredients[0].id
+    reference = report.accepted[0].id
+    dtype = dtype or soup_dtype(report, sources)
     return {
         name: torch.empty(
             sources[reference].shape(name),
-            dtype=(dtype or _output_dtype(report, sources, name, reference))
-            if sources[reference].dtype(name).is_floating_point
-            else sources[reference].dtype(name),
+            dtype=dtype if averaged(sources[reference].dtype(name)) else sources[reference].dtype(name),
             device="meta",
         )
         for name in sources[reference].keys()
@@ -147,7 +168,8 @@ def materialize(
         report (`CompatibilityReport`): label alignment and base-name mapping from the check.
         sources (`dict[str, TensorSource]`): open weights of the base (`"__base__"`) and each ingredient.
         output_dir (`Path`): an existing folder.
-        dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to the base's dtype.
+        dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to `soup_dtype` (the
+            candidates' common dtype, float32 when they disagree).
         max_shard_size (`str` or `int`, *optional*, defaults to `"2GB"`): the largest shard.
         overrides (`dict[str, torch.Tensor]`, *optional*): tensors written as given instead of mixed (BatchNorm
             statistics re-estimated on data after averaging).
@@ -207,7 +229,7 @@ class Workbench:
         self.sources = sources
         reference = report.accepted[0].id
         state = model.state_dict()
-        self.names = [n for n in sources[reference].keys() if sources[reference].dtype(n).is_floating_point]
+        self.names = [n for n in sources[reference].keys() if averaged(sources[reference].dtype(n))]
         missing = [n for n in self.names if n not in state]
         if missing:
             raise ConfigError(

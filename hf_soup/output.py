@@ -27,7 +27,7 @@ from .card import write_model_card
 from .compat import CompatibilityReport
 from .errors import DiskSpaceError, OutputExistsError
 from .lora import write_adapter
-from .materialize import materialize, output_bytes, plan_output
+from .materialize import materialize, output_bytes, plan_output, soup_dtype
 from .mixture import Mixture
 from .plots import write_plots
 
@@ -109,7 +109,7 @@ def portable(value: Any, folder: Path) -> Any:
 
 
 def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[str, Any]:
-    """The reference candidate's config, with the aligned label map."""
+    """The reference candidate's config, with the aligned label map and the dtype the tensors are stored in."""
     config = dict(compatibility.accepted[0].config)
     if compatibility.label_names is not None:
         config["id2label"] = {str(i): name for i, name in enumerate(compatibility.label_names)}
@@ -138,7 +138,8 @@ def write_soup_folder(
         DiskSpaceError: the weights do not fit on the output's disk (checked first), or the disk filled up while
             writing; either way nothing is left behind.
     """
-    needed = output_bytes(plan_output(mixture, compatibility, sources))
+    dtype = soup_dtype(compatibility, sources, getattr(config, "dtype", "auto"))
+    needed = output_bytes(plan_output(mixture, compatibility, sources, dtype))
     _check_free_space(output, needed)
     # The staging folder is removed first (inner), then a full disk becomes one error (outer).
     with (
@@ -154,11 +155,13 @@ def write_soup_folder(
                 compatibility,
                 sources,
                 staging,
+                dtype=dtype,
                 max_shard_size=config.max_shard_size,
                 quiet=quiet,
                 overrides=overrides,
             )
-            _write_config(staging, stats, mixture, compatibility, sources)
+            config_json = soup_config(compatibility, str(dtype).removeprefix("torch."))
+            (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         if preprocessor is not None:  # the tokenizer, or the image processor
             preprocessor.save_pretrained(staging)
         manifest = {
@@ -169,6 +172,7 @@ def write_soup_folder(
             "versions": package_versions(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
+            "dtype": str(dtype).removeprefix("torch."),
         }
         # Plots, soup.json and the card all read the portable manifest: nothing in the folder names this machine.
         manifest = portable(json.loads(json.dumps(manifest, default=str)), Path(output).absolute())
@@ -211,17 +215,3 @@ def _check_free_space(output: Path, needed: int) -> None:
             f"Not enough disk space for {output}: the soup's weights need about {_size(needed)} and "
             f"{_size(free)} is free. Free some space or choose another --output."
         )
-
-
-def _write_config(staging: Path, stats, mixture, compatibility, sources) -> None:
-    float_names = [
-        n for n in stats.tensor_sha256 if sources[mixture.ingredients[0].id].dtype(n).is_floating_point
-    ]
-    dtype = (
-        str(sources["__base__"].dtype(compatibility.base_names[float_names[0]])).removeprefix("torch.")
-        if (float_names and float_names[0] in compatibility.base_names)
-        else None
-    )
-    (staging / CONFIG_NAME).write_text(
-        json.dumps(soup_config(compatibility, dtype), indent=2, sort_keys=True) + "\n"
-    )

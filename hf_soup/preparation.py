@@ -23,7 +23,7 @@ from .batchnorm import BatchNormRecalibrator
 from .compat import CompatibilityReport
 from .config import SoupConfig
 from .data import TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
-from .materialize import Workbench
+from .materialize import Workbench, soup_dtype
 from .scoring import Scorer, encode_split
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fing
     return scorer, plan
 
 
-def scoring_model(model_class, reference, trust_remote_code: bool):
-    """A float32 model of the candidates' architecture, whose weights the Workbench then sets per mixture.
+def scoring_model(model_class, reference, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
+    """A model of the candidates' architecture in the soup's dtype (so a soup is scored as it is written), whose
+    weights the Workbench then sets per mixture.
 
     A LoRA reference is built from its merged config: loading the adapter folder would inject the adapter.
     """
@@ -107,10 +108,8 @@ def scoring_model(model_class, reference, trust_remote_code: bool):
         from transformers import AutoConfig
 
         settings = AutoConfig.for_model(**reference.config)
-        return model_class.from_config(settings, dtype=torch.float32)
-    return model_class.from_pretrained(
-        reference.local_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+        return model_class.from_config(settings, dtype=dtype)
+    return model_class.from_pretrained(reference.local_dir, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
@@ -169,7 +168,8 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     if balance.warning:
         logger.warning(balance.warning)
         plan.warnings.append(balance.warning)
-    model = scoring_model(model_class, reference, config.trust_remote_code)
+    dtype = soup_dtype(compatibility, sources, config.dtype)
+    model = scoring_model(model_class, reference, config.trust_remote_code, dtype)
     recalibrate = None
     if config.recalibrate_bn:
         recalibrate = BatchNormRecalibrator(

@@ -101,7 +101,9 @@ def soup_table(report: dict[str, Any]) -> str:
                 )
     for tie in report.get("ties") or []:
         order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in zip(tie["candidates"], tie["losses"]))
-        lines.append(f"TIE at selection {tie['score']:.4f}: {order}; broken by {tie['broken_by']}.")
+        lines.append(
+            f"TIE at selection {tie.get('metric', chosen_by)} {tie['score']:.4f}: {order}; broken by {tie['broken_by']}."
+        )
     for warning in report.get("warnings") or []:
         lines.append(f"WARNING: {warning}")
     if report["task"].get("positive_label") is not None:

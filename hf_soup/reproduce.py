@@ -19,7 +19,7 @@ from .compat import check_compatibility
 from .errors import HubError, ReproduceMismatchError
 from .hub import hub_errors, is_hub_pattern, split_revision
 from .lora import require_lora_candidates, write_adapter
-from .materialize import materialize
+from .materialize import materialize, soup_dtype
 from .mixture import Ingredient, Mixture
 from .output import MANIFEST_NAME
 
@@ -160,7 +160,10 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
                 Path(scratch), mixture, report, sources, locate(options["base"]), options.get("lora_rank")
             )
         else:
-            stats = materialize(mixture, report, sources, Path(scratch), quiet=quiet)
+            dtype = soup_dtype(
+                report, sources, manifest.get("dtype") or "auto"
+            )  # as written (hf-soup >= 0.4)
+            stats = materialize(mixture, report, sources, Path(scratch), dtype=dtype, quiet=quiet)
     published = published_hashes(target)
     # BatchNorm statistics re-estimated on data (--recalibrate-bn) are not a function of the weights alone: the
     # published ones are checked against the manifest, the rebuild's averages are not compared.

@@ -224,7 +224,8 @@ def per_example_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -
 def score_logits(logits: np.ndarray, split: EncodedSplit, spec: TaskSpec) -> SplitScore:
     """Task metrics and mean loss (cross-entropy, or MSE for regression) from logits."""
     predictions = logits[:, 0] if spec.regression else logits.argmax(axis=1)
-    loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression)))
+    # Summed in float64, as `RejectionBound` sums: early rejection then decides exactly as a full evaluation.
+    loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression), dtype=np.float64))
     metrics = compute_metrics(
         spec.metrics, predictions, split.labels, pos_label=split.pos_label, scores=logits
     )
@@ -260,6 +261,31 @@ class RejectionBound:
         if self.metric == SELECTION_LOSS:
             return self.total > self.budget
         return self.total + (self.n - self.seen) < self.needed
+
+
+def logits_unless_hopeless(batches, split: EncodedSplit, spec: TaskSpec, metric: str, must_reach: float):
+    """`(logits, examples seen)` of a trial evaluated batch by batch, or `(None, seen)` as soon as it provably
+    cannot reach `must_reach` (see `RejectionBound`).
+
+    Args:
+        batches (`Iterable[tuple[np.ndarray, np.ndarray]]`): `(example indices, logits)`, as `iter_logits` yields.
+        metric (`str`): `"loss"` or `"accuracy"`, the two metrics with an exact bound.
+    """
+    n = len(split)
+    logits = None
+    bound = RejectionBound(metric, n, must_reach)
+    for indices, batch in batches:
+        if logits is None:
+            logits = np.zeros((n, batch.shape[1]), dtype=np.float32)
+        logits[indices] = batch
+        labels = split.labels[indices]
+        if metric == SELECTION_LOSS:
+            outcomes = per_example_loss(batch, labels, spec.regression)
+        else:
+            outcomes = (batch.argmax(axis=1) == labels).astype(np.float64)
+        if bound.update(outcomes):
+            return None, bound.seen
+    return logits, bound.seen
 
 
 class Scorer:
@@ -377,25 +403,15 @@ class Scorer:
         started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
-        n = len(split)
-        logits = None
-        bound = RejectionBound(self.selection_metric, n, must_reach)
-        for indices, batch in iter_logits(self.workbench.model, split, self.collator, self.batch_size, True):
-            if logits is None:
-                logits = np.zeros((n, batch.shape[1]), dtype=np.float32)
-            logits[indices] = batch
-            self.examples_forwarded += len(indices)
-            labels = split.labels[indices]
-            if self.selection_metric == SELECTION_LOSS:
-                outcomes = per_example_loss(batch, labels, self.spec.regression)
-            else:
-                outcomes = (batch.argmax(axis=1) == labels).astype(np.float64)
-            if bound.update(outcomes):
-                self.early_stops += 1
-                self._record("selection", bound.seen, started, early=True)
-                if self.cache is not None:
-                    self.cache.put(early_key, {"stopped_early": True, "examples": bound.seen})
-                return None
-        self._record("selection", n, started, early=False)
+        batches = iter_logits(self.workbench.model, split, self.collator, self.batch_size, True)
+        logits, seen = logits_unless_hopeless(batches, split, self.spec, self.selection_metric, must_reach)
+        self.examples_forwarded += seen
+        if logits is None:
+            self.early_stops += 1
+            self._record("selection", seen, started, early=True)
+            if self.cache is not None:
+                self.cache.put(early_key, {"stopped_early": True, "examples": seen})
+            return None
+        self._record("selection", seen, started, early=False)
         self.evaluations += 1
         return self.value(self._store(key, score_logits(logits, split, self.spec)))

@@ -119,14 +119,17 @@ class Summary:
         return warnings
 
 
-def ties(ranked: list[str], individual: dict[str, float], losses: dict[str, float]) -> list[dict]:
-    """Groups of candidates with the same selection score, in the order the tie was broken."""
+def ties(
+    ranked: list[str], individual: dict[str, float], losses: dict[str, float], metric: str = "selection"
+) -> list[dict]:
+    """Groups of candidates with the same selection score (in `metric`), in the order the tie was broken."""
     groups: dict[float, list[str]] = {}
     for cid in ranked:
         groups.setdefault(individual[cid], []).append(cid)
     return [
         {
-            "score": score,
+            "metric": metric,
+            "score": -score if metric == "loss" else score,  # losses rank negated
             "candidates": members,
             "losses": [losses[c] for c in members],
             "broken_by": "selection loss, then candidate id",

@@ -15,7 +15,7 @@ from .cache import JsonCache, cache_key
 from .compat import CompatibilityReport
 from .errors import NonFiniteWeightsError
 from .progress import progress_bar
-from .weights import TensorSource
+from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _scan(source: TensorSource, bar) -> tuple[str, str | None]:
     stored = source.stored  # a LoRA adapter's own tensors, not its merged ones (they would re-read the base)
     for name in stored.keys():
         tensor = stored.get(name)
-        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if averaged(tensor.dtype) and not bool(torch.isfinite(tensor).all()):
             return digest.hexdigest(), name
     return digest.hexdigest(), None
 

@@ -35,7 +35,24 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    # Read, never averaged: unsigned ids and packed or quantized weights (float8 needs its scales to mean anything).
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
+# The dtypes a soup averages (in float32); every other tensor is copied (see `materialize.mix_tensor`).
+AVERAGED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+# Copied from the reference candidate even when candidates differ: position ids, BatchNorm's num_batches_tracked.
+BUFFER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def averaged(dtype: torch.dtype) -> bool:
+    """Whether tensors of `dtype` are averaged (float weights) or copied (ids, counters, quantized data)."""
+    return dtype in AVERAGED_DTYPES
 
 
 def find_weight_files(folder: Path) -> tuple[str, list[Path]]:
@@ -111,8 +128,16 @@ class TensorSource:
                 for name in handle.keys():
                     view = handle.get_slice(name)
                     self._shapes[name] = tuple(view.get_shape())
-                    self._dtypes[name] = SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                    stored = view.get_dtype()
+                    if stored not in SAFETENSORS_DTYPES:
+                        raise CandidateFormatError(
+                            f"{path}: tensor {name} is stored as {stored}, which hf-soup cannot read; convert the "
+                            "model to float32, float16 or bfloat16 weights first."
+                        )
+                    self._dtypes[name] = SAFETENSORS_DTYPES[stored]
                 return handle
+            except CandidateFormatError:
+                raise
             except (SafetensorError, OSError, ValueError) as error:
                 raise CandidateFormatError(
                     f"{path} is not a valid safetensors file ({error}); the download may be truncated: "

@@ -1,4 +1,8 @@
-"""Exact early rejection: stopping a hopeless trial never changes the accept/reject decision."""
+"""Exact early rejection: stopping a hopeless trial never changes the accept/reject decision.
+
+The decisions are compared with the real full evaluation (`score_logits`, whose loss and accuracy the recipes
+compare with `>=`), on float32 logits, including bars that tie the trial exactly or sit one float step above it.
+"""
 
 from __future__ import annotations
 
@@ -6,65 +10,73 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_soup.scoring import RejectionBound
+from hf_soup.data import TaskSpec
+from hf_soup.scoring import EncodedSplit, logits_unless_hopeless, score_logits
+
+SPEC = TaskSpec("custom", "text", metrics=("accuracy",))
 
 
-def decide(metric: str, outcomes: np.ndarray, must_reach: float, batch: int) -> tuple[bool, int]:
-    """(accepted, examples forwarded), stopping as soon as the bound says the trial is hopeless."""
-    bound = RejectionBound(metric, len(outcomes), must_reach)
-    for start in range(0, len(outcomes), batch):
-        if bound.update(outcomes[start : start + batch]):
-            return False, start + batch
-    return full_decision(metric, outcomes, must_reach), len(outcomes)
+def split_of(labels: np.ndarray) -> EncodedSplit:
+    return EncodedSplit("selection", [], labels, np.arange(len(labels)), "fingerprint")
 
 
-def full_decision(metric: str, outcomes: np.ndarray, must_reach: float) -> bool:
-    value = float(np.mean(outcomes)) if metric == "accuracy" else -float(np.mean(outcomes))
-    return value >= must_reach
+def batches(logits: np.ndarray, order: np.ndarray, size: int):
+    for start in range(0, len(order), size):
+        indices = order[start : start + size]
+        yield indices, logits[indices]
 
 
-@settings(max_examples=400, deadline=None)
+def full_value(metric: str, logits: np.ndarray, split: EncodedSplit) -> float:
+    """The selection value of a full evaluation, as the scorer computes it (higher is better)."""
+    score = score_logits(logits, split, SPEC)
+    return -score.loss if metric == "loss" else score.metrics["accuracy"]
+
+
+def trial(draw_seed: int, n: int, classes: int, scale: float) -> tuple[np.ndarray, EncodedSplit, np.ndarray]:
+    rng = np.random.default_rng(draw_seed)
+    logits = (rng.standard_normal((n, classes)) * scale).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    return logits, split_of(labels), rng.permutation(n)
+
+
+@settings(max_examples=300, deadline=None)
 @given(
+    metric=st.sampled_from(["loss", "accuracy"]),
     n=st.integers(1, 300),
-    p_trial=st.floats(0, 1),
-    p_bar=st.floats(0, 1),
+    classes=st.integers(2, 5),
+    scale=st.floats(0.01, 8),
     batch=st.integers(1, 64),
     seed=st.integers(0, 2**32 - 1),
+    bar=st.sampled_from(["tie", "just above", "just below", "another trial"]),
 )
-def test_accuracy_early_rejection_is_exact(n, p_trial, p_bar, batch, seed):
-    rng = np.random.default_rng(seed)
-    outcomes = (rng.random(n) < p_trial).astype(np.float64)
-    must_reach = float(np.mean(rng.random(n) < p_bar))  # the score of another soup on the same split
-    accepted, forwarded = decide("accuracy", outcomes, must_reach, batch)
-    assert accepted == full_decision("accuracy", outcomes, must_reach)
-    assert forwarded <= n + batch
-
-
-@settings(max_examples=400, deadline=None)
-@given(
-    n=st.integers(1, 300),
-    scale=st.floats(0.01, 3),
-    bar_scale=st.floats(0.01, 3),
-    batch=st.integers(1, 64),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_loss_early_rejection_is_exact(n, scale, bar_scale, batch, seed):
-    rng = np.random.default_rng(seed)
-    losses = rng.exponential(scale, n)
-    must_reach = -float(np.mean(rng.exponential(bar_scale, n)))
-    accepted, _ = decide("loss", losses, must_reach, batch)
-    assert accepted == full_decision("loss", losses, must_reach)
-
-
-def test_equal_scores_are_never_stopped():
-    outcomes = np.array([1.0, 0.0, 1.0, 1.0])
-    assert decide("accuracy", outcomes, 0.75, 1) == (True, 4)
-    assert decide("loss", np.array([0.25, 0.75]), -0.5, 1)[0]
+def test_early_rejection_decides_as_a_full_evaluation(metric, n, classes, scale, batch, seed, bar):
+    logits, split, order = trial(seed, n, classes, scale)
+    value = full_value(metric, logits, split)
+    if bar == "another trial":  # the score of another soup on the same split
+        other, _, _ = trial(seed + 1, n, classes, scale)
+        must_reach = full_value(metric, other, split)
+    else:
+        must_reach = {"tie": value, "just above": np.nextafter(value, np.inf),
+                      "just below": np.nextafter(value, -np.inf)}[bar]  # fmt: skip
+    kept, seen = logits_unless_hopeless(batches(logits, order, batch), split, SPEC, metric, must_reach)
+    accepted_in_full = value >= must_reach  # the recipes' rule (Recipe 1's `>=`)
+    if kept is None:
+        assert not accepted_in_full, "stopped a trial that a full evaluation accepts"
+        assert seen < n
+    else:
+        assert seen == n and np.array_equal(kept, logits)
+    if bar == "tie":
+        assert kept is not None  # an exact tie is never stopped
 
 
 def test_clearly_worse_trials_forward_fewer_examples():
-    worse = np.zeros(1000)
-    accepted, forwarded = decide("accuracy", worse, 0.9, 50)
-    assert not accepted and forwarded == 150  # 100 wrong out of 1000 already rules out 0.9
-    accepted, forwarded = decide("loss", np.full(1000, 2.0), -0.5, 50)
-    assert not accepted and forwarded <= 300
+    labels = np.zeros(1000, dtype=np.int64)
+    wrong = np.tile(np.array([[0.0, 5.0]], dtype=np.float32), (1000, 1))  # always predicts the other label
+    kept, seen = logits_unless_hopeless(
+        batches(wrong, np.arange(1000), 50), split_of(labels), SPEC, "accuracy", 0.9
+    )
+    assert kept is None and seen == 150  # 150 wrong out of 1000 already rules out 0.9
+    kept, seen = logits_unless_hopeless(
+        batches(wrong, np.arange(1000), 50), split_of(labels), SPEC, "loss", -0.5
+    )
+    assert kept is None and seen == 100  # ~5 nats each: 100 examples exceed the whole budget of 0.5 x 1000

@@ -134,3 +134,33 @@ def test_workbench_trials_match_direct_average(zoo):
             torch.testing.assert_close(
                 state[name].double(), expected[name].to(torch.float64), atol=1e-6, rtol=0
             )
+
+
+def written(mixture, report, sources, folder, dtype=None) -> dict[str, torch.Tensor]:
+    folder.mkdir()
+    materialize(mixture, report, sources, folder, dtype=dtype, quiet=True)
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_the_workbench_scores_exactly_what_is_written(zoo, tmp_path):
+    """After any sequence of trials, a single candidate is its checkpoint bit for bit, and a soup (uniform, or
+    weights that do not sum to 1, in float32 or bf16) holds exactly the tensors `materialize` writes."""
+    ids = [str(zoo[k]) for k in "abcd"]
+    report, sources = check_compatibility(zoo["base"], ids)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForSequenceClassification.from_pretrained(zoo["a"], dtype=dtype)
+        bench = Workbench(model, report, sources)
+        trials = [Mixture.uniform("t", ids[:2]), Mixture.uniform("t", ids[:3]), Mixture.uniform("t", ids[1:])]
+        unnormalised = Mixture("t", (Ingredient(ids[0], 1.0), Ingredient(ids[2], 1.0)))
+        for step, mixture in enumerate([*trials, unnormalised, Mixture.uniform("t", ids[:3])]):
+            bench.load(mixture)
+            expected = written(mixture, report, sources, tmp_path / f"{dtype}-{step}", dtype)
+            state = model.state_dict()
+            for name in bench.names:
+                assert torch.equal(state[name], expected[name]), (dtype, step, name)
+        for key in "abcd":  # a single candidate is scored as itself
+            bench.load(Mixture.uniform("single", [str(zoo[key])]))
+            checkpoint = load_file(str(zoo[key] / "model.safetensors"))
+            state = model.state_dict()
+            for name in bench.names:
+                assert torch.equal(state[name], checkpoint[name].to(dtype)), (key, name)
