@@ -32,6 +32,7 @@ from .diagnostics import Diagnostics, diagnose
 from .errors import IncompatibleCandidatesError, NoCandidatesError, OutputExistsError
 from .hub import check_push_target, push
 from .lora import require_lora_candidates
+from .materialize import soup_dtype
 from .mixture import Ingredient, Mixture
 from .output import write_soup_folder
 from .preparation import (
@@ -53,6 +54,7 @@ from .recipes import (
 )
 from .scoring import Scorer, process_state
 from .summary import Summary, ties
+from .trainer_scoring import trainer_label_names
 from .verify import ingredient_fingerprints
 from .weights import averaged
 
@@ -77,9 +79,10 @@ class SoupResult:
 def check(
     base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False
 ) -> CompatibilityReport:
-    """Check candidates against each other and the base from configs and tensor headers only."""
+    """Check candidates against each other and the base from configs and tensor headers only: no weight file
+    of a Hub candidate or base is downloaded."""
     report, _ = check_compatibility(
-        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, download=False
     )
     return report
 
@@ -171,12 +174,15 @@ def cook(
 def _cook(
     config: SoupConfig, output: Path | None, api, command, quiet, started, timings, scoring
 ) -> SoupResult:
+    trainer = scoring[0]
     compatibility, sources = check_compatibility(
         config.base,
         config.candidates,
         allow_pickle=config.allow_pickle,
         api=api,
         trust_remote_code=config.trust_remote_code,
+        # The trainer's data and model have a label order of their own: candidates are aligned to it by name.
+        label_order=trainer_label_names(trainer) if trainer is not None else None,
     )
     compatibility.raise_if_unusable(strict=config.strict)
     if config.output_kind == "lora":
@@ -203,6 +209,9 @@ def _cook(
         "command": command or " ".join(sys.argv),
         "config": config.to_dict(),
         "excluded": excluded,
+        "dtype": str(soup_dtype(compatibility, sources, config.dtype)).removeprefix(
+            "torch."
+        ),  # written and scored in
     }
     recipe_result: RecipeResult | None = None
     scorer: Scorer | None = None
@@ -229,7 +238,7 @@ def _cook(
         ranked = rank(ids, individual, losses)
         report.update(_scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles, excluded,
                                      compatibility))  # fmt: skip
-        if scoring[0] is not None:  # trainer.model holds the soup afterwards, bit for bit as written
+        if trainer is not None:  # trainer.model holds the soup afterwards, bit for bit as written
             scorer.workbench.load(mixture)
         if config.recalibrate_bn:
             overrides = _recalibrated_statistics(scorer, mixture)

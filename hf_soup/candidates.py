@@ -209,10 +209,24 @@ def _refuse_custom_code(candidate: Candidate, trust_remote_code: bool) -> None:
 
 
 def resolve_base(
-    base: str, allow_pickle: bool = False, api=None, trust_remote_code: bool = False
+    base: str,
+    allow_pickle: bool = False,
+    api=None,
+    trust_remote_code: bool = False,
+    download_weights: bool = True,
 ) -> tuple[Candidate, Any]:
-    """The base model, local or on the Hub, with its tensor headers (Hub: config and tokenizer files only)."""
-    from .hub import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, download, is_hub_pattern, pin, split_revision
+    """The base model, local or on the Hub, with its tensors (or, with `download_weights=False`, a Hub base's
+    config and safetensors headers only: what `hf-soup check` needs)."""
+    from .hub import (
+        TOKENIZER_PATTERNS,
+        WEIGHT_PATTERNS,
+        download,
+        fetch_config,
+        fetch_headers,
+        is_hub_pattern,
+        pin,
+        split_revision,
+    )
     from .weights import TensorSource
 
     if Path(base).is_file():
@@ -224,6 +238,10 @@ def resolve_base(
         return candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
     repo_id, revision = split_revision(base)
     ref = pin(repo_id, revision, api)
+    if not download_weights:
+        folder = fetch_config(ref)
+        candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
+        return _checked_base(candidate, trust_remote_code), fetch_headers(ref, api)
     # The whole base is fetched: its tokenizer is the soup's, and its weights anchor the diagnostics.
     folder = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS])
     candidate = _checked_base(

@@ -287,7 +287,8 @@ def check_compatibility(
 ) -> tuple[CompatibilityReport, dict[str, TensorSource]]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
-    Only configs and tensor headers are read. Hub candidates that pass are then downloaded (`download=True`).
+    Only configs and tensor headers are read. Hub candidates that pass, and a Hub base, are then downloaded
+    (`download=True`); with `download=False` nothing but configs and safetensors headers is fetched.
 
     Args:
         label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
@@ -298,7 +299,9 @@ def check_compatibility(
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    base, base_source = resolve_base(str(base_dir), allow_pickle, api, trust_remote_code)
+    base, base_source = resolve_base(
+        str(base_dir), allow_pickle, api, trust_remote_code, download_weights=download
+    )
     found, refused = gather_candidates(
         list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
     )

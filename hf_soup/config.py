@@ -48,6 +48,13 @@ class SoupConfig:
     label_column: str | None = field(
         default=None, metadata=_opt("The label column of --dataset (image-classification: 'label').")
     )
+    regression: bool = field(
+        default=False,
+        metadata=_opt(
+            "--dataset's label column holds numbers to predict (candidates with num_labels=1): select on mean "
+            "squared error, report Pearson and Spearman."
+        ),
+    )
     image_column: str | None = field(
         default=None, metadata=_opt("image-classification: the image column of --dataset (default: 'image').")
     )

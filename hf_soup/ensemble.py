@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .scoring import EncodedSplit, SplitScore, score_logits
+from .scoring import EncodedSplit, SplitScore
 
 ECE_BINS = 15
 
@@ -33,12 +33,13 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     return float(total / len(labels))
 
 
-def ensemble_score(members: list[SplitScore], split: EncodedSplit, spec) -> SplitScore:
-    """The score of the logit ensemble (the plain mean of the members' logits) on `split`."""
+def ensemble_logits(members: list[SplitScore]) -> np.ndarray:
+    """The logit ensemble's logits: the plain mean of the members' (averaged in float64)."""
     if any(member.logits is None for member in members):
         raise ValueError("ensemble members must carry logits (score them with this version of hf-soup)")
-    logits = np.mean(np.stack([member.logits for member in members]), axis=0, dtype=np.float64)
-    return score_logits(logits.astype(np.float32), split, spec)
+    return np.mean(np.stack([member.logits for member in members]), axis=0, dtype=np.float64).astype(
+        np.float32
+    )
 
 
 def calibration(score: SplitScore, split: EncodedSplit, regression: bool) -> float | None:

@@ -172,7 +172,6 @@ def write_soup_folder(
             "versions": package_versions(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
-            "dtype": str(dtype).removeprefix("torch."),
         }
         # Plots, soup.json and the card all read the portable manifest: nothing in the folder names this machine.
         manifest = portable(json.loads(json.dumps(manifest, default=str)), Path(output).absolute())

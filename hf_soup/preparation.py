@@ -23,6 +23,7 @@ from .batchnorm import BatchNormRecalibrator
 from .compat import CompatibilityReport
 from .config import SoupConfig
 from .data import TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
+from .errors import ConfigError, DatasetError
 from .materialize import Workbench, soup_dtype
 from .scoring import Scorer, encode_split
 
@@ -36,7 +37,6 @@ def load_preprocessor(report: CompatibilityReport, image: bool):
     model with neither (a plain merge of image models, say) gets its image processor, if it has one.
     """
     from .compat import tokenizer_files
-    from .errors import ConfigError
     from .images import load_image_processor
 
     folders = [report.base.local_dir, report.accepted[0].local_dir]
@@ -61,6 +61,7 @@ def task_spec_of(config: SoupConfig) -> TaskSpec:
         config.text_column,
         config.text_pair_column,
         config.label_column,
+        regression=config.regression,
         image_column=config.image_column,
     )
 
@@ -68,7 +69,6 @@ def task_spec_of(config: SoupConfig) -> TaskSpec:
 def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints, cache):
     """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split)."""
     from .data import SplitPlan
-    from .errors import ConfigError
     from .trainer_scoring import TrainerScorer
 
     if trainer.eval_dataset is None:
@@ -91,6 +91,9 @@ def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fing
         model = scoring_model(AutoModelForSequenceClassification, compatibility.accepted[0], False)
         trainer.model = trainer.model_wrapped = model
     trainer.model.to(torch.float32)
+    if compatibility.label_names:  # the soup's head rows follow this order; the live model's config says so
+        trainer.model.config.id2label = dict(enumerate(compatibility.label_names))
+        trainer.model.config.label2id = {name: i for i, name in enumerate(compatibility.label_names)}
     scorer = TrainerScorer(
         trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache
     )
@@ -129,8 +132,6 @@ def encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: 
 
 
 def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, preprocessor, cache, quiet):
-    from .errors import ConfigError
-
     if preprocessor is None:
         raise ConfigError(
             f"Neither the base {config.base} nor {compatibility.accepted[0].id} has tokenizer files; "
@@ -147,6 +148,12 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     for note in plan.notes:
         logger.warning(note)
     reference = compatibility.accepted[0]
+    if spec.regression != (reference.num_labels == 1):
+        kind = "regression" if spec.regression else "classification"
+        fix = "regression needs num_labels=1 models" if spec.regression else "pass --regression for them"
+        raise ConfigError(
+            f"The candidates have {reference.num_labels} output(s) but the task is {kind}: {fix}."
+        )
     spec = spec.with_top5(reference.num_labels)
     encode, collator, model_class = encoder(
         spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
@@ -154,6 +161,17 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
         splits[name] = encode(name, data)
+    for split in splits.values():
+        if split.empty_inputs:
+            message = (
+                f"The {split.name} split has {split.empty_inputs} example(s) with a missing or blank text in "
+                f"{spec.text_column!r}{' or ' + repr(spec.text_pair_column) if spec.text_pair_column else ''}; "
+                "they are scored as empty strings."
+            )
+            if config.strict:
+                raise DatasetError(f"--strict: {message} Fill or drop them, or drop --strict.")
+            logger.warning(message)
+            plan.warnings.append(message)
     requested = (
         *config.extra_metrics,
         *(m for m in [config.selection_metric] if m == "matthews_correlation"),
@@ -202,7 +220,6 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     from types import SimpleNamespace
 
     from .candidates import load_candidate
-    from .errors import ConfigError
     from .scoring import predict, score_logits
 
     candidate = load_candidate(model_dir)
@@ -212,6 +229,7 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
         options.get("text_column"),
         options.get("text_pair_column"),
         options.get("label_column"),
+        regression=bool(options.get("regression")),
         image_column=options.get("image_column"),
     ).with_top5(candidate.num_labels)
     plan = plan_splits(

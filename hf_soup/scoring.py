@@ -42,6 +42,7 @@ class EncodedSplit:
     order: np.ndarray  # example indices from longest to shortest
     fingerprint: str
     pos_label: int = 1
+    empty_inputs: int = 0  # examples whose text (or one of a pair) is missing or blank
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,6 +52,14 @@ def label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num
     raw = list(data[spec.label_column])
     if spec.regression:
         return np.asarray(raw, dtype=np.float32), 1
+    fractional = [v for v in raw if isinstance(v, (float, np.floating)) and not float(v).is_integer()]
+    if fractional:
+        raise DatasetError(
+            f"The {split} split's label column {spec.label_column!r} holds numbers that are not class ids (e.g. "
+            f"{', '.join(f'{v:g}' for v in fractional[:3])}). For a regression task pass --regression (candidates "
+            "with num_labels=1); for classification, use integer ids or label names."
+        )
+    raw = [int(v) if isinstance(v, (float, np.floating)) else v for v in raw]
     names = dataset_label_names(data, spec.label_column)
     values = [names[v] if isinstance(v, (int, np.integer)) and names else v for v in raw]
     if model_labels is not None and names is not None:
@@ -90,8 +99,11 @@ def encode_split(
     """Tokenise `data` once and map its labels to model label ids."""
     check_columns(spec, data, name)
     labels, positive = label_ids(spec, data, model_labels, num_labels, name)
-    texts = [text or "" for text in data[spec.text_column]]
-    pairs = [text or "" for text in data[spec.text_pair_column]] if spec.text_pair_column else None
+    columns = [data[spec.text_column], *([data[spec.text_pair_column]] if spec.text_pair_column else [])]
+    # Missing or blank texts are scored as empty strings, and counted so that the report can say so.
+    empty = sum(1 for row in zip(*columns) if any(t is None or not str(t).strip() for t in row))
+    texts = [text or "" for text in columns[0]]
+    pairs = [text or "" for text in columns[1]] if spec.text_pair_column else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
@@ -101,7 +113,7 @@ def encode_split(
         digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes())
     digest.update(labels.tobytes())
     return EncodedSplit(
-        name, features, labels, np.argsort(-lengths, kind="stable"), digest.hexdigest(), positive
+        name, features, labels, np.argsort(-lengths, kind="stable"), digest.hexdigest(), positive, empty
     )
 
 
@@ -373,6 +385,10 @@ class Scorer:
         return (
             -score.loss if self.selection_metric == SELECTION_LOSS else score.metrics[self.selection_metric]
         )
+
+    def score_logits(self, logits: np.ndarray, split_name: str) -> SplitScore:
+        """Metrics and loss of logits computed elsewhere (a logit ensemble's) on one of the splits."""
+        return score_logits(logits, self.splits[split_name], self.spec)
 
     def primary_value(self, score: SplitScore) -> float:
         """The task's primary metric (accuracy, MCC, Pearson, F1 on rare labels...): what "best individual" means."""

@@ -18,7 +18,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 # The same math as the `evaluate` metrics in `metrics.py`, called directly: a bootstrap calls each one a thousand
 # times, and an `evaluate.Metric` costs ~10 ms per call in bookkeeping alone.
-_METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda y, p: float(np.mean(y == p)),
     "f1": lambda y, p, pos_label=1: float(f1_score(y, p, pos_label=pos_label, zero_division=0.0)),
     "macro_f1": lambda y, p: float(f1_score(y, p, average="macro", zero_division=0.0)),
@@ -58,7 +58,7 @@ def paired_bootstrap(
     ```
     """
     labels, a, b = np.asarray(labels), np.asarray(predictions_a), np.asarray(predictions_b)
-    function = _METRIC_FUNCTIONS[metric]
+    function = METRIC_FUNCTIONS[metric]
     if metric == "f1":
         function = functools.partial(function, pos_label=pos_label)
     delta = function(labels, a) - function(labels, b)

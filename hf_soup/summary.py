@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .ensemble import calibration, ensemble_score
+from .ensemble import calibration, ensemble_logits
 from .metrics import SCORE_METRICS
 from .mixture import Mixture
 from .scoring import Scorer, SplitScore
-from .stats import compare, small_split_warning, topk_hits
+from .stats import METRIC_FUNCTIONS, compare, small_split_warning, topk_hits
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class Summary:
         key = (tuple(ids), split)
         if key not in self._ensembles:
             members = [self.scorer.score(self.singles[cid], split) for cid in ids]
-            self._ensembles[key] = ensemble_score(members, self.scorer.splits[split], self.scorer.spec)
+            # Scored by the scorer's own metrics (a Trainer's `compute_metrics`, or hf-soup's), like any model.
+            self._ensembles[key] = self.scorer.score_logits(ensemble_logits(members), split)
         return self._ensembles[key]
 
     def comparisons(
@@ -89,7 +90,7 @@ class Summary:
                     else self.scorer.score(other, split)
                 )
                 out[split][name] = compare(
-                    tuple(m for m in metrics if m not in SCORE_METRICS),
+                    bootstrappable(metrics, encoded.labels),
                     encoded.labels,
                     np.asarray(score.predictions),
                     np.asarray(reference.predictions),
@@ -117,6 +118,14 @@ class Summary:
                 logger.warning(message)
                 warnings.append(message)
         return warnings
+
+
+def bootstrappable(metrics: tuple[str, ...], labels: np.ndarray) -> tuple[str, ...]:
+    """The metrics whose paired interval hf-soup can recompute from predictions: its own, not a Trainer's
+    `compute_metrics` names it does not know (`precision`, `auc`, ...), and F1 only for binary labels (a
+    multiclass F1 could be averaged in any way). The others are reported and ranked, without an interval."""
+    binary = len(np.unique(labels)) <= 2
+    return tuple(m for m in metrics if m in METRIC_FUNCTIONS and (m != "f1" or binary))
 
 
 def ties(

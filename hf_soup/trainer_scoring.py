@@ -21,7 +21,7 @@ import numpy as np
 from .cache import JsonCache, cache_key
 from .errors import ConfigError, DatasetError
 from .mixture import Mixture
-from .scoring import SELECTION_LOSS, EncodedSplit, SplitScore
+from .scoring import SELECTION_LOSS, EncodedSplit, SplitScore, per_example_loss
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,32 @@ class TrainerTask:
     dataset_config: str | None = None
 
 
+def trainer_label_names(trainer) -> list[str] | None:
+    """The label names, in id order, that the trainer's data and model use: the eval dataset's `ClassLabel`
+    names, else the trainer model's `id2label` (unless generic `LABEL_k`). Candidates are aligned to them by name,
+    exactly as the CLI aligns them to a dataset's labels."""
+    import datasets
+
+    data = trainer.eval_dataset
+    for column in _LABEL_COLUMNS:
+        if (
+            data is not None
+            and column in data.column_names
+            and isinstance(data.features[column], datasets.ClassLabel)
+        ):
+            return list(data.features[column].names)
+    id2label = getattr(getattr(trainer.model, "config", None), "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    if not names or all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    return names
+
+
+_LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
 def _labels(dataset, split: str) -> np.ndarray:
-    for column in ("labels", "label", "label_ids"):
+    for column in _LABEL_COLUMNS:
         if column in dataset.column_names:
             return np.asarray(dataset[column])
     raise DatasetError(f"The trainer's {split} dataset has no labels column ('labels' or 'label').")
@@ -124,6 +148,22 @@ class TrainerScorer:
             return -score.loss
         value = score.metrics[self.selection_metric]
         return value if self.higher_is_better else -value
+
+    def score_logits(self, logits: np.ndarray, split_name: str) -> SplitScore:
+        """Metrics of logits computed elsewhere (a logit ensemble's) through the trainer's own `compute_metrics`,
+        and the mean loss the model's head would give them (cross-entropy, or squared error for regression)."""
+        from transformers import EvalPrediction
+
+        labels = self.splits[split_name].labels
+        computed = {}
+        if self.trainer.compute_metrics is not None:
+            computed = self.trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+        metrics = {
+            name: float(computed.get(name, computed.get(f"eval_{name}"))) for name in self.spec.metrics
+        }
+        loss = float(np.mean(per_example_loss(logits, labels, self.spec.regression), dtype=np.float64))
+        predictions = logits[:, 0] if self.spec.regression else logits.argmax(axis=1)
+        return SplitScore(metrics, loss, len(labels), predictions.tolist(), logits.astype(np.float32))
 
     def primary_value(self, score: SplitScore) -> float:
         """The primary metric as "higher is better": `metric_for_best_model` (with `greater_is_better`) when it is

@@ -371,3 +371,14 @@ def test_a_card_the_hub_would_reject_is_refused_before_any_upload(hub, zoo, tmp_
     assert pushed.returncode == 2 and pushed.stderr.count("hf-soup: error:") == 1, pushed.stderr
     assert "base_model[0]" in pushed.stderr and "nothing was uploaded" in pushed.stderr
     assert "org/rejected" not in hub.store.repos and not hub.requests("PUT", "_lfs")
+
+
+def test_check_reads_headers_and_downloads_no_weights(hub, tmp_path):
+    result = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-*", "--format", "json"],
+        hub_env(hub, tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["accepted"]) == ["org/ft-a", "org/ft-b", "org/ft-c", "org/ft-d"]
+    assert not [path for path in hub.requests("GET") if path.endswith(".safetensors")]  # no full weight file
+    assert hub.requests("GET-RANGE", "org/base/resolve") and hub.requests("GET-RANGE", "org/ft-a/resolve")

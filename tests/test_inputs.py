@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import LABELS, copy_model, installed_script, tiny_config
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, precision_score
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -158,3 +160,130 @@ def test_lora_updates_on_a_bf16_base_stay_float32_until_souped(tmp_path, tokeniz
     assert exact > 0.999, f"only {exact:.1%} of elements equal the float64 reference rounded to bf16"
     ulp = torch.finfo(torch.bfloat16).eps * reference.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
     assert ((soup[name].double() - reference).abs() <= ulp).all()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([HF_SOUP, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_fractional_labels_are_refused_naming_the_column(zoo, reviews, tmp_path):
+    frame = pd.read_csv(reviews["train"]).head(120)
+    frame["score"] = np.resize([0.3, 0.9, 1.7], len(frame))
+    frame.to_csv(tmp_path / "floats.csv", index=False)
+    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset",
+                 str(tmp_path / "floats.csv"), "--text-column", "review", "--label-column", "score",
+                 "--output", str(tmp_path / "soup"))  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
+    assert "label column 'score' holds numbers that are not class ids (e.g. " in result.stderr
+    assert all(value in result.stderr for value in ("0.3", "0.9", "1.7"))
+    assert "--regression" in result.stderr and not (tmp_path / "soup").exists()
+
+
+def test_missing_texts_are_counted_and_fatal_with_strict(zoo, reviews, tmp_path):
+    frame = pd.read_csv(reviews["test"])
+    blank = frame.index[::10]
+    frame.loc[blank, "review"] = np.resize(["", "   ", None], len(blank))
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset", str(reviews["train"]),
+            "--report-split", str(tmp_path / "test.csv"), "--text-column", "review", "--label-column", "score",
+            "--max-length", "64", "--recipe", "uniform"]  # fmt: skip
+    result = cli(*args, "--format", "json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    expected = int(pd.read_csv(tmp_path / "test.csv")["review"].fillna("").str.strip().eq("").sum())
+    assert expected == len(blank)
+    assert any(f"test.csv split has {expected} example(s) with a missing or blank text" in w
+               for w in json.loads(result.stdout)["warnings"])  # fmt: skip
+    strict = cli(*args, "--strict", "--output", str(tmp_path / "soup"))
+    assert strict.returncode == 2 and "--strict: The test.csv split has" in strict.stderr
+    assert not (tmp_path / "soup").exists()
+
+
+def with_packed_tensor(source, target, values: list[int], dtype=torch.uint32):
+    """A copy of `source` that also stores `quant.packed` as uint32 (packed or quantized data)."""
+    folder = copy_model(source, target)
+    state = load_file(str(folder / "model.safetensors"))
+    state["quant.packed"] = torch.tensor(values, dtype=torch.int64).to(dtype)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_packed_tensors_are_copied_when_identical_and_refused_when_not(zoo, tmp_path):
+    same = [with_packed_tensor(zoo[k], tmp_path / "same" / k, [7, 4_000_000_000]) for k in "ab"]
+    out = tmp_path / "soup"
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *map(str, same),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    packed = load_file(str(out / "model.safetensors"))["quant.packed"]
+    assert packed.dtype == torch.uint32 and packed.to(torch.int64).tolist() == [
+        7,
+        4_000_000_000,
+    ]  # not averaged
+
+    differ = [
+        with_packed_tensor(zoo[k], tmp_path / "differ" / k, [7, value]) for k, value in (("a", 1), ("b", 2))
+    ]
+    result = cli("--base", str(zoo["base"]), "--candidates", *map(str, differ), "--recipe", "uniform",
+                 "--output", str(tmp_path / "refused"))  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
+    assert "quant.packed is stored as torch.uint32" in result.stderr and "Dequantize" in result.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_trainer_path_matches_labels_by_name_and_takes_any_metric(zoo, reviews, tmp_path):
+    """The trainer's data and model list the labels as (other, great); one candidate stores them that way too."""
+    from test_compat import permute_labels
+    from transformers import Trainer, TrainingArguments
+
+    from hf_soup import cook
+
+    reversed_b = permute_labels(copy_model(zoo["b"], tmp_path / "b-reversed"))
+    trainer_labels = ["other", "great"]
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+
+    def tokenized(path):
+        frame = pd.read_csv(path).head(80)
+        encoded = tokenizer(list(frame["review"]), truncation=True, max_length=64)
+        return Dataset.from_dict(
+            {**encoded, "labels": [trainer_labels.index(s) for s in frame["score"]]}
+        ), frame
+
+    selection, selection_frame = tokenized(reviews["train"])
+    report_split, _ = tokenized(reviews["test"])
+
+    def metrics(prediction):
+        predicted = prediction.predictions.argmax(-1)
+        return {"accuracy": float((predicted == prediction.label_ids).mean()),
+                "precision": float(precision_score(prediction.label_ids, predicted, zero_division=0))}  # fmt: skip
+
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=32, report_to="none",
+                             metric_for_best_model="accuracy", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(
+        permute_labels(copy_model(zoo["a"], tmp_path / "live"))
+    )
+    trainer = Trainer(model=model, args=args, eval_dataset=selection, processing_class=tokenizer,
+                      compute_metrics=metrics)  # fmt: skip
+    result = cook(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(reversed_b)], trainer=trainer,
+                  recipe="greedy", report_dataset=report_split, quiet=True)  # fmt: skip
+    report = result.report
+    for candidate in report[
+        "candidates"
+    ]:  # each candidate's accuracy, by label name, from plain transformers
+        own = AutoModelForSequenceClassification.from_pretrained(candidate["id"]).eval()
+        with torch.no_grad():
+            batch = tokenizer(list(selection_frame["review"]), truncation=True, max_length=64, padding=True,
+                              return_tensors="pt")  # fmt: skip
+            names = [own.config.id2label[i] for i in own(**batch).logits.argmax(-1).tolist()]
+        expected = accuracy_score(list(selection_frame["score"]), names)
+        assert candidate["selection"]["accuracy"] == pytest.approx(expected), candidate["id"]
+        assert "precision" in candidate["selection"]
+    assert "precision" not in report["comparisons"]["report"]["soup"]  # reported, without an interval
+    assert "accuracy" in report["comparisons"]["report"]["soup"]
+    assert trainer.model.config.id2label == {0: "other", 1: "great"}
