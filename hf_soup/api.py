@@ -398,7 +398,9 @@ def _scored_report(config, scorer, plan, recipe, recipe_result, ranked, singles,
     )
     if scorer.selection_metric != spec.primary_metric:  # the best individual's own ranking can tie too
         by_primary = {cid: scorer.primary_value(s) for cid, s in selection.items()}
-        report["ties"] += ties(rank(ranked, by_primary, losses), by_primary, losses, spec.primary_metric)
+        best_group = [t for t in ties(rank(ranked, by_primary, losses), by_primary, losses, spec.primary_metric)
+                      if best_id in t["candidates"]]  # fmt: skip
+        report["ties"] += best_group  # only the tie that decided the best individual
     report["warnings"] = [*getattr(plan, "warnings", []), *summary.warnings(ranked)]
     report.update(_recipe_details(recipe, mixture, summary))
     return report

@@ -216,6 +216,9 @@ def load_data(source: str, config: str | None = None, split: str | None = None):
                 raise DatasetError(f"{source}: unsupported file type; use CSV, JSON(L) or parquet.")
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             return load_dataset(builder, data_files={"train": str(path)}, split=split, **kwargs)
+        if by_split := _files_by_split(path):
+            builder, files = by_split
+            return load_dataset(builder, data_files=files, split=split)
         return load_dataset(source, config, split=split)
     except DatasetError:
         raise
@@ -225,6 +228,20 @@ def load_data(source: str, config: str | None = None, split: str | None = None):
             f"{' split ' + split if split else ''}: {str(error).splitlines()[0]}. Offline, Hub datasets must "
             "already be in the datasets cache; otherwise pass a local file or folder with --dataset."
         ) from error
+
+
+def _files_by_split(folder: Path) -> tuple[str, dict[str, str]] | None:
+    """A folder of data files named after their splits (`train.csv`, `validation_matched.csv`, ...): each file is
+    the split its name says. `datasets` would fold `validation_matched` and `validation_mismatched` into one
+    `validation` split, losing MNLI's two report splits."""
+    if not folder.is_dir():
+        return None
+    files = {f.stem: f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in _DATA_BUILDERS}
+    files.pop("dataset_dict", None), files.pop("dataset_info", None), files.pop("state", None)
+    builders = {_DATA_BUILDERS[f.suffix.lower()] for f in files.values()}
+    if "train" not in files or len(builders) != 1 or any(f.suffix.lower() == ".tsv" for f in files.values()):
+        return None
+    return builders.pop(), {stem: str(f) for stem, f in files.items()}
 
 
 @dataclass

@@ -100,10 +100,15 @@ def soup_table(report: dict[str, Any]) -> str:
                     f"(paired bootstrap 95% CI{extra}; {verdict})"
                 )
     for tie in report.get("ties") or []:
-        order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in zip(tie["candidates"], tie["losses"]))
-        lines.append(
-            f"TIE at selection {tie.get('metric', chosen_by)} {tie['score']:.4f}: {order}; broken by {tie['broken_by']}."
-        )
+        at = f"TIE at selection {tie.get('metric', chosen_by)} {tie['score']:.4f}"
+        members = list(zip(tie["candidates"], tie["losses"]))
+        if len(members) > 2:  # a long list stays in the JSON report; the table names the winner
+            first, loss = members[0]
+            lines.append(f"{at} between {len(members)} candidates, broken by {tie['broken_by']}: {first} "
+                         f"(loss {loss:.4f}) ranks first.")  # fmt: skip
+        else:
+            order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in members)
+            lines.append(f"{at}: {order}; broken by {tie['broken_by']}.")
     for warning in report.get("warnings") or []:
         lines.append(f"WARNING: {warning}")
     if report["task"].get("positive_label") is not None:
