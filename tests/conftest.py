@@ -6,8 +6,11 @@ BertForSequenceClassification fine-tunes of it with one shared seeded head, as r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +31,17 @@ def isolated_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_SOUP_CACHE", str(tmp_path / "soup_cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`hf-soup ARGS` through its entry point, `hf_soup.cli.main`, in this process (no interpreter start-up);
+    stdout and stderr are captured as a subprocess's would be."""
+    from hf_soup.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["hf-soup", *args], code, out.getvalue(), err.getvalue())
 
 
 def installed_script(name: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LABELS, copy_model, data_dir, fine_tune, installed_script
+from conftest import LABELS, copy_model, data_dir, fine_tune, installed_script, run_main
 from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 from scipy.stats import pearsonr
@@ -26,8 +26,12 @@ HF_SOUP = installed_script("hf-soup")
 
 
 def cli(*args: str, env=None) -> dict:
-    result = subprocess.run([HF_SOUP, *args, "--format", "json", "--quiet"], capture_output=True, text=True,
-                            timeout=900, env=env)  # fmt: skip
+    """The CLI's JSON report: in this process, or (with `env`, for the test Hub) in a subprocess."""
+    if env is None:
+        result = run_main(*args, "--format", "json", "--quiet")
+    else:
+        result = subprocess.run([HF_SOUP, *args, "--format", "json", "--quiet"], capture_output=True, text=True,
+                                timeout=900, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

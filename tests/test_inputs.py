@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LABELS, copy_model, installed_script, tiny_config
+from conftest import LABELS, copy_model, run_main, tiny_config
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, precision_score
@@ -19,8 +19,6 @@ from transformers import (
     BertForSequenceClassification,
     BertModel,
 )
-
-HF_SOUP = installed_script("hf-soup")
 
 
 def classifier_base(zoo, folder, labels: list[str]):
@@ -43,12 +41,11 @@ def classifier_base(zoo, folder, labels: list[str]):
 
 
 def wise(zoo, reviews, base, out, alpha: str) -> dict:
-    result = subprocess.run(
-        [HF_SOUP, "--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset", str(reviews["train"]),
-         "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
-         "--max-length", "64", "--max-eval-examples", "40", "--recipe", "wise", "--wise-of", "uniform",
-         "--alpha", alpha, "--output", str(out), "--format", "json", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+    result = run_main(
+        "--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset", str(reviews["train"]),
+        "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
+        "--max-length", "64", "--max-eval-examples", "40", "--recipe", "wise", "--wise-of", "uniform",
+        "--alpha", alpha, "--output", str(out), "--format", "json", "--quiet",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -92,11 +89,10 @@ def to_bf16(source, target):
 def test_bf16_candidates_give_a_bf16_soup_scored_as_written(zoo, reviews, tmp_path):
     runs = [to_bf16(zoo[k], tmp_path / "runs" / k) for k in "abc"]
     out = tmp_path / "soup"
-    result = subprocess.run(
-        [HF_SOUP, "--base", str(zoo["base"]), "--candidates", *map(str, runs), "--dataset", str(reviews["train"]),
-         "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
-         "--max-length", "64", "--recipe", "uniform", "--output", str(out), "--format", "json", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+    result = run_main(
+        "--base", str(zoo["base"]), "--candidates", *map(str, runs), "--dataset", str(reviews["train"]),
+        "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
+        "--max-length", "64", "--recipe", "uniform", "--output", str(out), "--format", "json", "--quiet",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -141,9 +137,8 @@ def test_lora_updates_on_a_bf16_base_stay_float32_until_souped(tmp_path, tokeniz
         peft_model.save_pretrained(tmp_path / "runs" / str(seed))
         adapters.append(tmp_path / "runs" / str(seed))
     out = tmp_path / "soup"
-    result = subprocess.run([HF_SOUP, "--base", str(tmp_path / "base"), "--candidates", *map(str, adapters),
-                             "--recipe", "uniform", "--output", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = run_main("--base", str(tmp_path / "base"), "--candidates", *map(str, adapters), "--recipe", "uniform",
+                      "--output", str(out), "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr
     soup = load_file(str(out / "model.safetensors"))
     base = load_file(str(tmp_path / "base" / "model.safetensors"))
@@ -163,7 +158,7 @@ def test_lora_updates_on_a_bf16_base_stay_float32_until_souped(tmp_path, tokeniz
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HF_SOUP, *args], capture_output=True, text=True, timeout=600)
+    return run_main(*args)
 
 
 def test_fractional_labels_are_refused_naming_the_column(zoo, reviews, tmp_path):
