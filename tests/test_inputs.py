@@ -194,16 +194,20 @@ def test_missing_texts_are_counted_and_fatal_with_strict(zoo, reviews, tmp_path)
 
 
 def with_packed_tensor(source, target, values: list[int], dtype=torch.uint32):
-    """A copy of `source` that also stores `quant.packed` as uint32 (packed or quantized data)."""
+    """A copy of `source` that also stores `quant.packed` as `dtype` (packed or quantized data)."""
     folder = copy_model(source, target)
     state = load_file(str(folder / "model.safetensors"))
-    state["quant.packed"] = torch.tensor(values, dtype=torch.int64).to(dtype)
+    state["quant.packed"] = torch.tensor(
+        values, dtype=torch.float64 if dtype.is_floating_point else torch.int64
+    ).to(dtype)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
-def test_packed_tensors_are_copied_when_identical_and_refused_when_not(zoo, tmp_path):
-    same = [with_packed_tensor(zoo[k], tmp_path / "same" / k, [7, 4_000_000_000]) for k in "ab"]
+@pytest.mark.parametrize("dtype", [torch.uint32, torch.float8_e4m3fn])
+def test_packed_tensors_are_copied_when_identical_and_refused_when_not(zoo, tmp_path, dtype):
+    values = [7, 4_000_000_000] if dtype == torch.uint32 else [7, 448]  # 448: float8_e4m3fn's largest value
+    same = [with_packed_tensor(zoo[k], tmp_path / "same" / k, values, dtype) for k in "ab"]
     out = tmp_path / "soup"
     result = cli(
         "--base",
@@ -217,18 +221,16 @@ def test_packed_tensors_are_copied_when_identical_and_refused_when_not(zoo, tmp_
     )
     assert result.returncode == 0, result.stderr
     packed = load_file(str(out / "model.safetensors"))["quant.packed"]
-    assert packed.dtype == torch.uint32 and packed.to(torch.int64).tolist() == [
-        7,
-        4_000_000_000,
-    ]  # not averaged
+    assert (
+        packed.dtype == dtype and packed.to(torch.float64).tolist() == values
+    )  # copied bit for bit, not averaged
 
-    differ = [
-        with_packed_tensor(zoo[k], tmp_path / "differ" / k, [7, value]) for k, value in (("a", 1), ("b", 2))
-    ]
+    pairs = (("a", 1), ("b", 2))
+    differ = [with_packed_tensor(zoo[k], tmp_path / "differ" / k, [7, value], dtype) for k, value in pairs]
     result = cli("--base", str(zoo["base"]), "--candidates", *map(str, differ), "--recipe", "uniform",
                  "--output", str(tmp_path / "refused"))  # fmt: skip
     assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
-    assert "quant.packed is stored as torch.uint32" in result.stderr and "Dequantize" in result.stderr
+    assert f"quant.packed is stored as {dtype}" in result.stderr and "Dequantize" in result.stderr
     assert not (tmp_path / "refused").exists()
 
 

@@ -62,3 +62,17 @@ def test_small_split_warning():
     assert "too small" in small_split_warning([0.80, 0.81, 0.805], n=50)
     # 5000 examples and a 10-point spread: well separated.
     assert small_split_warning([0.70, 0.80, 0.75], n=5000) is None
+
+
+def test_intervals_only_for_metrics_hf_soup_can_recompute():
+    """A Trainer's own metric names get no interval (never a KeyError), nor does F1 on more than two labels, whose
+    averaging hf-soup cannot know; the paired bootstrap then runs on multiclass labels without crashing."""
+    from hf_soup.stats import compare
+    from hf_soup.summary import bootstrappable
+
+    binary, multiclass = np.array([0, 1, 1, 0]), np.array([0, 1, 2, 2])
+    assert bootstrappable(("accuracy", "f1", "precision", "auc"), binary) == ("accuracy", "f1")
+    assert bootstrappable(("accuracy", "f1", "macro_f1"), multiclass) == ("accuracy", "macro_f1")
+    kept = bootstrappable(("accuracy", "f1", "macro_f1"), multiclass)
+    result = compare(kept, multiclass, np.array([0, 1, 2, 1]), np.array([0, 2, 2, 2]), resamples=50)
+    assert set(result) == {"accuracy", "macro_f1"} and result["accuracy"]["delta"] == pytest.approx(0.0)
