@@ -215,7 +215,12 @@ def test_hf_cli_dispatches_to_hf_soup(tmp_path):
     manifest.save(home / ".local" / "share" / "hf" / "extensions" / "hf-soup")
     env = {**hub_env(None, tmp_path, offline=True), "HOME": str(home)}
     result = subprocess.run(
-        [installed_script("hf"), "soup", "--help"], capture_output=True, text=True, env=env, timeout=120
+        # The `hf` CLI of this environment, wherever huggingface_hub's own scripts were installed.
+        [sys.executable, "-m", "huggingface_hub.cli.hf", "soup", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "usage: hf-soup" in result.stdout and "reproduce" in result.stdout

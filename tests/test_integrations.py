@@ -11,7 +11,6 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import installed_script
 from datasets import Dataset
 from safetensors.torch import load_file
 from test_compat import Payload
@@ -23,7 +22,8 @@ from hf_soup.integrations import INGREDIENT_FILE, SoupCallback
 LABELS = ["great", "other"]
 # Two CPU processes in one gloo group. (`accelerate launch --cpu` starts a single process unless given an MPI
 # hostfile; `--multi_gpu` is accelerate's torchrun launcher, and ACCELERATE_USE_CPU=1 puts it on the CPU.)
-LAUNCH_TWO_CPU_PROCESSES = [installed_script("accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+# `accelerate launch` of this environment's accelerate, wherever its scripts were installed.
+LAUNCH_TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
