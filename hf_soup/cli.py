@@ -24,7 +24,8 @@ from .errors import EXIT_CODE, HfSoupError
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo")
 MISMATCH_EXIT_CODE = 1
 # The `SoupConfig` fields that `hf-soup evaluate` takes.
-EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "image_column", "selection_split",
+EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "positive_label",
+                    "extra_metrics", "image_column", "selection_split",
                     "report_split", "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")  # fmt: skip
 FORMATS = ("human", "json")
 

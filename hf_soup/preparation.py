@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForImageClassification,
@@ -255,10 +256,21 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     encode, collator, model_class = encoder(
         spec, preprocessor, candidate.label_names, candidate.num_labels, settings, quiet
     )
-    model = model_class.from_pretrained(model_dir, dtype=torch.float32)
+    # The same metrics as `cook` reports for this data (F1 of the rarer label, macro-F1, ...), decided from the
+    # selection split's labels; and the folder's own dtype, as it was scored when it was made.
+    if spec.name == "custom" and not spec.regression:
+        balance = fit_metrics_to_labels(
+            spec, encode("selection", plan.selection).labels, candidate.num_labels, candidate.label_names,
+            options.get("positive_label"), tuple(options.get("extra_metrics") or ()),
+        )  # fmt: skip
+    else:
+        balance = fit_metrics_to_labels(spec, np.zeros(0, dtype=np.int64), candidate.num_labels, None)
+    spec = balance.spec
+    model = model_class.from_pretrained(model_dir, dtype="auto")
     scores = {}
     for name, data in plan.reports.items():
         split = encode(name, data)
+        split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
         logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}

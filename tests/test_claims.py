@@ -206,6 +206,15 @@ def test_f1_on_rare_labels_is_sklearns_and_drives_a_greedy_soup(zoo, rare_positi
     assert soup["f1"] == pytest.approx(f1_score(labels, predicted, pos_label=LABELS.index("other")), abs=1e-6)
     assert soup["accuracy"] == pytest.approx(accuracy_score(labels, predicted), abs=1e-6)
     assert "f1" in report["comparisons"]["test.csv"]["soup"]
+    # `hf-soup evaluate` on the written folder reports the same metrics, with the same positive label.
+    options = data_args(rare_positives["train"], rare_positives["test"], "--selection-fraction", "0.3")
+    evaluated = cli(
+        "evaluate", str(out), *options, "--extra-metrics", "matthews_correlation", "--format", "json"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test.csv"]["metrics"] == pytest.approx(
+        report["soup"]["report"]["test.csv"]
+    )
 
 
 def test_positive_label_must_be_a_label(zoo, rare_positives, tmp_path):
