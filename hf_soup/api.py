@@ -201,6 +201,7 @@ def _cook(
     pool = [cid for cid in ids if cid not in excluded]  # what recipes may put in the soup
     image = (config.task or "").lower() == IMAGE_TASK
     preprocessor, preprocessor_dir = load_preprocessor(compatibility, image)
+    dtype = soup_dtype(compatibility, sources, config.dtype)
 
     report: dict[str, Any] = {
         "recipe": _describe(get_recipe("uniform")),  # an unscored run is a plain uniform merge
@@ -209,9 +210,7 @@ def _cook(
         "command": command or " ".join(sys.argv),
         "config": config.to_dict(),
         "excluded": excluded,
-        "dtype": str(soup_dtype(compatibility, sources, config.dtype)).removeprefix(
-            "torch."
-        ),  # written and scored in
+        "dtype": str(dtype).removeprefix("torch."),  # the soup is written and scored in it
     }
     recipe_result: RecipeResult | None = None
     scorer: Scorer | None = None
@@ -229,9 +228,8 @@ def _cook(
         timings["data"] = time.perf_counter() - started - sum(timings.values())
         singles = {cid: Mixture.uniform("single", [cid], revisions) for cid in ids}
         individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
-        losses = {
-            cid: scorer.score(m, "selection").loss for cid, m in singles.items()
-        }  # ties on coarse metrics
+        # Selection losses break ties on coarse metrics such as accuracy.
+        losses = {cid: scorer.score(m, "selection").loss for cid, m in singles.items()}
         recipe = _make_recipe(config, compatibility, sources, scorer, quiet)
         recipe_result = recipe.cook(pool, individual, scorer.selection_value, revisions, tie_break=losses)
         mixture = recipe_result.mixture
