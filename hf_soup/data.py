@@ -236,8 +236,12 @@ def _files_by_split(folder: Path) -> tuple[str, dict[str, str]] | None:
     `validation` split, losing MNLI's two report splits."""
     if not folder.is_dir():
         return None
-    files = {f.stem: f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in _DATA_BUILDERS}
-    files.pop("dataset_dict", None), files.pop("dataset_info", None), files.pop("state", None)
+    metadata = {"dataset_dict", "dataset_info", "state"}  # `save_to_disk` bookkeeping, not data
+    files = {
+        f.stem: f
+        for f in folder.iterdir()
+        if f.is_file() and f.suffix.lower() in _DATA_BUILDERS and f.stem not in metadata
+    }
     builders = {_DATA_BUILDERS[f.suffix.lower()] for f in files.values()}
     if "train" not in files or len(builders) != 1 or any(f.suffix.lower() == ".tsv" for f in files.values()):
         return None

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForImageClassification,
@@ -23,7 +22,7 @@ from transformers import (
 from .batchnorm import BatchNormRecalibrator
 from .compat import CompatibilityReport
 from .config import SoupConfig
-from .data import TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
+from .data import LabelBalance, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
 from .errors import ConfigError, DatasetError
 from .materialize import Workbench, soup_dtype
 from .scoring import Scorer, encode_split
@@ -264,7 +263,7 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
             options.get("positive_label"), tuple(options.get("extra_metrics") or ()),
         )  # fmt: skip
     else:
-        balance = fit_metrics_to_labels(spec, np.zeros(0, dtype=np.int64), candidate.num_labels, None)
+        balance = LabelBalance(spec)
     spec = balance.spec
     model = model_class.from_pretrained(model_dir, dtype="auto")
     scores = {}
