@@ -25,7 +25,7 @@ import torch
 from transformers import BertForSequenceClassification, BertModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import LABELS, data_dir, tiny_config
+from conftest import BUNDLED_DATA, LABELS, tiny_config
 
 from hf_soup import SoupConfig, cook
 from hf_soup.reproduce import reproduce
@@ -59,7 +59,7 @@ def build_fixtures(root: Path, tokenizer_dir: Path) -> None:
         model = BertForSequenceClassification(config)
         model.load_state_dict(state)
         model.save_pretrained(root / "runs" / name)
-    frame = pd.read_csv(data_dir() / "train.csv")
+    frame = pd.read_csv(BUNDLED_DATA / "train.csv")  # ships with hf-soup: the same on every machine
     frame = frame[frame["score"].isin(LABELS)]
     frame.iloc[:48].to_csv(root / "select.csv", index=False)
     frame.iloc[48:96].to_csv(root / "test.csv", index=False)
@@ -89,7 +89,7 @@ def _rounded(value):
     return value
 
 
-_NUMBER = re.compile(r"-?\d+\.\d{5,}")
+_NUMBER = re.compile(r"(?<![\w/.])-?\d+\.\d{5,}")  # not inside URLs (arXiv ids)
 
 
 def observed(folder: Path) -> dict[str, object]:
