@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
-
 from .api import SoupResult, check, cook
 from .compat import CompatibilityReport
 from .config import SoupConfig
 from .data import carve_selection
 from .errors import HfSoupError
-from .mixture import Ingredient, Mixture, Recipe
+from .mixture import Ingredient, Mixture
+from .results import Entry, SoupManifest, SoupSummary
+from .version import __version__
 
 __all__ = [
     "CompatibilityReport",
+    "Entry",
     "HfSoupError",
     "Ingredient",
     "Mixture",
-    "Recipe",
     "SoupConfig",
+    "SoupManifest",
     "SoupResult",
+    "SoupSummary",
     "__version__",
     "carve_selection",
     "check",

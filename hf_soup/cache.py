@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import constants
 
-from . import __version__
+from .version import __version__
 
 
 def default_cache_dir() -> Path:

@@ -17,6 +17,21 @@ from typing import Any
 from transformers.utils import CONFIG_NAME
 
 from .errors import CandidateFormatError, NoCandidatesError
+from .hub import (
+    ADAPTER_PATTERNS,
+    TOKENIZER_PATTERNS,
+    WEIGHT_PATTERNS,
+    derives_from,
+    download,
+    expand,
+    fetch_config,
+    fetch_headers,
+    is_hub_pattern,
+    pin,
+    split_revision,
+)
+from .lora import check_adapter, is_adapter_folder, open_lora_candidate, read_adapter_config
+from .weights import TensorSource
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
@@ -117,8 +132,6 @@ def resolve_patterns(
 
 def split_patterns(patterns: list[str]) -> tuple[list[str], list[str]]:
     """`(local, hub)` patterns. A local folder or glob that matches something wins over a Hub id of that name."""
-    from .hub import is_hub_pattern
-
     local, hub = [], []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
@@ -147,10 +160,6 @@ def gather_candidates(
     Returns:
         `(readable, rejected)`: `(candidate, headers)` pairs, and `(id, reason)` pairs.
     """
-    from .hub import ADAPTER_PATTERNS, derives_from, download, expand, fetch_config, fetch_headers, pin
-    from .lora import check_adapter, is_adapter_folder, read_adapter_config
-    from .weights import TensorSource
-
     local, hub = split_patterns(patterns)
     readable: list[tuple[Candidate, Any]] = []
     rejected: list[tuple[str, str]] = []
@@ -193,8 +202,6 @@ def gather_candidates(
 
 def _lora_candidate(cid: str, folder: Path, base: Candidate, base_source, source="local", revision=None):
     """A LoRA adapter as a candidate: the merged model's config, and its tensors read through the base."""
-    from .lora import open_lora_candidate
-
     config, tensors = open_lora_candidate(folder, base, base_source)
     return Candidate(cid, folder, config, source=source, revision=revision, kind="lora"), tensors
 
@@ -217,18 +224,6 @@ def resolve_base(
 ) -> tuple[Candidate, Any]:
     """The base model, local or on the Hub, with its tensors (or, with `download_weights=False`, a Hub base's
     config and safetensors headers only: what `hf-soup check` needs)."""
-    from .hub import (
-        TOKENIZER_PATTERNS,
-        WEIGHT_PATTERNS,
-        download,
-        fetch_config,
-        fetch_headers,
-        is_hub_pattern,
-        pin,
-        split_revision,
-    )
-    from .weights import TensorSource
-
     if Path(base).is_file():
         raise CandidateFormatError(
             f"--base {base} is a file; pass the pretrained model's folder ({Path(base).parent}), with its config.json."

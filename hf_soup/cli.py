@@ -17,9 +17,9 @@ import sys
 import threading
 from typing import Any
 
-from . import __version__
 from .config import SoupConfig
 from .errors import EXIT_CODE, HfSoupError
+from .version import __version__
 
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo")
 MISMATCH_EXIT_CODE = 1
@@ -153,7 +153,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _main_process() -> bool:
     """False on every rank but 0 under `accelerate launch`: those ranks compute, and print or write nothing."""
-    from .scoring import process_state
+    from .runtime import process_state
 
     return process_state().is_main_process
 
@@ -207,7 +207,7 @@ def _run(args, argv: list[str]) -> int:
         from .demo import run_demo
 
         result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
-        _emit(args, result.report, soup_table(result.report) + f"\nSoup written to {result.output}")
+        _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
         return 0
 
     from .api import cook
@@ -216,17 +216,18 @@ def _run(args, argv: list[str]) -> int:
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
         print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
+    summary = result.summary
     human = (
-        soup_table(result.report)
-        if result.report.get("soup")
-        else f"Merged {len(result.mixture.ingredients)} models (no scoring)."
+        soup_table(summary)
+        if summary.scored
+        else f"Merged {len(summary.mixture.ingredients)} models (no scoring)."
     )
-    if result.report.get("lora"):
-        human += "\n" + lora_summary(result.report["lora"])
+    if summary.lora:
+        human += "\n" + lora_summary(summary.lora)
     if result.output:
         human += f"\nSoup written to {result.output}"
-    if result.report.get("push"):
-        human += f"\nPushed: {result.report['push']['commit_url']}"
+    if result.push:
+        human += f"\nPushed: {result.push['commit_url']}"
     _emit(args, result.report, human)
     return 0
 
@@ -283,8 +284,11 @@ def _push(args) -> int:
     return 0
 
 
-def _config_from_eval(args) -> dict:
-    return {k: getattr(args, k) for k in EVALUATE_OPTIONS}
+def _config_from_eval(args) -> SoupConfig:
+    """The evaluation options as a `SoupConfig` (same defaults and checks as a soup run), scoring `args.model`."""
+    return SoupConfig(
+        base=args.model, candidates=[args.model], **{k: getattr(args, k) for k in EVALUATE_OPTIONS}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

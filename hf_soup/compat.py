@@ -12,18 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .candidates import Candidate, gather_candidates, resolve_base
 from .errors import IncompatibleCandidatesError, NoCandidatesError
+from .hub import WEIGHT_PATTERNS, HubRef, download
+from .sources import HEAD_PARTS, Alignment, SoupSources, TensorReader
 from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
-
-# Module names under which classification heads live in transformers models (BERT/ViT `classifier`,
-# RoBERTa `classifier.out_proj`, decoder models `score`, ConvNeXt-style `head`).
-HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
-BASE = "__base__"  # the base's key among the tensor sources
 
 
 @dataclass
@@ -40,12 +35,20 @@ class CompatibilityReport:
     rejected: list[Rejection]
     base: Candidate
     label_names: list[str] | None
-    # Row order to apply to each head tensor so every candidate's labels follow `label_names`.
-    permutations: dict[str, list[int]] = field(default_factory=dict)
-    head_tensors: list[str] = field(default_factory=list)
-    # Candidate tensor name -> base tensor name, for the tensors the base also has.
-    base_names: dict[str, str] = field(default_factory=dict)
+    alignment: Alignment = field(default_factory=Alignment)  # shared with the `SoupSources`
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def permutations(self) -> dict[str, list[int]]:
+        return self.alignment.permutations
+
+    @property
+    def head_tensors(self) -> list[str]:
+        return self.alignment.head_tensors
+
+    @property
+    def base_names(self) -> dict[str, str]:
+        return self.alignment.base_names
 
     def raise_if_unusable(self, strict: bool = False, minimum: int = 2) -> None:
         """Fail when `strict` and anything was rejected, or when fewer than `minimum` candidates remain."""
@@ -123,7 +126,7 @@ def _describe_names(missing: set[str], extra: set[str]) -> str:
     return "; ".join(parts)
 
 
-def _compare_tensors(reference: TensorSource, other: TensorSource) -> str | None:
+def _compare_tensors(reference: TensorReader, other: TensorReader) -> str | None:
     ref_names, other_names = set(reference.keys()), set(other.keys())
     if ref_names != other_names:
         return f"tensor names differ: {_describe_names(ref_names - other_names, other_names - ref_names)}"
@@ -196,7 +199,7 @@ class TokenizerCheck:
         )
 
 
-def _signature(candidate: Candidate, source: TensorSource) -> tuple:
+def _signature(candidate: Candidate, source: TensorReader) -> tuple:
     tensors = tuple(sorted((n, source.shape(n), averaged(source.dtype(n))) for n in source.keys()))
     labels = tuple(sorted(candidate.label_names)) if candidate.label_names else None
     return (_architecture(candidate), candidate.num_labels, tensors, labels)
@@ -214,7 +217,7 @@ def _align_labels(reference: list[str] | None, candidate: Candidate) -> tuple[li
     return [names.index(label) for label in reference], None
 
 
-def _base_name_map(base: TensorSource, candidate: TensorSource) -> dict[str, str]:
+def _base_name_map(base: TensorReader, candidate: TensorReader) -> dict[str, str]:
     """Match base tensor names to candidate names, allowing for the task model's prefix (`bert.` etc.)."""
     candidate_names = set(candidate.keys())
     prefixes = Counter(name.split(".", 1)[0] for name in candidate_names if "." in name)
@@ -232,7 +235,7 @@ def _base_name_map(base: TensorSource, candidate: TensorSource) -> dict[str, str
     return mapping
 
 
-def _head_tensors(source: TensorSource, num_labels: int, base_names: dict[str, str]) -> list[str]:
+def _head_tensors(source: TensorReader, num_labels: int, base_names: dict[str, str]) -> list[str]:
     heads = []
     for name in source.keys():
         shape = source.shape(name)
@@ -252,8 +255,8 @@ class _BaseHead:
 
 def _base_head(
     base: Candidate,
-    base_source: TensorSource,
-    reference_source: TensorSource,
+    base_source: TensorReader,
+    reference_source: TensorReader,
     base_names: dict[str, str],
     labels: list[str] | None,
 ) -> _BaseHead:
@@ -279,12 +282,13 @@ def _base_head(
 def check_compatibility(
     base_dir: str | Path,
     patterns: list[str],
+    *,
     allow_pickle: bool = False,
     label_order: list[str] | None = None,
     api=None,
     download: bool = True,
     trust_remote_code: bool = False,
-) -> tuple[CompatibilityReport, dict[str, TensorSource]]:
+) -> tuple[CompatibilityReport, SoupSources]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
     Only configs and tensor headers are read. Hub candidates that pass, and a Hub base, are then downloaded
@@ -294,7 +298,7 @@ def check_compatibility(
         label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
 
     Returns:
-        `(report, sources)`: the report, and an open `TensorSource` for the base and each accepted candidate.
+        `(report, sources)`: the report, and the open weights of the base and of each accepted candidate.
     """
     from huggingface_hub import HfApi
 
@@ -305,153 +309,132 @@ def check_compatibility(
     found, refused = gather_candidates(
         list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
     )
-
-    accepted: list[Candidate] = []
-    rejected: list[Rejection] = [Rejection(cid, reason) for cid, reason in refused]
-    sources: dict[str, TensorSource] = {"__base__": base_source}
-    permutations: dict[str, list[int]] = {}
-    warnings: list[str] = []
-    reference: Candidate | None = None
-    reference_labels: list[str] | None = None
-    readable = found
-
-    if readable:
-        # The reference is the first candidate of the most common kind, so one odd folder cannot reject the rest.
-        kinds = Counter(_signature(c, s) for c, s in readable)
-        top = max(kinds.values())
-        reference, _ = next((c, s) for c, s in readable if kinds[_signature(c, s)] == top)
-        sources[reference.id] = dict((c.id, s) for c, s in readable)[reference.id]
-        reference_labels = (
-            label_order
-            or reference.label_names
-            or next(
-                (
-                    c.label_names
-                    for c, s in readable
-                    if c.label_names
-                    and _signature(c, s)[:3] == _signature(reference, sources[reference.id])[:3]
-                ),
-                None,
-            )
-        )
-
-    tokenizers = (
-        TokenizerCheck(base.local_dir if tokenizer_files(base.local_dir) else Path(reference.local_dir))
-        if reference
-        else None
+    screening = _Screening(found, label_order, base)
+    for candidate, source in found:
+        screening.screen(candidate, source)
+    report = CompatibilityReport(
+        accepted=screening.accepted,
+        rejected=[*(Rejection(cid, reason) for cid, reason in refused), *screening.rejected],
+        base=base,
+        label_names=screening.labels,
+        alignment=Alignment(permutations=screening.permutations),
+        warnings=screening.warnings,
     )
-    for candidate, source in readable:
-        assert reference is not None and tokenizers is not None
+    readers = {c.id: screening.readers[c.id] for c in report.accepted}
+    if download:
+        _download_hub_candidates(
+            report.accepted, readers, allow_pickle, ["*.py"] if trust_remote_code else []
+        )
+    if report.accepted:
+        _align_with_base(report, base_source, readers[report.accepted[0].id], str(base_dir))
+        report.warnings.extend(_dtype_warnings(readers))
+    for message in report.warnings:
+        logger.warning(message)
+    return report, SoupSources(base.id, base_source, readers, report.alignment)
+
+
+class _Screening:
+    """Checks candidates one by one against the reference: the first candidate of the most common kind, so one
+    odd folder cannot reject the rest."""
+
+    def __init__(self, found: list[tuple[Candidate, TensorReader]], label_order, base: Candidate):
+        self.accepted: list[Candidate] = []
+        self.rejected: list[Rejection] = []
+        self.readers: dict[str, TensorReader] = {}
+        self.permutations: dict[str, list[int]] = {}
+        self.warnings: list[str] = []
+        self.reference: Candidate | None = None
+        self.labels: list[str] | None = None
+        if not found:
+            return
+        kinds = Counter(_signature(c, s) for c, s in found)
+        top = max(kinds.values())
+        self.reference, self.reference_source = next(
+            (c, s) for c, s in found if kinds[_signature(c, s)] == top
+        )
+        shape = _signature(self.reference, self.reference_source)[:3]
+        same_shape = (c.label_names for c, s in found if c.label_names and _signature(c, s)[:3] == shape)
+        self.labels = label_order or self.reference.label_names or next(same_shape, None)
+        folder = base.local_dir if tokenizer_files(base.local_dir) else Path(self.reference.local_dir)
+        self.tokenizers = TokenizerCheck(folder)
+
+    def screen(self, candidate: Candidate, source: TensorReader) -> None:
+        problem, permutation = self._problem(candidate, source)
+        if problem:
+            self.rejected.append(Rejection(candidate.id, problem))
+            return
+        if permutation is not None:
+            self.permutations[candidate.id] = permutation
+        if candidate.label_names is None and self.labels is not None:
+            self.warnings.append(
+                f"{candidate.id} has generic LABEL_k names; its label order is assumed to be {self.labels}"
+            )
+        # Keep the reference first: its config, label order and tensor names define the soup.
+        self.accepted.insert(0, candidate) if candidate is self.reference else self.accepted.append(candidate)
+        self.readers[candidate.id] = source
+
+    def _problem(self, candidate: Candidate, source: TensorReader) -> tuple[str | None, list[int] | None]:
+        reference = self.reference
         if _architecture(candidate) != _architecture(reference):
-            rejected.append(
-                Rejection(
-                    candidate.id,
-                    f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
-                    f"{reference.model_type}/{','.join(reference.architectures)}",
-                )
-            )
-            continue
+            return (f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
+                    f"{reference.model_type}/{','.join(reference.architectures)}"), None  # fmt: skip
         if candidate.num_labels != reference.num_labels:
-            rejected.append(
-                Rejection(candidate.id, f"{candidate.num_labels} labels, expected {reference.num_labels}")
-            )
-            continue
-        problem = candidate is not reference and _compare_tensors(sources[reference.id], source)
+            return f"{candidate.num_labels} labels, expected {reference.num_labels}", None
+        problem = candidate is not reference and _compare_tensors(self.reference_source, source)
         if problem and _ties_embeddings(candidate) != _ties_embeddings(reference):
             problem = (
                 f"tie_word_embeddings is {_ties_embeddings(candidate)} but {_ties_embeddings(reference)} for the "
                 f"reference {reference.id}: a tied and an untied output layer cannot be averaged ({problem})"
             )
-        problem = problem or (candidate.source == "local" and tokenizers.problem(candidate.local_dir))
+        problem = problem or (candidate.source == "local" and self.tokenizers.problem(candidate.local_dir))
         if problem:
-            rejected.append(Rejection(candidate.id, problem))
-            continue
-        permutation, label_problem = _align_labels(reference_labels, candidate)
-        if label_problem:
-            rejected.append(Rejection(candidate.id, label_problem))
-            continue
-        if permutation is not None:
-            permutations[candidate.id] = permutation
-        if candidate.label_names is None and reference_labels is not None:
-            warnings.append(
-                f"{candidate.id} has generic LABEL_k names; its label order is assumed to be {reference_labels}"
-            )
-        accepted.append(candidate)
-        sources[candidate.id] = source
-    # Keep the reference first: its config, label order and tensor names define the soup.
-    accepted.sort(key=lambda c: c is not reference)
-    if download:
-        _download_hub_candidates(accepted, sources, allow_pickle, ["*.py"] if trust_remote_code else [])
+            return problem, None
+        permutation, label_problem = _align_labels(self.labels, candidate)
+        return label_problem, permutation
 
-    base_names: dict[str, str] = {}
-    head: list[str] = []
-    if accepted:
-        reference_source = sources[accepted[0].id]
-        base_names = _base_name_map(base_source, reference_source)
-        if not base_names:
+
+def _align_with_base(
+    report: CompatibilityReport, base_source: TensorReader, reference_source: TensorReader, base_dir: str
+) -> None:
+    """Map the reference's tensor names to the base's, decide what to do with a base's own head, and find the
+    head tensors (the ones whose rows follow the labels)."""
+    alignment = report.alignment
+    base_names = _base_name_map(base_source, reference_source)
+    if not base_names:
+        raise IncompatibleCandidatesError(
+            f"The base {base_dir} shares no tensor with the candidates: it is not their initialisation. "
+            "Pass the pretrained model they were fine-tuned from as --base."
+        )
+    base_head = _base_head(report.base, base_source, reference_source, base_names, report.label_names)
+    if base_head.dropped:
+        report.warnings.append(base_head.dropped)
+        base_names = {c: b for c, b in base_names.items() if c not in base_head.names}
+    else:
+        alignment.base_permutation = base_head.permutation
+    for cand_name, base_name in base_names.items():
+        if base_source.shape(base_name) != reference_source.shape(cand_name):
             raise IncompatibleCandidatesError(
-                f"The base {base_dir} shares no tensor with the candidates: it is not their initialisation. "
-                "Pass the pretrained model they were fine-tuned from as --base."
+                f"The base {base_dir} has {base_name} of shape {list(base_source.shape(base_name))} but the "
+                f"candidates have {list(reference_source.shape(cand_name))}: pass the model they were "
+                "fine-tuned from as --base."
             )
-        base_head = _base_head(base, base_source, reference_source, base_names, reference_labels)
-        if base_head.dropped:
-            warnings.append(base_head.dropped)
-            base_names = {c: b for c, b in base_names.items() if c not in base_head.names}
-        elif base_head.permutation is not None:
-            permutations[BASE] = base_head.permutation
-        for cand_name, base_name in base_names.items():
-            if base_source.shape(base_name) != reference_source.shape(cand_name):
-                raise IncompatibleCandidatesError(
-                    f"The base {base_dir} has {base_name} of shape {list(base_source.shape(base_name))} but the "
-                    f"candidates have {list(reference_source.shape(cand_name))}: pass the model they were "
-                    "fine-tuned from as --base."
-                )
-        head = _head_tensors(reference_source, accepted[0].num_labels, base_names)
-        dtypes = {str(sources[c.id].dtype(n)) for c in accepted for n in list(sources[c.id].keys())[:1]}
-        if len(dtypes) > 1:
-            warnings.append(
-                f"candidates mix dtypes ({', '.join(sorted(dtypes))}); they are averaged in float32"
-            )
-    for message in warnings:
-        logger.warning(message)
-    report = CompatibilityReport(
-        accepted=accepted,
-        rejected=rejected,
-        base=base,
-        label_names=reference_labels,
-        permutations=permutations,
-        head_tensors=head,
-        base_names=base_names,
-        warnings=warnings,
-    )
-    return report, sources
+    alignment.base_names = base_names
+    alignment.head_tensors = _head_tensors(reference_source, report.accepted[0].num_labels, base_names)
+
+
+def _dtype_warnings(readers: dict[str, TensorReader]) -> list[str]:
+    dtypes = {str(reader.dtype(n)) for reader in readers.values() for n in list(reader.keys())[:1]}
+    if len(dtypes) > 1:
+        return [f"candidates mix dtypes ({', '.join(sorted(dtypes))}); they are averaged in float32"]
+    return []
 
 
 def _download_hub_candidates(
-    accepted: list[Candidate], sources: dict, allow_pickle: bool, extra_patterns: list[str]
+    accepted: list[Candidate], readers: dict[str, TensorReader], allow_pickle: bool, extra_patterns: list[str]
 ) -> None:
     """Fetch the accepted Hub candidates at their pinned SHAs, and open their weights."""
-    from .hub import WEIGHT_PATTERNS, HubRef
-    from .hub import download as hub_download
-
     for candidate in accepted:
         if candidate.source == "hub" and candidate.kind == "full":  # adapters are small and already fetched
             ref = HubRef(candidate.id, candidate.revision)
-            candidate.local_dir = hub_download(ref, [*WEIGHT_PATTERNS, *extra_patterns])
-            sources[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
-
-
-def read_aligned(
-    report: CompatibilityReport,
-    source: TensorSource,
-    candidate_id: str,
-    name: str,
-    stored_name: str | None = None,
-) -> torch.Tensor:
-    """Read one tensor of a candidate (or of the base, stored as `stored_name`), with its head rows in the
-    reference label order."""
-    tensor = source.get(stored_name or name)
-    permutation = report.permutations.get(candidate_id)
-    if permutation is not None and name in report.head_tensors:
-        tensor = tensor[permutation]
-    return tensor
+            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *extra_patterns])
+            readers[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)

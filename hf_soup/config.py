@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import get_args
 
-from .data import GLUE_TASKS, IMAGE_TASK
+from .data import GLUE_TASKS, IMAGE_TASK, is_image_task
 from .errors import ConfigError
-from .mixture import Recipe
+from .hub import check_repo_id
+from .recipes import RECIPES, recipe_class
+from .recipes.learned import GRANULARITIES, Granularity
+from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
 
 
 def _opt(help: str, **cli) -> dict:
@@ -82,9 +84,8 @@ class SoupConfig:
             metavar="R",
         ),
     )
-    recipe: Recipe = field(
-        default="greedy", metadata=_opt("How to choose ingredients.", choices=get_args(Recipe))
-    )
+    # The registry itself: a recipe registered there is a valid --recipe.
+    recipe: str = field(default="greedy", metadata=_opt("How to choose ingredients.", choices=RECIPES))
     passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
     alpha: str = field(
         default="0:1:0.1",
@@ -94,17 +95,13 @@ class SoupConfig:
             metavar="A",
         ),
     )
-    wise_of: str = field(
+    wise_of: WiseEndpoint = field(
         default="greedy",
-        metadata=_opt(
-            "WiSE-FT: the soup interpolated with the base.", choices=("greedy", "uniform", "pruned")
-        ),
+        metadata=_opt("WiSE-FT: the soup interpolated with the base.", choices=WISE_ENDPOINTS),
     )
-    granularity: str = field(
+    granularity: Granularity = field(
         default="model",
-        metadata=_opt(
-            "Learned soup: one weight per model, or per layer (tensor).", choices=("model", "layer")
-        ),
+        metadata=_opt("Learned soup: one weight per model, or per layer (tensor).", choices=GRANULARITIES),
     )
     learn_epochs: int = field(default=3, metadata=_opt("Learned soup: epochs over the selection split."))
     learn_lr: float = field(
@@ -228,9 +225,8 @@ class SoupConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.recipe not in get_args(Recipe):
-            raise ConfigError(f"Unknown recipe {self.recipe!r}: choose one of {', '.join(get_args(Recipe))}.")
-        image = bool(self.task) and self.task.lower() == IMAGE_TASK
+        recipe = recipe_class(self.recipe)  # refuses an unknown name
+        image = self.image_task
         if self.task and not image and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
             raise ConfigError(
                 f"Unknown task {self.task!r}: choose {IMAGE_TASK} or one of glue/{', glue/'.join(GLUE_TASKS)}."
@@ -244,10 +240,11 @@ class SoupConfig:
             raise ConfigError(f"--recalibrate-bn takes a number of batches >= 0, got {self.recalibrate_bn}.")
         if self.lora_rank is not None and (self.output_kind != "lora" or self.lora_rank < 1):
             raise ConfigError("--lora-rank R (R >= 1) only applies with --output-kind lora.")
-        if not self.task and not self.dataset and not self.scored_by_trainer and self.recipe != "uniform":
+        if not self.scored and recipe.needs_data:
+            data_free = ", ".join(name for name, known in RECIPES.items() if not known.needs_data)
             raise ConfigError(
                 f"--recipe {self.recipe} scores candidates: give --task glue/<name> or --dataset. "
-                "Only --recipe uniform runs without data (a plain merge)."
+                f"Without data, only data-free recipes run ({data_free}; uniform is a plain merge)."
             )
         if self.dataset and not self.task and not (self.text_column and self.label_column):
             raise ConfigError(
@@ -256,23 +253,16 @@ class SoupConfig:
         if not 0 < self.selection_fraction < 1:
             raise ConfigError(f"--selection-fraction must be between 0 and 1, got {self.selection_fraction}.")
         if self.push_to:
-            from .hub import check_repo_id
-
             check_repo_id(self.push_to)
-        if self.recipe == "wise":
-            from .recipes.wise import parse_alphas
-
-            parse_alphas(self.alpha)
-        if self.recipe == "learned":
-            from .recipes.learned import LearnedOptions
-
-            LearnedOptions(
-                self.granularity, self.learn_epochs, self.learn_lr, self.learn_batch_size, self.seed
-            )
+        recipe.validate(self)  # the recipe's own options
         if self.passes < 1:
             raise ConfigError("--passes must be at least 1.")
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", [self.candidates])
+
+    @property
+    def image_task(self) -> bool:
+        return is_image_task(self.task)
 
     @property
     def scored(self) -> bool:

@@ -21,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 IMAGE_TASK = "image-classification"
+
+
+def is_image_task(task: str | None) -> bool:
+    """Whether `--task` names image classification: the one place this is decided."""
+    return bool(task) and task.lower() == IMAGE_TASK
+
+
 TOP5 = "top5_accuracy"
 # A class holding less than this share of a uniform split (1/K each) is rare: 20% of the examples for binary labels.
 RARE_SHARE_OF_UNIFORM = 0.4
@@ -101,6 +108,7 @@ GLUE: dict[str, TaskSpec] = {
 def task_spec(
     task: str | None = None,
     dataset: str | None = None,
+    *,
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = None,
@@ -111,7 +119,7 @@ def task_spec(
 
     `--task glue/sst2 --dataset ./copy` evaluates a local copy of GLUE data with GLUE's columns and metrics.
     """
-    if task and task.lower() == IMAGE_TASK:
+    if is_image_task(task):
         if not dataset:
             raise DatasetError(
                 "--task image-classification needs --dataset: an imagefolder, parquet files or a Hub dataset id."
@@ -140,7 +148,9 @@ def task_spec(
             "--dataset needs --text-column and --label-column (and --text-pair-column for pairs)."
         )
     metrics = ("pearson", "spearmanr") if regression else ("accuracy",)
-    return TaskSpec("custom", text_column, label_column, text_pair_column, metrics, regression, (), dataset)
+    return TaskSpec(
+        "custom", text_column, label_column, text_pair_column, metrics, regression=regression, dataset=dataset
+    )
 
 
 @dataclass(frozen=True)
@@ -304,16 +314,7 @@ def plan_splits(
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({"train": loaded})
     notes: list[str] = []
-
-    if report_split:
-        name = Path(report_split).name if Path(report_split).is_file() else report_split
-        reports = {name: _resolve_split(spec, loaded, report_split)}
-    else:
-        names = [s for s in spec.report_splits if s in loaded] or [
-            s for s in ("test", "validation") if s in loaded
-        ]
-        reports = {name: loaded[name] for name in names}
-
+    reports = _report_splits(spec, loaded, report_split)
     if selection_split:
         selection_name = Path(selection_split).name if Path(selection_split).is_file() else selection_split
         selection = _resolve_split(spec, loaded, selection_split)
@@ -338,7 +339,6 @@ def plan_splits(
         raise DatasetError(
             f"{spec.dataset} has no test or validation split to report on; pass --report-split."
         )
-
     same = selection_split is not None and selection_split in (report_split, *reports)
     if same:
         notes.append(
@@ -348,12 +348,27 @@ def plan_splits(
     if max_eval_examples:
         selection = _subsample(selection, max_eval_examples, seed)
         reports = {name: _subsample(data, max_eval_examples, seed) for name, data in reports.items()}
-    for name, data in [("selection", selection), *reports.items()]:
+    _refuse_empty({"selection": selection, **reports})
+    return SplitPlan(selection, reports, selection_name, same, notes)
+
+
+def _report_splits(spec: TaskSpec, loaded: DatasetDict, report_split: str | None) -> dict[str, Dataset]:
+    """`--report-split` (a split name or a file), else the task's report splits, else test / validation."""
+    if report_split:
+        name = Path(report_split).name if Path(report_split).is_file() else report_split
+        return {name: _resolve_split(spec, loaded, report_split)}
+    names = [s for s in spec.report_splits if s in loaded] or [
+        s for s in ("test", "validation") if s in loaded
+    ]
+    return {name: loaded[name] for name in names}
+
+
+def _refuse_empty(splits: dict[str, Dataset]) -> None:
+    for name, data in splits.items():
         if len(data) == 0:
             raise DatasetError(
                 f"The {name} split is empty; choose another split or a larger --selection-fraction."
             )
-    return SplitPlan(selection, reports, selection_name, same, notes)
 
 
 def _subsample(data: Dataset, limit: int, seed: int) -> Dataset:

@@ -21,7 +21,7 @@ import torch
 
 from .api import SoupResult, cook
 from .config import SoupConfig
-from .data import carve_selection
+from .data import carve_selection, load_data
 from .errors import DemoError
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,6 @@ def run_demo(
             there (a folder with `soup.json`) is replaced; anything else is refused.
         workdir (`str` or `Path`, *optional*): where the start and the variants go; reused when rerun.
     """
-    from .data import load_data
-
     output = Path(output)
     if output.exists() and not (output / "soup.json").is_file():
         raise DemoError(f"{output} exists and is not an earlier demo soup; choose another --output.")
@@ -193,7 +191,6 @@ def run_demo(
         command = "hf-soup demo" + (" --quick" if quick else "")
         result = cook(config, command=command, quiet=quiet)
         result.timings.update({"fine_tuning": trained - started, "total": time.perf_counter() - started})
-        result.report["timings"] = {k: round(v, 1) for k, v in result.timings.items()}
         return result
     finally:
         if scratch is not None:

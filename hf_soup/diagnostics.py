@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .compat import BASE, CompatibilityReport
 from .progress import progress_bar
-from .weights import TensorSource, averaged
+from .sources import SoupSources, TensorReader
+from .weights import averaged
 
 # Farther than this from the base (relative to the base's norm) is not what fine-tuning produces.
 MAX_RELATIVE_DISTANCE = 1.0
@@ -80,34 +80,65 @@ def _blocks(shape: tuple[int, ...], block_elements: int):
         yield start, min(rows, start + step)
 
 
-def _read_block(source: TensorSource, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
+def _read_block(source: TensorReader, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
     tensor = source.get(name) if scalar else source.rows(name, start, stop)
     return tensor.to(torch.float64).reshape(-1)
 
 
+def _delta_blocks(sources: SoupSources, ids: list[str], name: str, block_elements: int):
+    """`(base block, task-vector blocks θ_i − θ_0)` of one tensor, in float64, streamed in row blocks. A head the
+    base has too is read whole, with its rows aligned to the soup's label order."""
+    base_name = sources.alignment.base_names[name]
+    if name in sources.alignment.head_tensors:
+        base = sources.read_base(name).to(torch.float64).reshape(-1)
+        yield base, torch.stack([sources.read(cid, name).to(torch.float64).reshape(-1) - base for cid in ids])
+        return
+    shape = sources.base.shape(base_name)
+    for start, stop in _blocks(shape, block_elements):
+        base = _read_block(sources.base, base_name, start, stop, not shape)
+        deltas = [_read_block(sources.candidates[cid], name, start, stop, not shape) - base for cid in ids]
+        yield base, torch.stack(deltas)
+
+
+def shared_tensors(sources: SoupSources) -> list[str]:
+    """The float tensors the base has too (candidate names): where task vectors θ_i − θ_0 exist."""
+    alignment = sources.alignment
+    return [n for n, b in alignment.base_names.items() if averaged(sources.base.dtype(b))]
+
+
+def tensor_cosines(sources: SoupSources, ids: list[str], block_elements: int = 1 << 20, quiet: bool = False):
+    """Per tensor the base has, the mean pairwise cosine between the candidates' task vectors θ_i − θ_0 (each
+    tensor flattened), streamed: what Model Stock needs. A zero task vector counts as orthogonal (cosine 0)."""
+    names = shared_tensors(sources)
+    upper = np.triu_indices(len(ids), k=1)
+    cosines = {}
+    with progress_bar(total=len(names), desc="Task-vector angles", unit="tensor", quiet=quiet) as bar:
+        for name in names:
+            gram = np.zeros((len(ids), len(ids)))
+            for _, deltas in _delta_blocks(sources, ids, name, block_elements):
+                gram += (deltas @ deltas.T).numpy()
+            norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+            cosine = gram / np.maximum(np.outer(norms, norms), 1e-12)
+            cosines[name] = float(np.clip(cosine[upper], -1.0, 1.0).mean())
+            bar.update(1)
+    return cosines
+
+
 def diagnose(
-    report: CompatibilityReport,
-    sources: dict[str, TensorSource],
+    sources: SoupSources,
     block_elements: int = 1 << 20,
     quiet: bool = False,
 ) -> Diagnostics:
     """Distances to the base and pairwise angles between task vectors, over the tensors the base has."""
-    ids = [c.id for c in report.accepted]
+    ids = list(sources.candidates)
     # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
-    names = [n for n, b in report.base_names.items()
-             if averaged(sources[BASE].dtype(b)) and n not in report.head_tensors]  # fmt: skip
+    names = [n for n in shared_tensors(sources) if n not in sources.alignment.head_tensors]
     gram = np.zeros((len(ids), len(ids)))
     base_sq = 0.0
     with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:
         for name in names:
-            base_name = report.base_names[name]
-            shape = sources[BASE].shape(base_name)
-            for start, stop in _blocks(shape, block_elements):
-                base = _read_block(sources[BASE], base_name, start, stop, not shape)
+            for base, deltas in _delta_blocks(sources, ids, name, block_elements):
                 base_sq += float(base @ base)
-                deltas = torch.stack(
-                    [_read_block(sources[cid], name, start, stop, not shape) - base for cid in ids]
-                )
                 gram += (deltas @ deltas.T).numpy()
             bar.update(1)
     squared = np.clip(np.diag(gram), 0.0, None)

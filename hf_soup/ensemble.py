@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .scoring import EncodedSplit, SplitScore
+from .scoring import SplitScore
+from .splits import EncodedSplit
 
 ECE_BINS = 15
 

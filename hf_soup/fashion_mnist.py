@@ -189,7 +189,7 @@ def pretrain(folder: Path, rows: int, epochs: int = 1, quiet: bool = False) -> P
     return folder
 
 
-def fine_tune(base: Path, folder: Path, variant: Variant, pool, selection_fraction: float = 0.1,
+def fine_tune(base: Path, folder: Path, variant: Variant, pool, *, selection_fraction: float = 0.1,
               seed: int = 0, quiet: bool = False) -> Path:  # fmt: skip
     """Fine-tune `variant` from `base` on the pool minus hf-soup's selection carve-out; every variant starts from
     the same seeded classifier head (a shared initialisation, as soups need)."""

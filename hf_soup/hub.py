@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import CandidateFormatError, HubError
-from .weights import SAFETENSORS_DTYPES
+from .weights import SAFETENSORS_DTYPES, TensorSource
 
 # Files a soup ingredient needs; never optimizer states, pickles or other frameworks' weights.
 WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -214,8 +214,6 @@ def fetch_config(ref: HubRef) -> Path:
 def fetch_headers(ref: HubRef, api: HfApi):
     """Safetensors headers of a pinned repo: HTTP Range requests, no tensor data. Offline, the cached files."""
     if constants.HF_HUB_OFFLINE:
-        from .weights import TensorSource
-
         return TensorSource(download(ref, WEIGHT_PATTERNS))
     with hub_errors(f"{ref.repo_id}: safetensors headers"):
         try:

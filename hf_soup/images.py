@@ -20,6 +20,7 @@ from transformers import AutoImageProcessor
 from .data import TaskSpec, check_columns
 from .errors import ConfigError
 from .progress import progress_bar
+from .splits import EncodedSplit, label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,12 @@ def encode_image_split(
     data: Dataset,
     spec: TaskSpec,
     processor,
+    *,
     model_labels: list[str] | None,
     num_labels: int,
     quiet: bool = False,
 ):
     """Process `data`'s images with `processor` and map its labels to model label ids (as `encode_split`)."""
-    from .scoring import EncodedSplit, label_ids
-
     check_columns(spec, data, name)
     labels, positive = label_ids(spec, data, model_labels, num_labels, name)
     features = ImageFeatures(data, spec.image_column, processor, name, quiet)

@@ -7,9 +7,7 @@ with weights w_i (summing to 1) is exactly `W + Σ_i w_i · scale_i · B_i A_i`:
 never A and B separately (that would give (Σ B)(Σ A), which is wrong). LoRA and full candidates can be mixed:
 the LoRAs count as their merged models.
 
-`--output-kind lora` writes that same update as one adapter, exactly: per module, A = [A_1; A_2; ...] and
-B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] with scale 1, like peft's `add_weighted_adapter(combination_type="cat")`;
-`--lora-rank r` truncates each module's update to rank r by SVD and reports the relative Frobenius error.
+Writing a soup of LoRAs as one adapter (`--output-kind lora`) is `adapter.py`'s job.
 """
 
 from __future__ import annotations
@@ -21,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .errors import CandidateFormatError, ConfigError
+from .errors import CandidateFormatError
+from .sources import HEAD_PARTS
+from .weights import TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -157,11 +156,11 @@ class LoraSource:
         adapter (`TensorSource`): the adapter's weights.
         layout (`LoraLayout`): what the adapter changes.
         base (`TensorSource`): the base model's weights.
-        names (`dict[str, str | None]`): every merged tensor name -> the base's name for it (`None`: saved only).
-        shapes, dtypes: of the merged tensors.
+        merged (`tuple`): `(names, shapes, dtypes)` of the merged tensors; `names` maps every merged tensor name
+            to the base's name for it (`None`: saved by the adapter only).
     """
 
-    def __init__(self, folder, config, adapter, layout: LoraLayout, base, names, shapes, dtypes):
+    def __init__(self, folder, config, adapter, layout: LoraLayout, base, merged: tuple):
         self.folder, self.config, self.adapter, self.layout, self.base = (
             Path(folder),
             config,
@@ -169,7 +168,7 @@ class LoraSource:
             layout,
             base,
         )
-        self._names, self._shapes, self._dtypes = names, shapes, dtypes
+        self._names, self._shapes, self._dtypes = merged
         # The adapter's own files; the base is fingerprinted once on its own, and its fingerprint is appended to
         # every LoRA candidate's.
         self.files = [self.folder / ADAPTER_CONFIG, *adapter.files]
@@ -246,8 +245,6 @@ def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: di
     if labels is None and base_is_classifier:
         labels = base_config.get("id2label")
     if labels is None:
-        from .compat import HEAD_PARTS
-
         head = [n for n in layout.saved if HEAD_PARTS & set(n.split(".")[:-1]) and n.endswith(".weight")]
         rows = {headers.shape(layout.saved[n])[0] for n in head}
         count = rows.pop() if len(rows) == 1 else int(base_config.get("num_labels", 2))
@@ -303,119 +300,10 @@ def open_lora_candidate(folder: Path, base, base_source) -> tuple[dict[str, Any]
 
     Only `adapter_config.json` is read until the adapter is known to be a LoRA of `base` that can be souped.
     """
-    from .weights import TensorSource
-
     adapter = read_adapter_config(folder)
     check_adapter(adapter, base.id, base.local_dir)
     headers = TensorSource(folder, weights_name=ADAPTER_WEIGHTS)
     layout = read_layout(adapter, headers)
     config = merged_config(folder, adapter, base.config, layout, headers)
-    names, shapes, dtypes = merged_tensors(config, base_source, layout, headers)
-    return config, LoraSource(folder, adapter, headers, layout, base_source, names, shapes, dtypes)
-
-
-@dataclass
-class LoraOutput:
-    """What `write_adapter` wrote: files, tensor hashes, rank, and (with `rank`) the truncation errors."""
-
-    files: list[str]
-    tensor_sha256: dict[str, str]
-    rank: int
-    truncation: dict[str, Any] | None = None
-
-
-def require_lora_candidates(candidates) -> None:
-    """`--output-kind lora` writes one adapter: refuse, before any scoring, a soup with a full-model candidate."""
-    full = [c.id for c in candidates if c.kind != "lora"]
-    if full:
-        raise ConfigError(
-            f"--output-kind lora needs every candidate to be a LoRA adapter, but {full[0]} is a full model; use "
-            "--output-kind merged (LoRA candidates are then merged into full weights), or leave it out."
-        )
-
-
-def _weights(mixture, name: str) -> list[tuple[str, float]]:
-    from .materialize import BASE, tensor_weights
-
-    return [(cid, w) for cid, w in tensor_weights(mixture, name) if cid != BASE]  # the base adds no update
-
-
-def soup_update(mixture, sources, weight: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(B, A)` with `B @ A = Σ_i w_i · scale_i · B_i A_i` for one weight: the exact soup update, rank Σ r_i."""
-    lora_a, lora_b = [], []
-    for cid, w in _weights(mixture, weight):
-        module = sources[cid].layout.modules.get(weight)
-        if module is not None:
-            lora_a.append(sources[cid].adapter.get(module.lora_a).float())
-            lora_b.append(sources[cid].adapter.get(module.lora_b).float() * (w * module.scale))
-    if not lora_a:
-        return None
-    return torch.cat(lora_b, dim=1), torch.cat(lora_a, dim=0)
-
-
-def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """The best rank-`rank` factors of `b @ a` (its truncated SVD), with the Frobenius norms of the error and of
-    `b @ a`.
-
-    The SVD is taken through QR of the factors (b = Q_b R_b, aᵀ = Q_a R_a, then the SVD of the small
-    R_b R_aᵀ), so the full out × in update is never formed.
-    """
-    q_b, r_b = torch.linalg.qr(b.double())
-    q_a, r_a = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    keep = min(rank, len(s))
-    error = float(torch.sqrt(torch.sum(s[keep:] ** 2)))
-    norm = float(torch.sqrt(torch.sum(s**2)))
-    return ((q_b @ u[:, :keep]) * s[:keep]).float(), (vh[:keep] @ q_a.T).float(), error, norm
-
-
-def write_adapter(
-    output: Path, mixture, report, sources, base_id: str, rank: int | None = None
-) -> LoraOutput:
-    """Write the soup as one LoRA adapter (`adapter_model.safetensors` + `adapter_config.json`) into `output`.
-
-    Modules adapted by only some ingredients get zero rows from the others ("a missing module counts as zero");
-    the rank is the largest per-module sum of input ranks, the others zero-padded to it (still exact). The heads
-    (`modules_to_save`) are the soup's mixed tensors.
-    """
-    from .materialize import mix_tensor, tensor_sha256
-
-    ingredients = [i.id for i in mixture.ingredients if i.weight or mixture.per_tensor_weights]
-    adapters = [sources[cid] for cid in ingredients]
-    weights = sorted({w for source in adapters for w in source.layout.modules})
-    saved = sorted({n for source in adapters for n in source.layout.saved})
-    updates = {w: u for w in weights if (u := soup_update(mixture, sources, w)) is not None}
-    truncation = None
-    if rank is not None:
-        truncation = {"rank": rank, "modules": {}}
-        total_error = total_norm = 0.0
-        for weight, (b, a) in updates.items():
-            b, a, error, norm = truncate(b, a, rank)
-            updates[weight] = (b, a)
-            truncation["modules"][weight.removesuffix(".weight")] = error / norm if norm else 0.0
-            total_error, total_norm = total_error + error**2, total_norm + norm**2
-        truncation["overall"] = math.sqrt(total_error / total_norm) if total_norm else 0.0
-    out_rank = max((a.shape[0] for _, a in updates.values()), default=1)
-    tensors: dict[str, torch.Tensor] = {}
-    for weight, (b, a) in updates.items():
-        module = PEFT_PREFIX + weight.removesuffix(".weight")
-        pad = out_rank - a.shape[0]
-        dtype = next(
-            s.adapter.dtype(s.layout.modules[weight].lora_a) for s in adapters if weight in s.layout.modules
-        )
-        tensors[f"{module}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).to(dtype).contiguous()
-        tensors[f"{module}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).to(dtype).contiguous()
-    for name in saved:
-        mixed, _ = mix_tensor(mixture, report, sources, name)
-        tensors[PEFT_PREFIX + name] = mixed.to(adapters[0].dtype(name)).contiguous()
-    save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-    first = adapters[0].config
-    modules_to_save = sorted({m for s in adapters for m in s.config.get("modules_to_save") or []})
-    config = {**first, "r": out_rank, "lora_alpha": out_rank, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "target_modules": sorted(w.removesuffix(".weight") for w in updates),
-              "modules_to_save": modules_to_save or None, "base_model_name_or_path": base_id,
-              "inference_mode": True}  # fmt: skip
-    (output / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hashes = {name: tensor_sha256(tensor) for name, tensor in tensors.items()}
-    return LoraOutput([ADAPTER_WEIGHTS, ADAPTER_CONFIG], hashes, out_rank, truncation)
+    merged = merged_tensors(config, base_source, layout, headers)
+    return config, LoraSource(folder, adapter, headers, layout, base_source, merged)

@@ -18,11 +18,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
-from .compat import BASE, CompatibilityReport, read_aligned
 from .errors import ConfigError, IncompatibleCandidatesError
 from .mixture import Mixture
 from .progress import progress_bar
-from .weights import BUFFER_DTYPES, TensorSource, averaged
+from .sources import SoupSources
+from .weights import BUFFER_DTYPES, averaged
 
 logger = logging.getLogger(__name__)
 
@@ -48,102 +48,81 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def tensor_weights(mixture: Mixture, name: str) -> list[tuple[str, float]]:
-    """The non-zero `(ingredient, weight)` pairs of one tensor; the base appears as `BASE`.
+    """The non-zero `(ingredient, weight)` pairs of one tensor; the base appears under its own id.
 
-    A `per_tensor_weights` entry is the complete set of weights for its tensor (the base appears there under its
-    own id); other tensors use the ingredients' weights plus the base's.
+    A `per_tensor_weights` entry is the complete set of weights for its tensor; other tensors use the
+    ingredients' weights plus the base's.
     """
-    base_id = mixture.base.id if mixture.base is not None else None
     if mixture.per_tensor_weights and name in mixture.per_tensor_weights:
-        overrides = mixture.per_tensor_weights[name]
-        return [(BASE if cid == base_id else cid, w) for cid, w in overrides.items() if w != 0]
+        return [(cid, w) for cid, w in mixture.per_tensor_weights[name].items() if w != 0]
     pairs = [(cid, w) for cid, w in mixture.weights().items() if w != 0]
     if mixture.base is not None and mixture.base.weight != 0:
-        pairs.append((BASE, mixture.base.weight))
+        pairs.append((mixture.base.id, mixture.base.weight))
     return pairs
 
 
-def _read(report: CompatibilityReport, sources: dict[str, TensorSource], cid: str, name: str) -> torch.Tensor:
-    if cid == BASE:
-        base_name = report.base_names.get(name)
-        if base_name is None:
-            raise ConfigError(
-                f"The base has no tensor for {name} (usually the task head), so it cannot be given a weight there."
+def _copied(mixture: Mixture, sources: SoupSources, name: str) -> torch.Tensor:
+    """A non-float tensor (position ids, BatchNorm's num_batches_tracked), copied, never averaged, from the
+    reference candidate: a rule that never depends on how the candidates rank."""
+    dtype = sources.reference.dtype(name)
+    copied = sources.reference.get(name).clone()
+    if dtype in BUFFER_DTYPES:
+        return copied
+    for cid in mixture.ids():  # packed or quantized data (uint32, float8): only identical copies soup
+        if not torch.equal(sources.read(cid, name).view(torch.uint8), copied.view(torch.uint8)):
+            raise IncompatibleCandidatesError(
+                f"Tensor {name} is stored as {dtype} (packed or quantized data), which cannot be averaged, "
+                f"and {cid} differs from {sources.reference_id} there. Dequantize the candidates to float weights "
+                "(e.g. save them in bfloat16) and soup those."
             )
-        return read_aligned(report, sources[BASE], BASE, name, stored_name=base_name)
-    return read_aligned(report, sources[cid], cid, name)
+    return copied
 
 
-def mix_tensor(
-    mixture: Mixture, report: CompatibilityReport, sources: dict[str, TensorSource], name: str
-) -> tuple[torch.Tensor, int]:
+def mix_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tuple[torch.Tensor, int]:
     """The mixed value of one tensor in float32 (or copied, if not float), and the bytes held to make it."""
-    # Non-float tensors (position ids, BatchNorm's num_batches_tracked) are copied, never averaged, from the
-    # reference candidate (the first accepted one): a rule that never depends on how the candidates rank.
-    reference = report.accepted[0].id
-    dtype = sources[reference].dtype(name)
-    if not averaged(dtype):
-        copied = sources[reference].get(name).clone()
-        if (
-            dtype not in BUFFER_DTYPES
-        ):  # packed or quantized data (uint32, float8): only identical copies soup
-            for cid in mixture.ids():
-                if not torch.equal(
-                    _read(report, sources, cid, name).view(torch.uint8), copied.view(torch.uint8)
-                ):
-                    raise IncompatibleCandidatesError(
-                        f"Tensor {name} is stored as {dtype} (packed or quantized data), which cannot be averaged, "
-                        f"and {cid} differs from {reference} there. Dequantize the candidates to float weights "
-                        "(e.g. save them in bfloat16) and soup those."
-                    )
+    if not averaged(sources.reference.dtype(name)):
+        copied = _copied(mixture, sources, name)
         return copied, _nbytes(copied)
     pairs = tensor_weights(mixture, name)
     if not pairs:
         raise ConfigError(f"The mixture gives every ingredient weight 0 for {name}; nothing to average.")
-    first = _read(report, sources, pairs[0][0], name)
+    first = sources.read(pairs[0][0], name)
     accumulator = first.to(torch.float32) * pairs[0][1]  # a new float32 tensor, whatever the input dtype
     live = _nbytes(accumulator) + _nbytes(first)
     del first
     for cid, weight in pairs[1:]:
-        tensor = _read(report, sources, cid, name)
+        tensor = sources.read(cid, name)
         live = max(live, _nbytes(accumulator) + _nbytes(tensor))
         accumulator.add_(tensor.to(torch.float32), alpha=weight)
         del tensor
     return accumulator, live
 
 
-def soup_dtype(
-    report: CompatibilityReport, sources: dict[str, TensorSource], requested: str = "auto"
-) -> torch.dtype:
+def soup_dtype(sources: SoupSources, requested: str = "auto") -> torch.dtype:
     """The dtype the soup is written (and scored) in: `requested`, or with `"auto"` the candidates' common float
     dtype, float32 when they disagree. Read from the tensor headers: no data is touched."""
     if requested != "auto":
         return getattr(torch, requested)
     dtypes = {
-        sources[c.id].dtype(name)
-        for c in report.accepted
-        for name in sources[c.id].keys()
-        if averaged(sources[c.id].dtype(name))
+        reader.dtype(name)
+        for reader in sources.candidates.values()
+        for name in reader.keys()
+        if averaged(reader.dtype(name))
     }
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def plan_output(
-    mixture: Mixture,
-    report: CompatibilityReport,
-    sources: dict[str, TensorSource],
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
+def plan_output(sources: SoupSources, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The soup's tensors as `meta` tensors: names, shapes and output dtypes, with no data."""
-    reference = report.accepted[0].id
-    dtype = dtype or soup_dtype(report, sources)
+    reference = sources.reference
+    dtype = dtype or soup_dtype(sources)
     return {
         name: torch.empty(
-            sources[reference].shape(name),
-            dtype=dtype if averaged(sources[reference].dtype(name)) else sources[reference].dtype(name),
+            reference.shape(name),
+            dtype=dtype if averaged(reference.dtype(name)) else reference.dtype(name),
             device="meta",
         )
-        for name in sources[reference].keys()
+        for name in reference.keys()
     }
 
 
@@ -153,9 +132,9 @@ def output_bytes(planned: dict[str, torch.Tensor]) -> int:
 
 def materialize(
     mixture: Mixture,
-    report: CompatibilityReport,
-    sources: dict[str, TensorSource],
+    sources: SoupSources,
     output_dir: Path,
+    *,
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "2GB",
     quiet: bool = False,
@@ -165,8 +144,7 @@ def materialize(
 
     Args:
         mixture (`Mixture`): what to average.
-        report (`CompatibilityReport`): label alignment and base-name mapping from the check.
-        sources (`dict[str, TensorSource]`): open weights of the base (`"__base__"`) and each ingredient.
+        sources (`SoupSources`): open weights of the base and each ingredient, aligned.
         output_dir (`Path`): an existing folder.
         dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to `soup_dtype` (the
             candidates' common dtype, float32 when they disagree).
@@ -175,7 +153,7 @@ def materialize(
             statistics re-estimated on data after averaging).
     """
     overrides = overrides or {}
-    planned = plan_output(mixture, report, sources, dtype)
+    planned = plan_output(sources, dtype)
     names = list(planned)
     split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
     stats = MaterializeStats()
@@ -187,7 +165,7 @@ def materialize(
                 if name in overrides:
                     mixed, live = overrides[name].detach().cpu(), 0
                 else:
-                    mixed, live = mix_tensor(mixture, report, sources, name)
+                    mixed, live = mix_tensor(mixture, sources, name)
                 out = mixed.to(planned[name].dtype).contiguous()
                 del mixed
                 stats.peak_live_bytes = max(stats.peak_live_bytes, shard_bytes + live + _nbytes(out))
@@ -215,21 +193,17 @@ class Workbench:
 
     Args:
         model (`torch.nn.Module`): a model of the candidates' architecture, in float32.
-        report (`CompatibilityReport`): from the compatibility check.
-        sources (`dict[str, TensorSource]`): open weights of the base and the candidates.
+        sources (`SoupSources`): open weights of the base and the candidates, aligned.
         after_load (`Callable`, *optional*): called with the model after each mixture of two or more models is
             loaded (BatchNorm recalibration); a single candidate is scored exactly as it was fine-tuned.
     """
 
-    def __init__(self, model: torch.nn.Module, report: CompatibilityReport, sources: dict[str, TensorSource],
-                 after_load=None):  # fmt: skip
+    def __init__(self, model: torch.nn.Module, sources: SoupSources, after_load=None):
         self.model = model
         self.after_load = after_load
-        self.report = report
         self.sources = sources
-        reference = report.accepted[0].id
         state = model.state_dict()
-        self.names = [n for n in sources[reference].keys() if averaged(sources[reference].dtype(n))]
+        self.names = [n for n in sources.reference.keys() if averaged(sources.reference.dtype(n))]
         missing = [n for n in self.names if n not in state]
         if missing:
             raise ConfigError(
@@ -254,7 +228,7 @@ class Workbench:
         """
         targets = self._targets()
         for name in self.names:
-            mixed, _ = mix_tensor(mixture, self.report, self.sources, name)
+            mixed, _ = mix_tensor(mixture, self.sources, name)
             targets[name].copy_(mixed)
         blended = (
             sum(w != 0 for w in mixture.weights().values()) + bool(mixture.base and mixture.base.weight) > 1

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
-
-Recipe = Literal["uniform", "greedy", "pruned", "learned", "wise"]
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Mixture:
     """Which ingredients to average, and with which weights.
 
     Args:
-        recipe (`str`): the recipe that produced it (`uniform`, `greedy`, `pruned`).
+        recipe (`str`): the recipe that produced it (`uniform`, `greedy`, ...; `hf_soup.recipes.RECIPES`).
         ingredients (`tuple[Ingredient, ...]`): the weighted ingredients; weights sum to 1 with the base's.
         base (`Ingredient`, *optional*): the shared initialisation, with weight 0 unless interpolated with.
         per_tensor_weights (`dict`, *optional*): per-tensor weight overrides, `{tensor_name: {id: weight}}`.
@@ -92,13 +90,12 @@ class Mixture:
         """A hash of what the mixture computes: its weights and the content of each ingredient.
 
         The recipe name, the order of ingredients and their ids do not matter (only their content does), so a
-        greedy trial and a uniform soup of the same models share one cache entry. The base is fingerprinted as
-        `"__base__"`.
+        greedy trial and a uniform soup of the same models share one cache entry. `fingerprints` holds the base's
+        under its id too.
         """
 
         def content(cid: str) -> str:
-            is_base = self.base is not None and cid == self.base.id and cid not in fingerprints
-            return fingerprints["__base__"] if is_base else fingerprints[cid]
+            return fingerprints[cid]
 
         parts = sorted((content(i.id), round(i.weight, 12)) for i in self.ingredients if i.weight != 0)
         payload: dict[str, Any] = {"ingredients": parts}
@@ -108,5 +105,5 @@ class Mixture:
                 for name, weights in self.per_tensor_weights.items()
             }
         if self.base is not None and self.base.weight != 0:
-            payload["base"] = (fingerprints["__base__"], round(self.base.weight, 12))
+            payload["base"] = (fingerprints[self.base.id], round(self.base.weight, 12))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -17,23 +17,25 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils import CONFIG_NAME
 
-from . import __version__
 from .card import write_model_card
 from .compat import CompatibilityReport
+from .config import SoupConfig
 from .errors import DiskSpaceError, OutputExistsError
-from .lora import write_adapter
-from .materialize import materialize, output_bytes, plan_output, soup_dtype
-from .mixture import Mixture
+from .materialize import output_bytes, plan_output
 from .plots import write_plots
+from .results import MANIFEST_NAME, SoupManifest, SoupSummary, WrittenFiles
+from .version import __version__
+from .writer import WeightSettings, write
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "soup.json"
 _PACKAGES = (
     "torch",
     "transformers",
@@ -122,66 +124,62 @@ def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[s
 
 def write_soup_folder(
     output: Path,
-    config,
-    report: dict[str, Any],
-    mixture: Mixture,
-    compatibility: CompatibilityReport,
-    sources,
-    preprocessor,
-    preprocessor_dir,
+    config: SoupConfig,
+    summary: SoupSummary,
+    checked,
+    preprocessing: tuple,
+    *,
     quiet: bool = False,
-    overrides=None,
-) -> None:
-    """Write the whole soup folder to `output` (atomically); also fills `report["files"]`.
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> WrittenFiles:
+    """Write the whole soup folder to `output`, atomically: weights, config, tokenizer or image processor,
+    `soup.json`, model card and plots. Returns what was written; `summary` is not changed.
+
+    Args:
+        checked (`stages.Checked`): the compatible candidates, their sources and the soup's dtype.
+        preprocessing (`tuple`): `(tokenizer or image processor, the folder it came from)`, or `(None, None)`.
 
     Raises:
         DiskSpaceError: the weights do not fit on the output's disk (checked first), or the disk filled up while
             writing; either way nothing is left behind.
     """
-    dtype = soup_dtype(compatibility, sources, getattr(config, "dtype", "auto"))
-    needed = output_bytes(plan_output(mixture, compatibility, sources, dtype))
+    needed = output_bytes(plan_output(checked.sources, checked.dtype))
     _check_free_space(output, needed)
+    settings = WeightSettings(checked.dtype, config.max_shard_size, config.base, config.lora_rank)
     # The staging folder is removed first (inner), then a full disk becomes one error (outer).
     with (
         _disk_full_is_one_error(output, needed),
         atomic_folder(output, overwrite=config.overwrite) as staging,
     ):
-        if config.output_kind == "lora":
-            stats = write_adapter(staging, mixture, compatibility, sources, config.base, config.lora_rank)
-            report["lora"] = {"rank": stats.rank, "truncation": stats.truncation}
-        else:
-            stats = materialize(
-                mixture,
-                compatibility,
-                sources,
-                staging,
-                dtype=dtype,
-                max_shard_size=config.max_shard_size,
-                quiet=quiet,
-                overrides=overrides,
-            )
-            config_json = soup_config(compatibility, str(dtype).removeprefix("torch."))
+        weights = write(summary.mixture, checked.sources, config.output_kind, staging, settings=settings,
+                        quiet=quiet, overrides=overrides)  # fmt: skip
+        if config.output_kind != "lora":
+            config_json = soup_config(checked.compatibility, str(checked.dtype).removeprefix("torch."))
             (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        preprocessor, preprocessor_dir = preprocessing
         if preprocessor is not None:  # the tokenizer, or the image processor
             preprocessor.save_pretrained(staging)
-        manifest = {
-            **report,
-            "output": Path(output).name,
-            "files": stats.files,
-            "tensor_sha256": stats.tensor_sha256,
-            "versions": package_versions(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "tokenizer_from": str(preprocessor_dir) if preprocessor_dir else None,
-        }
-        # Plots, soup.json and the card all read the portable manifest: nothing in the folder names this machine.
-        manifest = portable(json.loads(json.dumps(manifest, default=str)), Path(output).absolute())
-        plots = write_plots(staging / "plots", manifest) if report.get("soup") else []
-        manifest["plots"] = plots
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        write_model_card(staging, manifest)
-        report["files"] = stats.files
-        report["plots"] = plots
-        report["tensor_sha256"] = stats.tensor_sha256
+        manifest = SoupManifest(
+            summary=replace(summary, lora=weights.lora),
+            output=Path(output).name,
+            files=weights.files,
+            tensor_sha256=weights.tensor_sha256,
+            versions=package_versions(),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            tokenizer_from=str(preprocessor_dir) if preprocessor_dir else None,
+        )
+        plots = _write_manifest_card_and_plots(staging, manifest, Path(output).absolute())
+    return WrittenFiles(weights.files, weights.tensor_sha256, plots, weights.lora)
+
+
+def _write_manifest_card_and_plots(staging: Path, manifest: SoupManifest, folder: Path) -> list[str]:
+    """Plots, soup.json and the card, all from the portable manifest: nothing in the folder names this machine."""
+    data = portable(json.loads(json.dumps(manifest.to_dict(), default=str)), folder)
+    written = SoupManifest.from_dict(data)
+    written.plots = write_plots(staging / "plots", written.summary) if written.summary.scored else []
+    (staging / MANIFEST_NAME).write_text(json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_model_card(staging, written)
+    return written.plots
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
@@ -20,12 +19,16 @@ from transformers import (
 )
 
 from .batchnorm import BatchNormRecalibrator
-from .compat import CompatibilityReport
+from .candidates import load_candidate
+from .compat import CompatibilityReport, tokenizer_files
 from .config import SoupConfig
-from .data import LabelBalance, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
+from .data import LabelBalance, SplitPlan, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
 from .errors import ConfigError, DatasetError
-from .materialize import Workbench, soup_dtype
-from .scoring import Scorer, encode_split
+from .images import encode_image_split, load_image_processor
+from .materialize import Workbench
+from .scoring import Scorer, predict, score_logits
+from .text import encode_text_split
+from .trainer_scoring import TrainerScorer
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +39,6 @@ def load_preprocessor(report: CompatibilityReport, image: bool):
     A folder without tokenizer files is skipped: transformers would build an empty tokenizer from its config. A
     model with neither (a plain merge of image models, say) gets its image processor, if it has one.
     """
-    from .compat import tokenizer_files
-    from .images import load_image_processor
-
     folders = [report.base.local_dir, report.accepted[0].local_dir]
     for folder in [] if image else folders:
         if tokenizer_files(Path(folder)):
@@ -58,19 +58,20 @@ def task_spec_of(config: SoupConfig) -> TaskSpec:
     return task_spec(
         config.task,
         config.dataset,
-        config.text_column,
-        config.text_pair_column,
-        config.label_column,
+        text_column=config.text_column,
+        text_pair_column=config.text_pair_column,
+        label_column=config.label_column,
         regression=config.regression,
         image_column=config.image_column,
     )
 
 
-def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fingerprints, cache):
-    """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split)."""
-    from .data import SplitPlan
-    from .trainer_scoring import TrainerScorer
+def prepare_trainer_scorer(trainer, report_dataset, checked, cache):
+    """A `TrainerScorer` over the trainer's eval dataset (selection) and `report_dataset` (or the same split).
 
+    `checked` is the check stage's result (`stages.Checked`): the compatible candidates and their sources.
+    """
+    compatibility = checked.compatibility
     if trainer.eval_dataset is None:
         raise ConfigError(
             "cook(trainer=...) scores on trainer.eval_dataset, which is None: give the Trainer one."
@@ -94,9 +95,8 @@ def prepare_trainer_scorer(trainer, report_dataset, compatibility, sources, fing
     if compatibility.label_names:  # the soup's head rows follow this order; the live model's config says so
         trainer.model.config.id2label = dict(enumerate(compatibility.label_names))
         trainer.model.config.label2id = {name: i for i, name in enumerate(compatibility.label_names)}
-    scorer = TrainerScorer(
-        trainer, Workbench(trainer.model, compatibility, sources), datasets, fingerprints, cache
-    )
+    workbench = Workbench(trainer.model, checked.sources)
+    scorer = TrainerScorer(trainer, workbench, datasets, checked.fingerprints, cache)
     plan = SplitPlan(trainer.eval_dataset, {}, "trainer.eval_dataset", report_dataset is None, notes)
     return scorer, plan
 
@@ -118,23 +118,35 @@ def scoring_model(model_class, reference, trust_remote_code: bool, dtype: torch.
 def encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
     """`(encode(name, data) -> EncodedSplit, collator, model class)` for the task's inputs."""
     if spec.is_image:
-        from .images import encode_image_split
 
         def encode(name, data):
-            return encode_image_split(name, data, spec, preprocessor, labels, num_labels, quiet)
+            return encode_image_split(
+                name, data, spec, preprocessor, model_labels=labels, num_labels=num_labels, quiet=quiet
+            )
 
         return encode, default_data_collator, AutoModelForImageClassification
 
     def encode(name, data):
-        return encode_split(name, data, spec, preprocessor, labels, num_labels, config.max_length)
+        return encode_text_split(
+            name,
+            data,
+            spec,
+            preprocessor,
+            model_labels=labels,
+            num_labels=num_labels,
+            max_length=config.max_length,
+        )
 
     return encode, DataCollatorWithPadding(preprocessor), AutoModelForSequenceClassification
 
 
-def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints, preprocessor, cache, quiet):
+def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, quiet: bool):
+    """hf-soup's own `Scorer`: the task's splits encoded once, and a live model in the soup's dtype."""
+    compatibility = checked.compatibility
+    reference = compatibility.accepted[0]
     if preprocessor is None:
         raise ConfigError(
-            f"Neither the base {config.base} nor {compatibility.accepted[0].id} has tokenizer files; "
+            f"Neither the base {config.base} nor {reference.id} has tokenizer files; "
             "save the tokenizer next to the base model (`tokenizer.save_pretrained(base_dir)`)."
         )
     plan = plan_splits(
@@ -147,13 +159,7 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     )
     for note in plan.notes:
         logger.warning(note)
-    reference = compatibility.accepted[0]
-    if spec.regression != (reference.num_labels == 1):
-        kind = "regression" if spec.regression else "classification"
-        fix = "regression needs num_labels=1 models" if spec.regression else "pass --regression for them"
-        raise ConfigError(
-            f"The candidates have {reference.num_labels} output(s) but the task is {kind}: {fix}."
-        )
+    _check_outputs(spec, reference.num_labels)
     spec = spec.with_top5(reference.num_labels)
     encode, collator, model_class = encoder(
         spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
@@ -161,48 +167,23 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
         splits[name] = encode(name, data)
-    for split in splits.values():
-        if split.empty_inputs:
-            message = (
-                f"The {split.name} split has {split.empty_inputs} example(s) with a missing or blank text in "
-                f"{spec.text_column!r}{' or ' + repr(spec.text_pair_column) if spec.text_pair_column else ''}; "
-                "they are scored as empty strings."
-            )
-            if config.strict:
-                raise DatasetError(f"--strict: {message} Fill or drop them, or drop --strict.")
-            logger.warning(message)
-            plan.warnings.append(message)
-    requested = (
-        *config.extra_metrics,
-        *(m for m in [config.selection_metric] if m == "matthews_correlation"),
-    )
-    balance = fit_metrics_to_labels(
-        spec, splits["selection"].labels, reference.num_labels, compatibility.label_names,
-        config.positive_label, requested,
-    )  # fmt: skip
-    spec = balance.spec
-    for split in splits.values():
-        split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
-    if balance.warning:
-        logger.warning(balance.warning)
-        plan.warnings.append(balance.warning)
-    dtype = soup_dtype(compatibility, sources, config.dtype)
-    model = scoring_model(model_class, reference, config.trust_remote_code, dtype)
+    plan.warnings += _blank_text_warnings(spec, splits, config.strict)
+    spec = _fit_metrics(config, spec, splits, compatibility, plan)
+    model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
     recalibrate = None
     if config.recalibrate_bn:
         recalibrate = BatchNormRecalibrator(
             splits["selection"], collator, config.recalibrate_bn, config.batch_size
         )
-    workbench = Workbench(model, compatibility, sources, after_load=recalibrate)
     scorer = Scorer(
-        workbench,
+        Workbench(model, checked.sources, after_load=recalibrate),
         spec,
         splits,
-        fingerprints,
+        checked.fingerprints,
         collator,
-        None if config.no_cache else cache,
-        config.batch_size,
-        quiet,
+        cache=None if config.no_cache else checked.cache,
+        batch_size=config.batch_size,
+        quiet=quiet,
         selection_metric=config.selection_metric,
         early_rejection=not config.no_early_rejection,
         variant=recalibrate.describe() if recalibrate else "",
@@ -210,57 +191,77 @@ def prepare_scorer(config, spec: TaskSpec, compatibility, sources, fingerprints,
     return scorer, plan
 
 
-def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False) -> dict[str, dict]:
+def _check_outputs(spec: TaskSpec, num_labels: int) -> None:
+    if spec.regression != (num_labels == 1):
+        kind = "regression" if spec.regression else "classification"
+        fix = "regression needs num_labels=1 models" if spec.regression else "pass --regression for them"
+        raise ConfigError(f"The candidates have {num_labels} output(s) but the task is {kind}: {fix}.")
+
+
+def _blank_text_warnings(spec: TaskSpec, splits: dict, strict: bool) -> list[str]:
+    """Examples with a missing or blank text are scored as empty strings, and said so (fatal with --strict)."""
+    warnings = []
+    for split in splits.values():
+        if split.empty_inputs:
+            message = (
+                f"The {split.name} split has {split.empty_inputs} example(s) with a missing or blank text in "
+                f"{spec.text_column!r}{' or ' + repr(spec.text_pair_column) if spec.text_pair_column else ''}; "
+                "they are scored as empty strings."
+            )
+            if strict:
+                raise DatasetError(f"--strict: {message} Fill or drop them, or drop --strict.")
+            logger.warning(message)
+            warnings.append(message)
+    return warnings
+
+
+def _fit_metrics(config: SoupConfig, spec: TaskSpec, splits: dict, compatibility, plan) -> TaskSpec:
+    """The task's metrics fitted to the selection split's labels (F1 of the positive label, macro-F1, extras);
+    each split learns which label id is positive."""
+    requested = (
+        *config.extra_metrics,
+        *(m for m in [config.selection_metric] if m == "matthews_correlation"),
+    )
+    balance = fit_metrics_to_labels(
+        spec, splits["selection"].labels, compatibility.accepted[0].num_labels, compatibility.label_names,
+        config.positive_label, requested,
+    )  # fmt: skip
+    for split in splits.values():
+        split.pos_label = balance.pos_label if balance.spec.positive_label is not None else split.pos_label
+    if balance.warning:
+        logger.warning(balance.warning)
+        plan.warnings.append(balance.warning)
+    return balance.spec
+
+
+def evaluate_model(model_dir: str, config: SoupConfig, quiet: bool = False) -> dict[str, dict]:
     """Score one model folder on the report split(s) of a task, as `hf-soup evaluate` does.
 
     Args:
         model_dir (`str`): a folder written by `save_pretrained`, with tokenizer (or image processor) files.
-        options (`dict`): `task` or `dataset` (+ columns), and optionally `report_split`, `max_length`, ...
+        config (`SoupConfig`): the task or dataset (and its columns), the splits and the evaluation options, with
+            the same defaults as a soup run (`base` and `candidates` are not read).
     """
-    from types import SimpleNamespace
-
-    from .candidates import load_candidate
-    from .scoring import predict, score_logits
-
     candidate = load_candidate(model_dir)
-    spec = task_spec(
-        options.get("task"),
-        options.get("dataset"),
-        options.get("text_column"),
-        options.get("text_pair_column"),
-        options.get("label_column"),
-        regression=bool(options.get("regression")),
-        image_column=options.get("image_column"),
-    ).with_top5(candidate.num_labels)
+    spec = task_spec_of(config).with_top5(candidate.num_labels)
     plan = plan_splits(
         spec,
-        selection_split=options.get("selection_split"),
-        report_split=options.get("report_split"),
-        selection_fraction=options.get("selection_fraction") or 0.1,
-        seed=options.get("seed") or 0,
-        max_eval_examples=options.get("max_eval_examples"),
+        selection_split=config.selection_split,
+        report_split=config.report_split,
+        selection_fraction=config.selection_fraction,
+        seed=config.seed,
+        max_eval_examples=config.max_eval_examples,
     )
-    if spec.is_image:
-        from .images import load_image_processor
-
-        preprocessor, _ = load_image_processor([Path(model_dir)])
-    else:
-        try:
-            preprocessor = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, TypeError) as error:
-            raise ConfigError(
-                f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
-            ) from error
-    settings = SimpleNamespace(max_length=options.get("max_length") or 128)
+    preprocessor = _own_preprocessor(model_dir, spec)
     encode, collator, model_class = encoder(
-        spec, preprocessor, candidate.label_names, candidate.num_labels, settings, quiet
+        spec, preprocessor, candidate.label_names, candidate.num_labels, config, quiet
     )
     # The same metrics as `cook` reports for this data (F1 of the rarer label, macro-F1, ...), decided from the
     # selection split's labels; and the folder's own dtype, as it was scored when it was made.
     if spec.name == "custom" and not spec.regression:
         balance = fit_metrics_to_labels(
             spec, encode("selection", plan.selection).labels, candidate.num_labels, candidate.label_names,
-            options.get("positive_label"), tuple(options.get("extra_metrics") or ()),
+            config.positive_label, tuple(config.extra_metrics),
         )  # fmt: skip
     else:
         balance = LabelBalance(spec)
@@ -270,7 +271,19 @@ def evaluate_model(model_dir: str, options: dict[str, Any], quiet: bool = False)
     for name, data in plan.reports.items():
         split = encode(name, data)
         split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
-        logits = predict(model, split, collator, options.get("batch_size") or 64, quiet)
+        logits = predict(model, split, collator, config.batch_size, quiet)
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}
     return scores
+
+
+def _own_preprocessor(model_dir: str, spec: TaskSpec):
+    """The folder's own image processor or tokenizer."""
+    if spec.is_image:
+        return load_image_processor([Path(model_dir)])[0]
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"{model_dir} has no usable tokenizer files ({error}); save the tokenizer with the model."
+        ) from error

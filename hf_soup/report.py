@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .recipes import recipe_class
+from .results import CandidateRow, Entry, SoupSummary
 from .stats import format_delta
 
 
@@ -21,85 +23,99 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def selection_score(entry: dict[str, Any], metric: str) -> float:
-    """An entry's selection score in the selection metric's own units (loss is not negated here)."""
-    return entry["selection_loss"] if metric == "loss" else entry["selection"][metric]
+def soup_label(summary: SoupSummary) -> str:
+    """The soup's name in tables: the recipe may add what it chose (WiSE-FT's α, a learned soup's temperature)."""
+    return recipe_class(summary.recipe.name).label(summary.soup.name, summary.details)
 
 
-def _soup_label(report: dict[str, Any]) -> str:
-    if report.get("wise"):
-        return f"{report['soup']['name']} (alpha={report['wise']['alpha']:g} on the {report['wise']['endpoint']} soup)"
-    if report.get("learned"):
-        return f"{report['soup']['name']} ({report['learned']['granularity']} weights, T={report['learned']['temperature']:.3f})"
-    return report["soup"]["name"]
+class _Columns:
+    """The table's columns: selection (in the selection metric, and the primary one if different), every report
+    metric per report split, and ECE where the task is a classification."""
+
+    def __init__(self, summary: SoupSummary):
+        self.metric = summary.task.primary_metric
+        self.chosen_by = summary.task.selection_metric or self.metric
+        self.splits = list(summary.soup.report)
+        self.also = [self.metric] if self.chosen_by != self.metric else []  # selection accuracy beside loss
+        # Every report metric: the primary one, then the others (F1 for MRPC, top-5 accuracy for images).
+        self.shown = [self.metric, *(m for m in summary.task.metrics if m != self.metric)]
+        self.with_ece = any(v is not None for v in (summary.soup.ece or {}).values())
+
+    def headers(self) -> list[str]:
+        return ["model", "kept", "n", "cost", f"selection {self.chosen_by}", *(f"selection {m}" for m in self.also),
+                *(f"{s} {m}" for s in self.splits for m in self.shown),
+                *(f"{s} ECE" for s in self.splits if self.with_ece)]  # fmt: skip
+
+    def row(self, label: str, entry: Entry, kept: str = "", ece: bool = False) -> list[str]:
+        eces = entry.ece or {}
+        return [
+            label,
+            kept,
+            str(len(entry.ingredients)),
+            f"{entry.forward_passes}x",
+            _fmt(entry.selection_score(self.chosen_by)),
+            *(_fmt(entry.selection[m]) for m in self.also),
+            *(_fmt(entry.report[s].get(m)) for s in self.splits for m in self.shown),
+            *((_fmt(eces.get(s)) if ece else "" for s in self.splits) if self.with_ece else ()),
+        ]
 
 
-def soup_table(report: dict[str, Any]) -> str:
-    """Every candidate, then best individual / uniform / soup / ensembles, with selection and report scores.
+def soup_table(summary: SoupSummary) -> str:
+    """Every candidate, then best individual / uniform / soup / ensembles, with selection and report scores,
+    then the paired comparisons, ties, warnings and notes.
 
     The `cost` column is forward passes per input: 1 for any single model or soup, N for an N-model ensemble.
     ECE (15 bins) is shown for the report split(s) where the task is a classification.
     """
-    metric = report["task"]["primary_metric"]
-    chosen_by = report["task"].get("selection_metric", metric)
-    splits = list(report["soup"]["report"])
-    also = [metric] if chosen_by != metric else []  # e.g. selection accuracy beside selection loss
-    # Every report metric: the primary one, then the others (F1 for MRPC, top-5 accuracy for images).
-    shown = [metric, *(m for m in report["task"].get("metrics", [metric]) if m != metric)]
-    with_ece = any(v is not None for v in (report["soup"].get("ece") or {}).values())
-    headers = ["model", "kept", "n", "cost", f"selection {chosen_by}", *(f"selection {m}" for m in also),
-               *(f"{s} {m}" for s in splits for m in shown), *(f"{s} ECE" for s in splits if with_ece)]  # fmt: skip
+    columns = _Columns(summary)
+    rows = [columns.row(c.id, c.scores, _kept(c)) for c in summary.candidates]
+    rows.append(["" for _ in columns.headers()])
+    best = summary.best_individual
+    rows.append(columns.row(f"best individual ({best.id})", best, ece=True))
+    if summary.best_by_selection_metric:
+        other = summary.best_by_selection_metric
+        rows.append(columns.row(f"best by {columns.chosen_by} ({other.id}; not compared)", other, ece=True))
+    if summary.oracle and summary.oracle.id != best.id:
+        oracle = summary.oracle
+        rows.append(columns.row(f"oracle on {oracle.split} ({oracle.id}; not a claim)", oracle))
+    rows.append(columns.row("uniform soup", summary.uniform, ece=True))
+    rows.append(columns.row(soup_label(summary), summary.soup, ece=True))
+    for ensemble in summary.ensembles or []:
+        rows.append(columns.row(f"{ensemble.name} (logits)", ensemble, ece=True))
+    lines = [format_table(columns.headers(), rows), *_claims(summary, columns)]
+    lines += _ties(summary.ties, columns.chosen_by)
+    lines += [f"WARNING: {warning}" for warning in summary.warnings]
+    if summary.task.positive_label is not None:
+        lines.append(f"NOTE: F1 counts {summary.task.positive_label!r} as the positive label.")
+    lines += [f"NOTE: {note}" for note in summary.splits.notes]
+    return "\n".join(lines)
 
-    def row(label: str, entry: dict, kept: str = "", ece: bool = False) -> list[str]:
-        eces = entry.get("ece") or {}
-        return [
-            label,
-            kept,
-            str(len(entry["ingredients"])),
-            f"{entry.get('forward_passes', 1)}x",
-            _fmt(selection_score(entry, chosen_by)),
-            *(_fmt(entry["selection"][m]) for m in also),
-            *(_fmt(entry["report"][s].get(m)) for s in splits for m in shown),
-            *((_fmt(eces.get(s)) if ece else "" for s in splits) if with_ece else ()),
-        ]
 
-    rows = [row(c["id"], c, _kept(c)) for c in report["candidates"]]
-    rows.append(["" for _ in headers])
-    best = report["best_individual"]
-    rows.append(row(f"best individual ({best['id']})", best, ece=True))
-    if report.get("best_by_selection_metric"):
-        other = report["best_by_selection_metric"]
-        rows.append(row(f"best by {chosen_by} ({other['id']}; not compared)", other, ece=True))
-    if report.get("oracle") and report["oracle"]["id"] != best["id"]:
-        oracle = report["oracle"]
-        rows.append(
-            row(
-                f"oracle on {oracle['split']} ({oracle['id']}; not a claim)",
-                oracle,
-            )
-        )
-    rows.append(row("uniform soup", report["uniform"], ece=True))
-    rows.append(row(_soup_label(report), report["soup"], ece=True))
-    for ensemble in report.get("ensembles") or []:
-        rows.append(row(f"{ensemble['name']} (logits)", ensemble, ece=True))
-    lines = [format_table(headers, rows)]
-    soup = report["soup"]
-    for split in splits:
-        delta = soup["report"][split][metric] - best["report"][split][metric]
+def _claims(summary: SoupSummary, columns: _Columns) -> list[str]:
+    """The soup against the best individual on each report split, then every paired comparison."""
+    soup, best, metric = summary.soup, summary.best_individual, columns.metric
+    lines = []
+    for split in columns.splits:
+        delta = soup.report[split][metric] - best.report[split][metric]
         lines.append(
-            f"{soup['name']} vs best individual ({best['id']}, the best selection {metric}) on {split}: "
+            f"{soup.name} vs best individual ({best.id}, the best selection {metric}) on {split}: "
             f"{delta * 100:+.2f} points of {metric}"
         )
-    for split, comparisons in (report.get("comparisons") or {}).items():
+    for split, comparisons in (summary.comparisons or {}).items():
         for name, by_metric in comparisons.items():
             for metric_name, result in by_metric.items():
-                verdict = "significant at 95%" if result["significant"] else "not significant at 95%"
-                extra = f", McNemar p={result['mcnemar']['p_value']:.3f}" if "mcnemar" in result else ""
+                verdict = "significant at 95%" if result.significant else "not significant at 95%"
+                extra = f", McNemar p={result.mcnemar['p_value']:.3f}" if result.mcnemar else ""
                 lines.append(
-                    f"  {name} − best individual, {split} {metric_name}: {format_delta(result)} points "
+                    f"  {name} − best individual, {split} {metric_name}: {format_delta(result.to_dict())} points "
                     f"(paired bootstrap 95% CI{extra}; {verdict})"
                 )
-    for tie in report.get("ties") or []:
+    return lines
+
+
+def _ties(ties: list[dict], chosen_by: str) -> list[str]:
+    lines = []
+    for tie in ties:
         at = f"TIE at selection {tie.get('metric', chosen_by)} {tie['score']:.4f}"
         members = list(zip(tie["candidates"], tie["losses"]))
         if len(members) > 2:  # a long list stays in the JSON report; the table names the winner
@@ -109,19 +125,13 @@ def soup_table(report: dict[str, Any]) -> str:
         else:
             order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in members)
             lines.append(f"{at}: {order}; broken by {tie['broken_by']}.")
-    for warning in report.get("warnings") or []:
-        lines.append(f"WARNING: {warning}")
-    if report["task"].get("positive_label") is not None:
-        lines.append(f"NOTE: F1 counts {report['task']['positive_label']!r} as the positive label.")
-    for note in report["splits"]["notes"]:
-        lines.append(f"NOTE: {note}")
-    return "\n".join(lines)
+    return lines
 
 
-def _kept(candidate: dict[str, Any]) -> str:
-    if candidate.get("excluded"):
+def _kept(candidate: CandidateRow) -> str:
+    if candidate.excluded:
         return "no (flagged: not fine-tuned from the base?)"
-    return "yes" if candidate["kept"] else "no"
+    return "yes" if candidate.kept else "no"
 
 
 def lora_summary(lora: dict[str, Any]) -> str:

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import hf_hub_download, snapshot_download
+
 from .compat import check_compatibility
 from .errors import HubError, ReproduceMismatchError
 from .hub import hub_errors, is_hub_pattern, split_revision
-from .lora import require_lora_candidates, write_adapter
-from .materialize import materialize, soup_dtype
+from .lora import ADAPTER_WEIGHTS
+from .materialize import soup_dtype, tensor_sha256
 from .mixture import Ingredient, Mixture
-from .output import MANIFEST_NAME
+from .results import FORMAT_VERSION, MANIFEST_NAME, SoupManifest, SoupSummary
+from .weights import TensorSource
+from .writer import WeightSettings, write
 
 
 @dataclass
@@ -40,39 +44,41 @@ class ReproduceResult:
         return {"target": self.target, "ok": self.ok, "groups": self.groups, "mismatched": self.mismatched}
 
 
-def load_manifest(target: str) -> dict[str, Any]:
-    """`soup.json` from a local soup folder, or from a Hub repo (`org/name[@rev]`)."""
+def load_manifest(target: str) -> SoupManifest:
+    """`soup.json` from a local soup folder, or from a Hub repo (`org/name[@rev]`); any format version."""
     folder = Path(target)
     if folder.is_dir():
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise HubError(f"{target} has no {MANIFEST_NAME}; it was not written by hf-soup.")
-        return json.loads(path.read_text())
+        return _parsed(json.loads(path.read_text()), target)
     if not is_hub_pattern(target):
         raise HubError(f"{target} is neither a soup folder nor a Hub repo id ('org/name[@rev]').")
-    from huggingface_hub import hf_hub_download
-
     repo_id, revision = split_revision(target)
     with hub_errors(f"{repo_id}: {MANIFEST_NAME}"):
-        return json.loads(Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision)).read_text())
+        data = json.loads(Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision)).read_text())
+    return _parsed(data, target)
+
+
+def _parsed(data: dict[str, Any], target: str) -> SoupManifest:
+    version = data.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise HubError(
+            f"{target}'s {MANIFEST_NAME} has format_version {version}, newer than this hf-soup reads "
+            f"({FORMAT_VERSION}): upgrade hf-soup (`pip install -U hf-soup`)."
+        )
+    return SoupManifest.from_dict(data)
 
 
 def published_hashes(target: str) -> dict[str, str]:
     """sha256 of every tensor the soup folder (or Hub repo) actually holds."""
-    from .materialize import tensor_sha256
-    from .weights import TensorSource
-
     folder = Path(target)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
         repo_id, revision = split_revision(target)
         with hub_errors(f"Downloading {target}"):
             folder = Path(
                 snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "*.json"])
             )
-    from .lora import ADAPTER_WEIGHTS
-
     adapter = (folder / ADAPTER_WEIGHTS).is_file() and not (folder / "model.safetensors").is_file()
     source = TensorSource(folder, weights_name=ADAPTER_WEIGHTS if adapter else None)
     return {name: tensor_sha256(tensor) for name, tensor in source.items()}
@@ -126,26 +132,17 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         target (`str`): a soup folder, or a Hub repo id with an optional `@revision`.
 
     Raises:
-        ReproduceMismatchError: some tensors differ (the result still lists which).
+        ReproduceMismatchError: some ingredients cannot be used again.
     """
     manifest = load_manifest(target)
-    locate = _locator(target)
-    mixture = _located(Mixture.from_dict(manifest["mixture"]), locate)
-    expected: dict[str, str] = manifest["tensor_sha256"]
-    options = manifest.get("config") or {}
-    base = _pinned(mixture.base) if mixture.base else locate(manifest["base"])
-    # The reference candidate comes first, as it did when the soup was made: non-float tensors are copied from it.
-    reference = (manifest.get("compatibility") or {}).get("reference")
-    pinned = {i.id: _pinned(i) for i in mixture.ingredients}
-    candidates = list(pinned.values())
-    if reference is not None:  # written by hf-soup >= 0.4
-        first = Ingredient(locate(reference["id"]), 0.0, reference.get("revision"))
-        candidates = [_pinned(first), *(c for i, c in pinned.items() if i != first.id)]
+    summary, locate = manifest.summary, _locator(target)
+    mixture = _located(summary.mixture, locate)
+    options = summary.config or {}
     report, sources = check_compatibility(
-        base,
-        candidates,
+        _pinned(mixture.base) if mixture.base else locate(summary.base),
+        _candidates_in_order(summary, mixture, locate),
         allow_pickle=bool(options.get("allow_pickle")),
-        label_order=manifest["compatibility"].get("label_names"),
+        label_order=summary.compatibility.get("label_names"),
     )
     missing = sorted(set(mixture.ids()) - {c.id for c in report.accepted})
     if missing:
@@ -153,28 +150,42 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         raise ReproduceMismatchError(
             f"Ingredients could not be used again: {', '.join(missing)} ({reasons})."
         )
+    kind = options.get("output_kind") or "merged"
+    settings = WeightSettings(
+        dtype=soup_dtype(sources, summary.dtype),  # as written ("auto" for a soup.json without a dtype)
+        base_id=locate(options.get("base") or summary.base),
+        lora_rank=options.get("lora_rank"),
+    )
     with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
-        if options.get("output_kind") == "lora":
-            require_lora_candidates(report.accepted)
-            stats = write_adapter(
-                Path(scratch), mixture, report, sources, locate(options["base"]), options.get("lora_rank")
-            )
-        else:
-            dtype = soup_dtype(
-                report, sources, manifest.get("dtype") or "auto"
-            )  # as written (hf-soup >= 0.4)
-            stats = materialize(mixture, report, sources, Path(scratch), dtype=dtype, quiet=quiet)
-    published = published_hashes(target)
+        rebuilt = write(mixture, sources, kind, Path(scratch), settings=settings, candidates=report.accepted,
+                        quiet=quiet)  # fmt: skip
     # BatchNorm statistics re-estimated on data (--recalibrate-bn) are not a function of the weights alone: the
     # published ones are checked against the manifest, the rebuild's averages are not compared.
-    recalibrated = set((manifest.get("batchnorm") or {}).get("tensors", []))
+    recalibrated = set((summary.batchnorm or {}).get("tensors", []))
+    return _compare(
+        target, manifest.tensor_sha256, rebuilt.tensor_sha256, published_hashes(target), recalibrated
+    )
+
+
+def _candidates_in_order(summary: SoupSummary, mixture: Mixture, locate: Callable[[str], str]) -> list[str]:
+    """The ingredients, pinned; the reference candidate first, as when the soup was made (non-float tensors are
+    copied from it). hf-soup 0.3.0 did not record the reference: the mixture's order is used."""
+    pinned = {i.id: _pinned(i) for i in mixture.ingredients}
+    reference = summary.compatibility.get("reference")
+    if reference is None:
+        return list(pinned.values())
+    first = Ingredient(locate(reference["id"]), 0.0, reference.get("revision"))
+    return [_pinned(first), *(c for i, c in pinned.items() if i != first.id)]
+
+
+def _compare(target: str, expected, rebuilt, published, recalibrated: set[str]) -> ReproduceResult:
+    """Per tensor group: both the rebuild and the published weights must match the manifest."""
     result = ReproduceResult(target)
-    for name in sorted(set(expected) | set(stats.tensor_sha256) | set(published)):
+    for name in sorted(set(expected) | set(rebuilt) | set(published)):
         group = result.groups.setdefault(tensor_group(name), {"tensors": 0, "matched": 0})
         group["tensors"] += 1
-        rebuilt = expected.get(name) if name in recalibrated else stats.tensor_sha256.get(name)
-        # Both the rebuild and the published weights must match the manifest.
-        if expected.get(name) == rebuilt == published.get(name):
+        mine = expected.get(name) if name in recalibrated else rebuilt.get(name)
+        if expected.get(name) == mine == published.get(name):
             group["matched"] += 1
         else:
             result.mismatched.append(name)

@@ -7,114 +7,26 @@ dataset's is still scored correctly. Model labels named generically (`LABEL_k`) 
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
-from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from accelerate import Accelerator
 
 from .cache import JsonCache, cache_key
-from .data import TaskSpec, check_columns, dataset_label_names
+from .data import TaskSpec
 from .errors import DatasetError
 from .materialize import Workbench
 from .metrics import compute_metrics
 from .mixture import Mixture
 from .progress import progress_bar
+from .runtime import process_state
+from .splits import EncodedSplit
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedSplit:
-    """One split, tokenised once, with labels as model label ids (or floats for regression)."""
-
-    name: str
-    features: Sequence[dict]  # token ids per example (text) or `ImageFeatures` (pixel values, images)
-    labels: np.ndarray
-    order: np.ndarray  # example indices from longest to shortest
-    fingerprint: str
-    pos_label: int = 1
-    empty_inputs: int = 0  # examples whose text (or one of a pair) is missing or blank
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num_labels: int, split: str):
-    raw = list(data[spec.label_column])
-    if spec.regression:
-        return np.asarray(raw, dtype=np.float32), 1
-    fractional = [v for v in raw if isinstance(v, (float, np.floating)) and not float(v).is_integer()]
-    if fractional:
-        raise DatasetError(
-            f"The {split} split's label column {spec.label_column!r} holds numbers that are not class ids (e.g. "
-            f"{', '.join(f'{v:g}' for v in fractional[:3])}). For a regression task pass --regression (candidates "
-            "with num_labels=1); for classification, use integer ids or label names."
-        )
-    raw = [int(v) if isinstance(v, (float, np.floating)) else v for v in raw]
-    names = dataset_label_names(data, spec.label_column)
-    values = [names[v] if isinstance(v, (int, np.integer)) and names else v for v in raw]
-    if model_labels is not None and names is not None:
-        index = {name: i for i, name in enumerate(model_labels)}
-        unknown = sorted({str(v) for v in values if v not in index})
-        if unknown:
-            raise DatasetError(
-                f"The {split} split has labels the models do not know: {', '.join(unknown)} (the models know "
-                f"{', '.join(model_labels)}). Check --label-column, or soup models trained on this label set."
-            )
-        ids = np.asarray([index[v] for v in values], dtype=np.int64)
-        positive = index.get(names[1], 1) if len(names) == 2 else 1
-        return ids, positive
-    if names is not None and not all(isinstance(v, (int, np.integer)) for v in raw):
-        # Generic model labels and string dataset labels: trust the sorted order.
-        index = {name: i for i, name in enumerate(names)}
-        ids = np.asarray([index[v] for v in values], dtype=np.int64)
-    else:
-        ids = np.asarray(raw, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
-        raise DatasetError(
-            f"The {split} split has label ids outside 0..{num_labels - 1} (e.g. {ids.min()}); GLUE test splits "
-            "have no labels (-1): report on `validation` instead."
-        )
-    return ids, 1
-
-
-def encode_split(
-    name: str,
-    data: Dataset,
-    spec: TaskSpec,
-    tokenizer: PreTrainedTokenizerBase,
-    model_labels: list[str] | None,
-    num_labels: int,
-    max_length: int = 128,
-) -> EncodedSplit:
-    """Tokenise `data` once and map its labels to model label ids."""
-    check_columns(spec, data, name)
-    labels, positive = label_ids(spec, data, model_labels, num_labels, name)
-    columns = [data[spec.text_column], *([data[spec.text_pair_column]] if spec.text_pair_column else [])]
-    # Missing or blank texts are scored as empty strings, and counted so that the report can say so.
-    empty = sum(1 for row in zip(*columns) if any(t is None or not str(t).strip() for t in row))
-    texts = [text or "" for text in columns[0]]
-    pairs = [text or "" for text in columns[1]] if spec.text_pair_column else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
-    features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-    lengths = np.asarray([len(f["input_ids"]) for f in features])
-    digest = hashlib.sha256()
-    for feature in features:
-        digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes())
-    digest.update(labels.tobytes())
-    return EncodedSplit(
-        name, features, labels, np.argsort(-lengths, kind="stable"), digest.hexdigest(), positive, empty
-    )
 
 
 @dataclass
@@ -145,15 +57,6 @@ class SplitScore:
             raw = base64.b64decode(data["logits"]["float32"])
             logits = np.frombuffer(raw, dtype=np.float32).reshape(data["logits"]["shape"]).copy()
         return cls(data["metrics"], data["loss"], data["n"], data.get("predictions", []), logits)
-
-
-def process_state() -> PartialState:
-    """This process's place in the run: one process, or one of `accelerate launch`'s (or `torchrun`'s) N.
-
-    `ACCELERATE_USE_CPU=1` makes N CPU processes one gloo group; `PartialState()` alone would ignore it and leave
-    each process on its own, so every hf-soup call site goes through here.
-    """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -315,7 +218,7 @@ class Scorer:
         variant (`str`, *optional*): what else changes a mixture's scores (BatchNorm recalibration), for cache keys.
     """
 
-    def __init__(self, workbench, spec, splits, fingerprints, collator, cache=None, batch_size=64, quiet=False,
+    def __init__(self, workbench, spec, splits, fingerprints, collator, *, cache=None, batch_size=64, quiet=False,
                  selection_metric=None, early_rejection=True, variant=""):  # fmt: skip
         self.variant = variant
         self.workbench: Workbench = workbench

@@ -44,6 +44,7 @@ def paired_bootstrap(
     labels: np.ndarray,
     predictions_a: np.ndarray,
     predictions_b: np.ndarray,
+    *,
     resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
@@ -89,6 +90,7 @@ def compare(
     labels: np.ndarray,
     predictions_a: np.ndarray,
     predictions_b: np.ndarray,
+    *,
     resamples: int = 1000,
     seed: int = 0,
     pos_label: int = 1,
@@ -97,7 +99,7 @@ def compare(
     out = {}
     for metric in metrics:
         result = paired_bootstrap(
-            metric, labels, predictions_a, predictions_b, resamples, seed, pos_label=pos_label
+            metric, labels, predictions_a, predictions_b, resamples=resamples, seed=seed, pos_label=pos_label
         )
         result["significant"] = result["low"] > 0 or result["high"] < 0
         if metric == "accuracy":

@@ -7,13 +7,13 @@ Paired comparisons, ties and warnings reuse the predictions of those same forwar
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 
 from .ensemble import calibration, ensemble_logits
 from .metrics import SCORE_METRICS
 from .mixture import Mixture
+from .results import Comparison, Comparisons, Entry
 from .scoring import Scorer, SplitScore
 from .stats import METRIC_FUNCTIONS, compare, small_split_warning, topk_hits
 
@@ -33,31 +33,31 @@ class Summary:
         self.report_names = [name for name in scorer.splits if name != "selection"]
         self._ensembles: dict[tuple[tuple[str, ...], str], SplitScore] = {}
 
-    def _entry(self, name: str, ingredients: list[str], scores: dict[str, SplitScore], passes: int) -> dict:
+    def _entry(self, name: str, ingredients: list[str], scores: dict[str, SplitScore], passes: int) -> Entry:
         regression = self.scorer.spec.regression
         selection = scores["selection"]
         reports = {split: scores[split] for split in self.report_names}
-        return {
-            "name": name,
-            "ingredients": ingredients,
-            "forward_passes": passes,
-            "selection": selection.metrics,
-            "selection_loss": selection.loss,
-            "report": {split: score.metrics for split, score in reports.items()},
-            "report_loss": {split: score.loss for split, score in reports.items()},
-            "ece": {
+        return Entry(
+            name=name,
+            ingredients=ingredients,
+            forward_passes=passes,
+            selection=selection.metrics,
+            selection_loss=selection.loss,
+            report={split: score.metrics for split, score in reports.items()},
+            report_loss={split: score.loss for split, score in reports.items()},
+            ece={
                 split: calibration(score, self.scorer.splits[split], regression)
                 for split, score in reports.items()
             },
-        }
+        )
 
-    def entry(self, name: str, mixture: Mixture) -> dict[str, Any]:
+    def entry(self, name: str, mixture: Mixture) -> Entry:
         """A soup's (or one model's) entry: one forward pass per input."""
         scores = {split: self.scorer.score(mixture, split) for split in ["selection", *self.report_names]}
         ingredients = [i.id for i in mixture.ingredients if i.weight != 0] or mixture.ids()
         return self._entry(name, ingredients, scores, passes=1)
 
-    def ensemble(self, name: str, ids: list[str]) -> dict[str, Any]:
+    def ensemble(self, name: str, ids: list[str]) -> Entry:
         """The logit ensemble of `ids`: the mean of their logits, from their cached scores (N forward passes)."""
         scores = {split: self._ensemble_score(ids, split) for split in ["selection", *self.report_names]}
         return self._entry(name, list(ids), scores, passes=len(ids))
@@ -73,7 +73,7 @@ class Summary:
 
     def comparisons(
         self, best: Mixture, others: dict[str, Mixture | list[str]], resamples: int, seed: int
-    ) -> dict:
+    ) -> Comparisons:
         """Paired differences vs the best individual on each report split, from the predictions already made.
 
         `others` maps a name to a mixture, or to a list of candidate ids for a logit ensemble.
@@ -104,9 +104,10 @@ class Summary:
                         topk_hits(s.logits, encoded.labels, SCORE_METRICS[metric]) for s in (score, reference)
                     ]
                     ones = np.ones(len(encoded.labels), dtype=np.int64)
-                    out[split][name][metric] = compare(("accuracy",), ones, *hits, resamples, seed)[
-                        "accuracy"
-                    ]
+                    out[split][name][metric] = compare(
+                        ("accuracy",), ones, *hits, resamples=resamples, seed=seed
+                    )["accuracy"]
+                out[split][name] = {metric: Comparison.from_dict(r) for metric, r in out[split][name].items()}
         return out
 
     def warnings(self, ids: list[str]) -> list[str]:

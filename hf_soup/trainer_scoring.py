@@ -21,7 +21,8 @@ import numpy as np
 from .cache import JsonCache, cache_key
 from .errors import ConfigError, DatasetError
 from .mixture import Mixture
-from .scoring import SELECTION_LOSS, EncodedSplit, SplitScore, per_example_loss
+from .scoring import SELECTION_LOSS, SplitScore, per_example_loss
+from .splits import EncodedSplit
 
 
 @dataclass(frozen=True)

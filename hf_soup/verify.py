@@ -15,6 +15,7 @@ from .cache import JsonCache, cache_key
 from .compat import CompatibilityReport
 from .errors import NonFiniteWeightsError
 from .progress import progress_bar
+from .sources import SoupSources
 from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,18 @@ def _raise_non_finite(cid: str, tensor: str) -> None:
 
 
 def ingredient_fingerprints(
-    report: CompatibilityReport, sources: dict[str, TensorSource], cache: JsonCache, quiet: bool = False
+    report: CompatibilityReport, sources: SoupSources, cache: JsonCache, quiet: bool = False
 ) -> dict[str, str]:
-    """Fingerprints of the base and of every accepted candidate, including any head permutation."""
-    ids = ["__base__", *(c.id for c in report.accepted)]
-    fingerprints = fingerprint_sources(ids, sources, cache, quiet)
+    """Fingerprints of the base (under its id) and of every accepted candidate, including any head permutation."""
+    base = sources.base_id
+    readers = {base: sources.base, **{c.id: sources.candidates[c.id] for c in report.accepted}}
+    fingerprints = fingerprint_sources(list(readers), readers, cache, quiet)
     for candidate in report.accepted:
         if candidate.kind == "lora":  # its merged model is the base plus the adapter
-            fingerprints[candidate.id] += f"+base{fingerprints['__base__']}"
-    for cid, permutation in report.permutations.items():
+            fingerprints[candidate.id] += f"+base{fingerprints[base]}"
+    permutations = dict(sources.alignment.permutations)
+    if sources.alignment.base_permutation is not None:
+        permutations[base] = sources.alignment.base_permutation
+    for cid, permutation in permutations.items():
         fingerprints[cid] += f"+perm{permutation}"
     return fingerprints

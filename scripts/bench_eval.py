@@ -45,7 +45,8 @@ def main() -> int:
 
     from hf_soup.data import load_data, task_spec
     from hf_soup.demo import make_start, pretrained_path
-    from hf_soup.scoring import encode_split, predict, score_logits
+    from hf_soup.scoring import predict, score_logits
+    from hf_soup.text import encode_text_split
 
     scratch = tempfile.mkdtemp()
     model_dir = Path(args.model) if args.model else ROOT / "results" / "runs" / "v0"
@@ -61,7 +62,9 @@ def main() -> int:
 
     # hf-soup: tokenise once, length-sorted batches, dynamic padding, inference_mode.
     started = time.perf_counter()
-    split = encode_split("test", data, spec, tokenizer, labels, len(labels), args.max_length)
+    split = encode_text_split(
+        "test", data, spec, tokenizer, model_labels=labels, num_labels=len(labels), max_length=args.max_length
+    )
     ours = score_logits(predict(model, split, DataCollatorWithPadding(tokenizer), quiet=True), split, spec)
     ours_seconds = time.perf_counter() - started
 

@@ -62,14 +62,20 @@ def _split(folder: Path, steps: int):
     from transformers import AutoTokenizer
 
     from hf_soup.data import task_spec
-    from hf_soup.scoring import encode_split
+    from hf_soup.text import encode_text_split
 
     reviews = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods" / "train.csv"
     frame = pd.read_csv(reviews).head(BATCH * steps)
-    spec = task_spec(None, str(reviews), "review", None, "score")
+    spec = task_spec(None, str(reviews), text_column="review", label_column="score")
     tokenizer = AutoTokenizer.from_pretrained(folder / "base")
-    split = encode_split(
-        "selection", Dataset.from_pandas(frame), spec, tokenizer, ["great", "other"], 2, MAX_LENGTH
+    split = encode_text_split(
+        "selection",
+        Dataset.from_pandas(frame),
+        spec,
+        tokenizer,
+        model_labels=["great", "other"],
+        num_labels=2,
+        max_length=MAX_LENGTH,
     )
     return split, tokenizer
 
@@ -80,12 +86,13 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
 
     from hf_soup.compat import check_compatibility
     from hf_soup.materialize import Workbench
-    from hf_soup.recipes import LearnedOptions, MixingTrainer
+    from hf_soup.mixing import MixingTrainer
+    from hf_soup.recipes import LearnedOptions
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]
     split, tokenizer = _split(folder, steps)
     collator = DataCollatorWithPadding(tokenizer)
-    report, sources = check_compatibility(folder / "base", ids)
+    _report, sources = check_compatibility(folder / "base", ids)
     torch.set_num_threads(torch.get_num_threads())
     with AnonPeak() as peak:
         # From the config: every parameter is anonymous memory from the start (from_pretrained can leave them
@@ -93,14 +100,16 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(ids[0]))
         if kind == "streamed":
             options = LearnedOptions(epochs=1, batch_size=BATCH, lr=0.1)
-            trainer = MixingTrainer(
-                Workbench(model, report, sources), split, collator, False, options, quiet=True
-            )
-            _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
+            trainer = MixingTrainer(Workbench(model, sources), split, collator, False, options, quiet=True)
+            _, _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
             alpha = state.final_alpha[0].tolist()
         elif kind == "in_memory":
             states = [
-                {name: sources[cid].get(name).float().clone() for name in sources[cid].keys()} for cid in ids
+                {
+                    name: sources.candidates[cid].get(name).float().clone()
+                    for name in sources.candidates[cid].keys()
+                }
+                for cid in ids
             ]
             z = torch.zeros(count, dtype=torch.float64, requires_grad=True)
             log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)

@@ -35,7 +35,7 @@ def main() -> int:
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_soup.compat import check_compatibility, read_aligned
+    from hf_soup.compat import check_compatibility
     from hf_soup.data import load_data
     from hf_soup.demo import DATA_DIR, pretrained_path
     from hf_soup.materialize import Workbench, materialize
@@ -59,7 +59,7 @@ def main() -> int:
         report, sources = check_compatibility(root / "base", ids)
         ids = [c.id for c in report.accepted]
         live = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
-        bench = Workbench(live, report, sources)
+        bench = Workbench(live, sources)
         # A greedy soup's trials: the soup so far plus the next candidate; every other trial is rejected.
         soup, trials = [ids[0]], [[ids[0]]]
         for index, cid in enumerate(ids[1:], start=1):
@@ -87,9 +87,9 @@ def main() -> int:
             state = live.state_dict()
             for name in bench.names:
                 for cid in set(trial) - members:
-                    running[name].add_(read_aligned(report, sources[cid], cid, name).float())
+                    running[name].add_(sources.read(cid, name).float())
                 for cid in members - set(trial):
-                    running[name].sub_(read_aligned(report, sources[cid], cid, name).float())
+                    running[name].sub_(sources.read(cid, name).float())
                 state[name].copy_(running[name] / len(trial))
             members = set(trial)
             running_seconds.append(time.perf_counter() - started)
@@ -97,7 +97,7 @@ def main() -> int:
 
         written_dir = root / "written"
         written_dir.mkdir()
-        materialize(trials[-1], report, sources, written_dir, quiet=True)
+        materialize(trials[-1], sources, written_dir, quiet=True)
         from safetensors.torch import load_file
 
         written = load_file(str(written_dir / "model.safetensors"))

@@ -83,10 +83,10 @@ def child_soup(folder: Path, count: int, out: Path) -> dict:
     from hf_soup.mixture import Mixture
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]
-    report, sources = check_compatibility(folder / "base", ids)
+    _report, sources = check_compatibility(folder / "base", ids)
     with AnonPeak() as peak:
         started = time.perf_counter()
-        materialize(Mixture.uniform("uniform", ids), report, sources, out, quiet=True)
+        materialize(Mixture.uniform("uniform", ids), sources, out, quiet=True)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "anon_peak": peak.anon - peak.baseline, "file_peak": peak.file}
 

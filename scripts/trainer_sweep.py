@@ -85,7 +85,7 @@ def main() -> int:
     )
     result = cook(base=base, candidates=[str(workdir / "pot" / "*")], trainer=trainer, recipe="greedy",
                   report_dataset=test, output=str(workdir / "soup"), overwrite=True)  # fmt: skip
-    print(soup_table(result.report))
+    print(soup_table(result.summary))
     print(f"Pot: {workdir / 'pot'}  Soup: {result.output}")
     return 0
 

@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup.report import soup_table
+from hf_soup.results import SoupSummary
 
 HF_SOUP = installed_script("hf-soup")
 
@@ -73,7 +74,7 @@ def test_headline_compares_with_the_best_selection_accuracy_not_the_lowest_loss(
     labels = pd.read_csv(reviews["test"])["score"]
     assert best["accuracy"] == pytest.approx(float(np.mean(labels == "great")))  # "sure" always says great
 
-    human = soup_table(report)  # what the CLI prints for this report
+    human = soup_table(SoupSummary.from_dict(report))  # what the CLI prints for this report
     assert f"vs best individual ({sure}, the best selection accuracy) on test.csv" in human
     assert f"best individual ({sure})" in human and f"best by loss ({hedge}; not compared)" in human
 

@@ -49,7 +49,7 @@ def test_permuted_labels_are_aligned_and_predict_the_same(zoo, tmp_path, reviews
     # The soup of a model and its label-permuted copy is the model itself: same predictions, label by label.
     model = AutoModelForSequenceClassification.from_pretrained(report.accepted[0].local_dir)
     original = AutoModelForSequenceClassification.from_pretrained(zoo["a"])
-    Workbench(model, report, sources).load(Mixture.uniform("u", [str(zoo["a"]), str(permuted)]))
+    Workbench(model, sources).load(Mixture.uniform("u", [str(zoo["a"]), str(permuted)]))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     import pandas as pd
 

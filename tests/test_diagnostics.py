@@ -38,9 +38,9 @@ def test_angles_and_distances_match_a_direct_computation(zoo, scratch):
 
 
 def test_small_blocks_give_the_same_answer(zoo):
-    report, sources = check_compatibility(zoo["base"], [str(zoo[c]) for c in "abcd"])
-    whole = diagnose(report, sources, quiet=True)
-    blocked = diagnose(report, sources, block_elements=100, quiet=True)  # many row blocks per tensor
+    _report, sources = check_compatibility(zoo["base"], [str(zoo[c]) for c in "abcd"])
+    whole = diagnose(sources, quiet=True)
+    blocked = diagnose(sources, block_elements=100, quiet=True)  # many row blocks per tensor
     np.testing.assert_allclose(blocked.cosine, whole.cosine, atol=1e-10)
     assert blocked.relative_distance == pytest.approx(whole.relative_distance, rel=1e-10)
 

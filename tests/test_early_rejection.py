@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_soup.data import TaskSpec
-from hf_soup.scoring import EncodedSplit, logits_unless_hopeless, score_logits
+from hf_soup.scoring import logits_unless_hopeless, score_logits
+from hf_soup.splits import EncodedSplit
 
 SPEC = TaskSpec("custom", "text", metrics=("accuracy",))
 

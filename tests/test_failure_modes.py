@@ -423,11 +423,11 @@ def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fif
 
     peaks = {}
     for count in (4, len(fifty)):
-        report, sources = check_compatibility(zoo["base"], fifty[:count])
+        _report, sources = check_compatibility(zoo["base"], fifty[:count])
         target = tmp_path / f"n{count}"
         target.mkdir()
         peaks[count] = materialize(
-            Mixture.uniform("uniform", fifty[:count]), report, sources, target, quiet=True
+            Mixture.uniform("uniform", fifty[:count]), sources, target, quiet=True
         ).peak_live_bytes
     assert peaks[len(fifty)] == peaks[4]  # one accumulator and one input tensor, whatever N is
 

@@ -15,8 +15,9 @@ from hf_soup import cook
 from hf_soup.compat import check_compatibility
 from hf_soup.data import load_data, task_spec
 from hf_soup.materialize import Workbench
-from hf_soup.recipes import LearnedOptions, MixingTrainer
-from hf_soup.scoring import encode_split
+from hf_soup.mixing import MixingTrainer
+from hf_soup.recipes import LearnedOptions
+from hf_soup.text import encode_text_split
 
 CANDIDATES = ["a", "b", "c", "d"]
 
@@ -24,10 +25,12 @@ CANDIDATES = ["a", "b", "c", "d"]
 @pytest.fixture(scope="module")
 def setup(zoo, reviews):
     report, sources = check_compatibility(zoo["base"], [str(zoo[c]) for c in CANDIDATES])
-    spec = task_spec(None, str(reviews["train"]), "review", None, "score")
+    spec = task_spec(None, str(reviews["train"]), text_column="review", label_column="score")
     data = load_data(str(reviews["train"]), split="train").select(range(40))
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
-    split = encode_split("selection", data, spec, tokenizer, report.label_names, 2, max_length=48)
+    split = encode_text_split(
+        "selection", data, spec, tokenizer, model_labels=report.label_names, num_labels=2, max_length=48
+    )
     return report, sources, split, DataCollatorWithPadding(tokenizer)
 
 
@@ -67,10 +70,10 @@ def test_streamed_gradients_match_an_all_in_memory_reference(setup, zoo, granula
     report, sources, split, collator = setup
     model = AutoModelForSequenceClassification.from_pretrained(zoo["a"], dtype=torch.float32)
     options = LearnedOptions(granularity=granularity, epochs=2, lr=0.2, batch_size=16, seed=3)
-    trainer = MixingTrainer(Workbench(model, report, sources), split, collator, False, options, quiet=True)
+    trainer = MixingTrainer(Workbench(model, sources), split, collator, False, options, quiet=True)
     ids = [c.id for c in report.accepted]
     assert ids == [str(zoo[c]) for c in CANDIDATES]
-    _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
+    _, _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
     expected_alpha, expected_temperature = reference_alpha(zoo, split, collator, granularity, options)
     assert len(state.losses) == 2 * 3  # 40 examples, batches of 16, 2 epochs
     assert sorted(state.groups) == sorted(expected_alpha)

@@ -29,7 +29,7 @@ def independent_average(folders, weights=None):
 def test_uniform_soup_equals_independent_average(zoo, tmp_path):
     report, sources = check_compatibility(zoo["base"], [str(zoo["root"] / "runs" / "*")])
     mixture = Mixture.uniform("uniform", [c.id for c in report.accepted])
-    stats = materialize(mixture, report, sources, tmp_path, quiet=True)
+    stats = materialize(mixture, sources, tmp_path, quiet=True)
     written = load_file(str(tmp_path / "model.safetensors"))
     expected = independent_average([zoo[k] for k in "abcd"])
     assert set(written) == set(expected)
@@ -40,9 +40,9 @@ def test_uniform_soup_equals_independent_average(zoo, tmp_path):
 
 
 def test_non_uniform_weights(zoo, tmp_path):
-    report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(zoo["b"])])
+    _report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(zoo["b"])])
     mixture = Mixture("custom", (Ingredient(str(zoo["a"]), 0.25), Ingredient(str(zoo["b"]), 0.75)))
-    materialize(mixture, report, sources, tmp_path, quiet=True)
+    materialize(mixture, sources, tmp_path, quiet=True)
     written = load_file(str(tmp_path / "model.safetensors"))
     expected = independent_average([zoo["a"], zoo["b"]], [0.25, 0.75])
     for name in written:
@@ -63,7 +63,7 @@ def test_mixed_dtypes_accumulate_in_fp32_and_write_base_dtype(zoo, tmp_path):
     assert any("mix dtypes" in w for w in report.warnings)
     out = tmp_path / "out"
     out.mkdir()
-    materialize(Mixture.uniform("uniform", [str(zoo["a"]), str(half)]), report, sources, out, quiet=True)
+    materialize(Mixture.uniform("uniform", [str(zoo["a"]), str(half)]), sources, out, quiet=True)
     written = load_file(str(out / "model.safetensors"))
     a = load_file(str(zoo["a"] / "model.safetensors"))
     name = "bert.encoder.layer.0.attention.self.query.weight"
@@ -80,12 +80,11 @@ def test_non_float_buffers_are_copied_and_shards_indexed(zoo, tmp_path):
         state["bert.embeddings.position_ids"] = torch.arange(128).unsqueeze(0) + (7 if key == "b" else 0)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         with_buffer.append(folder)
-    report, sources = check_compatibility(zoo["base"], [str(f) for f in with_buffer])
+    _report, sources = check_compatibility(zoo["base"], [str(f) for f in with_buffer])
     out = tmp_path / "out"
     out.mkdir()
     stats = materialize(
         Mixture.uniform("u", [str(f) for f in with_buffer]),
-        report,
         sources,
         out,
         max_shard_size="200KB",
@@ -108,14 +107,15 @@ def test_peak_memory_does_not_grow_with_candidates(zoo, tmp_path):
     peaks = {}
     for n in (2, 4):
         ids = [str(zoo[k]) for k in "abcd"[:n]]
-        report, sources = check_compatibility(zoo["base"], ids)
+        _report, sources = check_compatibility(zoo["base"], ids)
         out = tmp_path / f"n{n}"
         out.mkdir()
-        stats = materialize(
-            Mixture.uniform("u", ids), report, sources, out, max_shard_size="100KB", quiet=True
-        )
+        stats = materialize(Mixture.uniform("u", ids), sources, out, max_shard_size="100KB", quiet=True)
         peaks[n] = stats.peak_live_bytes
-        largest = max(torch.Size(sources[ids[0]].shape(k)).numel() * 4 for k in sources[ids[0]].keys())
+        largest = max(
+            torch.Size(sources.candidates[ids[0]].shape(k)).numel() * 4
+            for k in sources.candidates[ids[0]].keys()
+        )
         # One accumulator, one input and one output tensor, plus at most one 100KB shard: never N models.
         assert stats.peak_live_bytes <= 3 * largest + 100_000
     assert peaks[2] == peaks[4]
@@ -123,9 +123,9 @@ def test_peak_memory_does_not_grow_with_candidates(zoo, tmp_path):
 
 def test_workbench_trials_match_direct_average(zoo):
     ids = [str(zoo[k]) for k in "abcd"]
-    report, sources = check_compatibility(zoo["base"], ids)
+    _report, sources = check_compatibility(zoo["base"], ids)
     model = AutoModelForSequenceClassification.from_pretrained(zoo["a"])
-    bench = Workbench(model, report, sources)
+    bench = Workbench(model, sources)
     for subset in (ids[:2], ids[:3], [ids[0], ids[1], ids[3]], ids, [ids[2]], ids[1:]):
         bench.load(Mixture.uniform("t", subset))
         expected = independent_average([zoo[k] for k in "abcd" if str(zoo[k]) in subset])
@@ -138,7 +138,7 @@ def test_workbench_trials_match_direct_average(zoo):
 
 def written(mixture, report, sources, folder, dtype=None) -> dict[str, torch.Tensor]:
     folder.mkdir()
-    materialize(mixture, report, sources, folder, dtype=dtype, quiet=True)
+    materialize(mixture, sources, folder, dtype=dtype, quiet=True)
     return load_file(str(folder / "model.safetensors"))
 
 
@@ -149,7 +149,7 @@ def test_the_workbench_scores_exactly_what_is_written(zoo, tmp_path):
     report, sources = check_compatibility(zoo["base"], ids)
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForSequenceClassification.from_pretrained(zoo["a"], dtype=dtype)
-        bench = Workbench(model, report, sources)
+        bench = Workbench(model, sources)
         trials = [Mixture.uniform("t", ids[:2]), Mixture.uniform("t", ids[:3]), Mixture.uniform("t", ids[1:])]
         unnormalised = Mixture("t", (Ingredient(ids[0], 1.0), Ingredient(ids[2], 1.0)))
         for step, mixture in enumerate([*trials, unnormalised, Mixture.uniform("t", ids[:3])]):

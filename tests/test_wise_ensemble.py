@@ -166,5 +166,6 @@ def test_wise_recipe_keeps_the_best_alpha_not_the_last():
     assert WiseSoup.alpha_of(result.mixture) == 0.5
     assert result.mixture.base.weight == 0.5 and result.mixture.weights() == {"a": 0.25, "b": 0.25}
     assert result.mixture.per_tensor_weights == {"classifier.weight": {"a": 0.5, "b": 0.5}}
-    assert [alpha for alpha, _, _ in recipe.curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [point.fields["alpha"] for point in result.curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert result.details["alpha"] == 0.5 and result.details["endpoint"] == "uniform"
     assert isinstance(result.mixture, Mixture)

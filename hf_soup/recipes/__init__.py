@@ -1,48 +1,74 @@
-"""Soup recipes. Each one returns a `Mixture`; only the learned soup touches tensors (through the live model)."""
+"""Soup recipes, one file each. Each returns a `Mixture`; none touches tensors.
+
+The registry below is the only place a recipe is listed: `SoupConfig` takes `--recipe` choices from it, the pipeline
+builds recipes through `build_recipe`, and the card and table ask the recipe class about its own results.
+"""
 
 from __future__ import annotations
 
-from typing import get_args
-
 from ..errors import ConfigError
-from ..mixture import Recipe
-from .base import Objective, RecipeResult, SoupRecipe, Step, rank
+from .base import CurvePoint, Objective, RecipeContext, RecipeResult, SoupRecipe, Step, rank
 from .greedy import GreedySoup
-from .learned import LearnedOptions, LearnedSoup, MixingTrainer
+from .learned import LearnedOptions, LearnedSoup
 from .pruned import PrunedSoup
 from .uniform import UniformSoup
 from .wise import WiseSoup, parse_alphas
 
 RECIPES: dict[str, type[SoupRecipe]] = {
-    cls.name(): cls for cls in (UniformSoup, GreedySoup, PrunedSoup, LearnedSoup, WiseSoup)
+    cls.name(): cls
+    for cls in (
+        UniformSoup,
+        GreedySoup,
+        PrunedSoup,
+        LearnedSoup,
+        WiseSoup,
+    )
 }
-assert set(RECIPES) == set(get_args(Recipe))
-# Recipes that need only scores (no live model, no base): the ones `get_recipe` builds on its own.
-SCORE_ONLY = ("uniform", "greedy", "pruned")
+
+
+def recipe_class(name: str) -> type[SoupRecipe]:
+    """The recipe called `name`.
+
+    Raises:
+        ConfigError: no recipe has that name.
+    """
+    if name not in RECIPES:
+        raise ConfigError(f"Unknown recipe {name!r}: choose one of {', '.join(RECIPES)}.")
+    return RECIPES[name]
+
+
+def build_recipe(config, context: RecipeContext) -> SoupRecipe:
+    """The recipe of `config` (its `recipe` and that recipe's options), built with what the pipeline offers."""
+    context.build = lambda name: recipe_class(name).from_config(config, context)
+    return recipe_class(config.recipe).from_config(config, context)
 
 
 def get_recipe(name: str, passes: int = 1) -> SoupRecipe:
-    """The score-only recipe called `name`, e.g. `get_recipe("greedy")`. `wise` and `learned` are built by `cook`."""
-    if name not in SCORE_ONLY:
-        raise ConfigError(f"Unknown recipe {name!r} here: choose one of {', '.join(SCORE_ONLY)}.")
-    return PrunedSoup(passes) if name == "pruned" else RECIPES[name]()
+    """A recipe that needs only scores, e.g. `get_recipe("greedy")` (`wise` and `learned` need a context)."""
+    if name == "pruned":
+        return PrunedSoup(passes)
+    if name not in ("uniform", "greedy"):
+        raise ConfigError(f"Unknown recipe {name!r} here: choose one of uniform, greedy, pruned.")
+    return RECIPES[name]()
 
 
 __all__ = [
     "RECIPES",
-    "SCORE_ONLY",
+    "CurvePoint",
     "GreedySoup",
     "LearnedOptions",
     "LearnedSoup",
-    "MixingTrainer",
     "Objective",
     "PrunedSoup",
+    "RecipeContext",
     "RecipeResult",
     "SoupRecipe",
     "Step",
     "UniformSoup",
     "WiseSoup",
+    "build_recipe",
     "get_recipe",
     "parse_alphas",
     "rank",
+    "recipe_class",
 ]

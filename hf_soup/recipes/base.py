@@ -1,12 +1,22 @@
-"""The interface every recipe implements: candidates and an objective in, a Mixture out."""
+"""The interface every recipe implements: candidates and an objective in, a Mixture (and its details) out.
+
+A recipe is one file in `hf_soup/recipes/` plus one line in the registry (`recipes/__init__.py`). It declares its
+options (read from `SoupConfig` in `from_config`), builds itself from the config and a `RecipeContext`, and returns
+its own record in `RecipeResult.details`; it may also describe that record in the model card (`card_section`) and
+in the results table (`label`). Recipes never touch tensors: a recipe that learns through the live model gets a
+trainer from the context.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from ..mixture import Mixture
+from ..mixture import Ingredient, Mixture
+
+SOUPS_PAPER = "https://arxiv.org/abs/2203.05482"
 
 # Scores a mixture on the selection split; higher is better (scorers negate losses). The second argument is the
 # score the trial must reach to be accepted: a scorer may stop early and return None once it provably cannot.
@@ -26,16 +36,79 @@ class Step:
     stopped_early: bool = False
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """A trial the recipe wants shown on the report splits too (WiSE-FT's α sweep): the pipeline scores it and
+    stores it, with `fields`, in `details["curve"]`."""
+
+    label: str
+    mixture: Mixture
+    selection_value: float | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class RecipeResult:
-    """What a recipe returns: the mixture it chose, and the trials it made on the way."""
+    """What a recipe returns: the mixture it chose, the trials it made on the way, and its own record."""
 
     mixture: Mixture
     trajectory: list[Step] = field(default_factory=list)
+    details: dict[str, Any] | None = None  # stored in soup.json under the recipe's name
+    curve: list[CurvePoint] = field(default_factory=list)
+
+
+@dataclass
+class RecipeContext:
+    """What the pipeline offers a recipe that needs more than scores.
+
+    Args:
+        base (`Ingredient`): the shared initialisation (weight 0).
+        headless (`list[str]`): float tensors the base does not have (the task head).
+        build (`Callable[[str], SoupRecipe]`): builds another recipe by name, from the same config (an endpoint).
+        mixing_trainer (`Callable`, *optional*): `options -> MixingTrainer`, the live model's gradient machinery;
+            `None` without data, or when the data is not hf-soup's own encoding (a user's Trainer scores).
+        task_vector_cosines (`Callable`, *optional*): `ids -> {tensor: mean pairwise cosine}` of the candidates'
+            task vectors θ_i − θ_0 over each tensor the base has (streamed; data-free recipes such as Model Stock).
+        quiet (`bool`): no progress bars.
+    """
+
+    base: Ingredient
+    headless: list[str] = field(default_factory=list)
+    build: Callable[[str], SoupRecipe] | None = None
+    mixing_trainer: Callable[[Any], Any] | None = None
+    task_vector_cosines: Callable[[list[str]], dict[str, float]] | None = None
+    quiet: bool = False
 
 
 class SoupRecipe(ABC):
     """A soup recipe. It only picks ingredients and weights; it never touches tensors."""
+
+    # Jinja shown in the model card after the results table, with the manifest as `m` and the recipe's record
+    # as `details`; `chosen_by` and `metric` are the selection and primary metrics.
+    card_section: ClassVar[str] = ""
+    # A recipe that needs no data runs without --task / --dataset (its objective is then None).
+    needs_data: ClassVar[bool] = True
+    # For a recipe that returns a curve: (the curve field on the x axis, its label, the plot's title).
+    curve_plot: ClassVar[tuple[str, str, str] | None] = None
+
+    @classmethod
+    def reference_title(cls) -> str:
+        return "Wortsman et al. 2022, *Model soups*"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Refuse bad options early, before any work (called by `SoupConfig`). Most recipes have none."""
+        return None
+
+    @classmethod
+    def from_config(cls, config, context: RecipeContext) -> SoupRecipe:
+        """Build the recipe from `SoupConfig` options and what the pipeline offers."""
+        return cls()
+
+    @classmethod
+    def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
+        """The soup's name in the results table."""
+        return soup_name
 
     @classmethod
     @abstractmethod
@@ -47,7 +120,8 @@ class SoupRecipe(ABC):
 
     @classmethod
     def reference_url(cls) -> str:
-        return "https://arxiv.org/abs/2203.05482"
+        """The paper the recipe comes from: the card cites it."""
+        return SOUPS_PAPER
 
     @abstractmethod
     def cook(

@@ -32,5 +32,7 @@ class GreedySoup(SoupRecipe):
             if accepted:
                 soup.append(candidate)
                 best = score
-            trajectory.append(Step(step, "add", candidate, score, accepted, len(soup), score is None))
+            trajectory.append(
+                Step(step, "add", candidate, score, accepted, len(soup), stopped_early=score is None)
+            )
         return RecipeResult(Mixture.uniform(self.name(), soup, revisions), trajectory)

@@ -1,41 +1,43 @@
 """Learned soup: mixing weights learned by gradient descent on the selection split (the paper's Section 3.2 /
 Appendix "learned soup"), without holding the N models in memory.
 
-Objective: minimise Σ_j L(β·f(x_j; θ(α)), y_j) over α and a temperature β, with θ(α) = Σ_i α_i θ_i.
-
-- **Convex hull.** α = softmax(z) (one row per tensor with `granularity="layer"`), so every soup is a convex
-  combination of the candidates; β = exp(b) > 0. Both start at the uniform soup and β = 1.
-- **Memory.** The paper's implementation holds every θ_i (490 GB for 72 CLIP models). Here, since
-  ∂L/∂α_i = ⟨∂L/∂θ, θ_i⟩ (per tensor for per-layer α), one backward pass through the one live model gives
-  ∂L/∂θ, and each ingredient's tensor is then streamed from its memory-mapped file for the dot products. They are
-  taken in a hook as soon as backward produces each parameter's gradient, which is then freed: peak memory is one
-  model, its activations and a few tensors, whatever N is (`scripts/bench_learned_memory.py`).
-- **Never worse than where it starts.** The soup is scored on the selection split before training and after
-  every epoch, and the best of those is kept, so it never scores below the uniform soup it starts from.
-- Dropout is off (the model stays in eval mode), and batches follow a seeded permutation: runs are reproducible.
+Objective: minimise Σ_j L(β·f(x_j; θ(α)), y_j) over α and a temperature β, with θ(α) = Σ_i α_i θ_i, α in the
+convex hull (softmax), starting at the uniform soup. The gradient machinery lives with the live model
+(`hf_soup/mixing.py`); this recipe declares the options, builds the trainer from the pipeline's context and
+keeps the best epoch on the selection split, so it never scores below the uniform soup it starts from.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
-import numpy as np
-import torch
-
-from ..compat import read_aligned
 from ..errors import ConfigError
-from ..mixture import Ingredient, Mixture
-from ..progress import progress_bar
-from ..scoring import process_state
-from .base import RecipeResult, SoupRecipe, Step, rank
+from .base import RecipeContext, RecipeResult, SoupRecipe, Step, rank
 
-GRANULARITIES = ("model", "layer")
+# One weight per model, or one per tensor (`--granularity`).
+Granularity = Literal["model", "layer"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+
+CARD_SECTION = """### Learned mixing weights
+
+{{ details.granularity }}-level weights learned on the selection split (kept from epoch {{ details.kept_epoch }};
+epoch 0 is the uniform start), temperature β = {{ '%.4f' % details.temperature }}.
+{% if details.granularity == 'model' -%}
+| ingredient | α |
+|---|---|
+{% for cid, a in details.alpha['*'].items() -%}
+| `{{ cid }}` | {{ '%.4f' % a }} |
+{% endfor %}
+{% else -%}
+Per-tensor weights are in `soup.json` (`mixture.per_tensor_weights`).
+{% endif %}
+"""
 
 
 @dataclass(frozen=True)
 class LearnedOptions:
-    granularity: str = "model"
+    granularity: Granularity = "model"
     epochs: int = 3
     lr: float = 0.05
     batch_size: int = 16
@@ -49,189 +51,22 @@ class LearnedOptions:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("--learn-epochs and --learn-batch-size must be >= 1, and --learn-lr > 0.")
 
-
-@dataclass
-class LearnedState:
-    """What learning produced: the final and the kept α, β, and the loss of every step."""
-
-    ids: list[str]
-    groups: list[str]  # one α row per group: ["*"] for per-model α, else tensor names
-    final_alpha: np.ndarray
-    kept_alpha: np.ndarray
-    temperature: float
-    kept_epoch: int
-    losses: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "granularity": "model" if self.groups == ["*"] else "layer",
-            "ids": self.ids,
-            "kept_epoch": self.kept_epoch,
-            "temperature": self.temperature,
-            "alpha": {
-                group: dict(zip(self.ids, row.tolist())) for group, row in zip(self.groups, self.kept_alpha)
-            },
-            "step_losses": self.losses,
-        }
-
-
-class MixingGradient:
-    """∂L/∂α for the live model's last backward pass, one row per group, without materializing ∂L/∂θ at once.
-
-    A post-accumulate-grad hook on each parameter takes ⟨∂L/∂θ_t, θ_i,t⟩ for every ingredient i as soon as the
-    gradient of tensor t exists, reading θ_i,t from its file, then frees the gradient.
-    """
-
-    def __init__(self, workbench, ids: list[str], group_of: dict[str, int], num_groups: int):
-        self.workbench, self.ids, self.group_of = workbench, ids, group_of
-        self.value = torch.zeros(num_groups, len(ids), dtype=torch.float64)
-        parameters = dict(workbench.model.named_parameters(remove_duplicate=False))
-        names_of: dict[int, list[str]] = defaultdict(list)
-        by_id: dict[int, torch.nn.Parameter] = {}
-        for name in group_of:
-            names_of[id(parameters[name])].append(name)
-            by_id[id(parameters[name])] = parameters[name]
-        for parameter in workbench.model.parameters():
-            parameter.requires_grad_(id(parameter) in by_id)
-        self.handles = [
-            parameter.register_post_accumulate_grad_hook(self._hook(names_of[key]))
-            for key, parameter in by_id.items()
-        ]
-
-    def _hook(self, names: list[str]):
-        def consume(parameter: torch.nn.Parameter) -> None:
-            gradient = parameter.grad.detach().reshape(-1).float()
-            for name in names:
-                row = self.group_of[name]
-                for column, cid in enumerate(self.ids):
-                    source = self.workbench.sources[cid]
-                    tensor = read_aligned(self.workbench.report, source, cid, name)
-                    tensor = tensor.to(gradient.device, torch.float32).reshape(-1)
-                    self.value[row, column] += float(torch.dot(gradient, tensor))
-            parameter.grad = None  # consumed: gradients never pile up
-
-        return consume
-
-    def reset(self) -> None:
-        self.value.zero_()
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-class MixingTrainer:
-    """Learns α and β for a set of candidates on the selection split, through the live model of a `Workbench`.
-
-    Args:
-        workbench (`Workbench`): the live model and the candidates' open weights.
-        split (`EncodedSplit`): the selection split (the training data of α).
-        collator: pads batches.
-        regression (`bool`): mean squared error instead of cross-entropy (and no temperature).
-        options (`LearnedOptions`): granularity, epochs, learning rate, batch size, seed.
-    """
-
-    def __init__(
-        self, workbench, split, collator, regression: bool, options: LearnedOptions, quiet: bool = False
-    ):
-        self.workbench, self.split, self.collator = workbench, split, collator
-        self.regression, self.options, self.quiet = regression, options, quiet
-        parameters = dict(workbench.model.named_parameters(remove_duplicate=False))
-        self.learnable = [name for name in workbench.names if name in parameters]
-        self.groups = ["*"] if options.granularity == "model" else list(self.learnable)
-
-    def mixture(self, alpha: torch.Tensor, ids: list[str], revisions: dict | None) -> Mixture:
-        """The mixture for weights `alpha` (groups × ingredients); per-layer rows go to `per_tensor_weights`."""
-        alpha = alpha.detach().double()
-        mean = alpha.mean(dim=0).tolist()  # what tensors outside the groups (float buffers) use
-        base = Mixture.uniform("learned", ids, revisions)
-        ingredients = tuple(Ingredient(i.id, w, i.revision) for i, w in zip(base.ingredients, mean))
-        per_tensor = None
-        if self.groups != ["*"]:
-            per_tensor = {name: dict(zip(ids, row.tolist())) for name, row in zip(self.groups, alpha)}
-        return Mixture("learned", ingredients, per_tensor_weights=per_tensor)
-
-    def _batches(self, generator: torch.Generator):
-        order = torch.randperm(len(self.split), generator=generator).numpy()
-        for start in range(0, len(order), self.options.batch_size):
-            yield order[start : start + self.options.batch_size]
-
-    def _loss(self, logits: torch.Tensor, labels: np.ndarray, log_temperature: torch.Tensor) -> torch.Tensor:
-        if self.regression:
-            return torch.nn.functional.mse_loss(logits[:, 0], torch.as_tensor(labels, device=logits.device))
-        target = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
-        return torch.nn.functional.cross_entropy(logits * log_temperature.exp(), target)
-
-    def learn(self, ids: list[str], objective, revisions=None) -> tuple[RecipeResult, LearnedState]:
-        """Learn α (and β); return the kept mixture, its trajectory (one step per epoch) and the learned state."""
-        options, model = self.options, self.workbench.model
-        device = process_state().device
-        z = torch.zeros(len(self.groups), len(ids), dtype=torch.float64, requires_grad=True)
-        log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.Adam([z, log_temperature], lr=options.lr)
-        generator = torch.Generator().manual_seed(options.seed)
-        group_of = {name: (0 if self.groups == ["*"] else index) for index, name in enumerate(self.learnable)}
-        model.to(device).eval()  # before the hooks: moving a model replaces its parameters
-        gradient = MixingGradient(self.workbench, ids, group_of, len(self.groups))
-
-        kept = self.mixture(torch.softmax(z, dim=1), ids, revisions)
-        kept_alpha, kept_epoch = torch.softmax(z, dim=1).detach().numpy(), 0
-        best = objective(kept, None)
-        trajectory = [Step(0, "start", None, best, True, len(ids))]
-        losses: list[float] = []
-        steps = options.epochs * -(-len(self.split) // options.batch_size)
-        try:
-            with progress_bar(
-                total=steps, desc="Learning soup weights", unit="step", quiet=self.quiet
-            ) as bar:
-                for epoch in range(1, options.epochs + 1):
-                    for indices in self._batches(generator):
-                        alpha = torch.softmax(z, dim=1)
-                        # No running sum: it would hold a second model-sized buffer for no gain here.
-                        self.workbench.load(self.mixture(alpha, ids, revisions))
-                        gradient.reset()
-                        batch = self.collator([self.split.features[i] for i in indices])
-                        with torch.enable_grad():
-                            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-                            loss = self._loss(logits, self.split.labels[indices], log_temperature)
-                            loss.backward()  # fills gradient.value (∂L/∂α) and ∂L/∂b
-                            alpha.backward(gradient.value)  # chain rule through the softmax, into z
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        losses.append(loss.item())
-                        bar.update(1)
-                    trial = self.mixture(torch.softmax(z, dim=1), ids, revisions)
-                    score = objective(trial, None)
-                    accepted = score > best
-                    if accepted:
-                        kept, best, kept_epoch = trial, score, epoch
-                        kept_alpha = torch.softmax(z, dim=1).detach().numpy()
-                    trajectory.append(Step(epoch, f"epoch {epoch}", None, score, accepted, len(ids)))
-        finally:
-            gradient.close()
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
-                parameter.grad = None
-        state = LearnedState(
-            ids=ids,
-            groups=self.groups,
-            final_alpha=torch.softmax(z, dim=1).detach().numpy(),
-            kept_alpha=kept_alpha,
-            temperature=float(log_temperature.detach().exp()),
-            kept_epoch=kept_epoch,
-            losses=losses,
+    @classmethod
+    def from_config(cls, config) -> LearnedOptions:
+        return cls(
+            config.granularity, config.learn_epochs, config.learn_lr, config.learn_batch_size, config.seed
         )
-        return RecipeResult(kept, trajectory), state
 
 
 class LearnedSoup(SoupRecipe):
     """Args:
-    trainer (`MixingTrainer`): learns the weights through the live model.
+    trainer (`MixingTrainer`): learns the weights through the live model (`hf_soup.mixing`).
     """
 
-    def __init__(self, trainer: MixingTrainer):
+    card_section = CARD_SECTION
+
+    def __init__(self, trainer):
         self.trainer = trainer
-        self.state: LearnedState | None = None
 
     @classmethod
     def name(cls) -> str:
@@ -241,7 +76,28 @@ class LearnedSoup(SoupRecipe):
     def pretty_name(cls) -> str:
         return "Learned soup"
 
+    @classmethod
+    def validate(cls, config) -> None:
+        LearnedOptions.from_config(config)
+
+    @classmethod
+    def from_config(cls, config, context: RecipeContext) -> LearnedSoup:
+        if context.mixing_trainer is None:
+            raise ConfigError(
+                "--recipe learned trains on hf-soup's own encoding of the selection split; with cook(trainer=...) "
+                "use greedy, pruned, uniform or wise, or pass the data as dataset= instead of a trainer."
+            )
+        return cls(context.mixing_trainer(LearnedOptions.from_config(config)))
+
+    @classmethod
+    def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
+        return f"{soup_name} ({details['granularity']} weights, T={details['temperature']:.3f})"
+
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
         ids = rank(candidates, individual_scores, tie_break) if individual_scores else sorted(candidates)
-        result, self.state = self.trainer.learn(ids, objective, revisions)
-        return result
+        kept, epochs, state = self.trainer.learn(ids, objective, revisions)
+        trajectory = [
+            Step(epoch, f"epoch {epoch}" if epoch else "start", None, score, accepted, len(ids))
+            for epoch, score, accepted in epochs
+        ]
+        return RecipeResult(kept, trajectory, state.to_dict())

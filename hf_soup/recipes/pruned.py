@@ -16,6 +16,10 @@ class PrunedSoup(SoupRecipe):
         self.passes = passes
 
     @classmethod
+    def from_config(cls, config, context) -> PrunedSoup:
+        return cls(config.passes)
+
+    @classmethod
     def name(cls) -> str:
         return "pruned"
 
@@ -39,7 +43,9 @@ class PrunedSoup(SoupRecipe):
                 accepted = score is not None and score >= best
                 if accepted:
                     soup, best, removed_any = rest, score, True
-                trajectory.append(Step(step, "remove", candidate, score, accepted, len(soup), score is None))
+                trajectory.append(
+                    Step(step, "remove", candidate, score, accepted, len(soup), stopped_early=score is None)
+                )
             if not removed_any:
                 break
         return RecipeResult(Mixture.uniform(self.name(), soup, revisions), trajectory)

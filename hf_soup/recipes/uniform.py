@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from ..mixture import Mixture
 from .base import RecipeResult, SoupRecipe, rank
 
 
 class UniformSoup(SoupRecipe):
+    needs_data = False  # a plain merge
+
     @classmethod
     def name(cls) -> str:
         return "uniform"
@@ -15,8 +18,6 @@ class UniformSoup(SoupRecipe):
         return "Uniform soup"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        from ..mixture import Mixture
-
         ordered = rank(candidates, individual_scores, tie_break) if individual_scores else sorted(candidates)
         mixture = Mixture.uniform(self.name(), ordered, revisions)
         return RecipeResult(mixture, [])

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 from ..errors import ConfigError
 from ..mixture import Ingredient, Mixture
-from .base import RecipeResult, SoupRecipe, Step
+from .base import CurvePoint, RecipeContext, RecipeResult, SoupRecipe, Step
+
+# The soups WiSE-FT can interpolate with the base (`--wise-of`).
+WiseEndpoint = Literal["greedy", "uniform", "pruned"]
+WISE_ENDPOINTS: tuple[str, ...] = get_args(WiseEndpoint)
 
 
 def parse_alphas(spec: str | float) -> list[float]:
@@ -43,6 +48,20 @@ def parse_alphas(spec: str | float) -> list[float]:
     return alphas
 
 
+CARD_SECTION = """### WiSE-FT
+
+The soup interpolates the base and the {{ details.endpoint }} soup: θ = (1 − α)·θ_base + α·θ_soup, with
+**α = {{ '%g' % details.alpha }}**{% if details.curve | length > 1 %}, the best of {{ details.curve | length }} values on the selection split{% endif %}.
+Head: {{ details.head }}.
+
+| α | selection {{ chosen_by }} | {% for split in m.soup.report %}report {{ split }} {{ metric }} | {% endfor %}
+|---|---|{% for split in m.soup.report %}---|{% endfor %}
+{% for p in details.curve -%}
+| {{ '%g' % p.alpha }} | {{ '%.4f' % (p.selection_loss if chosen_by == 'loss' else p.selection[chosen_by]) }} | {% for split, values in p.report.items() %}{{ '%.4f' % values[metric] }} | {% endfor %}
+{% endfor %}
+"""
+
+
 def interpolate(endpoint: Mixture, base: Ingredient, alpha: float, headless: Sequence[str]) -> Mixture:
     """(1 − α)·base + α·endpoint, with the endpoint's own weights on the tensors the base does not have."""
     ingredients = tuple(Ingredient(i.id, alpha * i.weight, i.revision) for i in endpoint.ingredients)
@@ -58,10 +77,15 @@ class WiseSoup(SoupRecipe):
     headless (`Sequence[str]`): tensors the base does not have (the task head).
     """
 
+    card_section = CARD_SECTION
+    curve_plot = (
+        "alpha",
+        "alpha (weight of the fine-tuned soup)",
+        "WiSE-FT: interpolating the base and the soup",
+    )
+
     def __init__(self, endpoint: SoupRecipe, alphas: list[float], base: Ingredient, headless: Sequence[str]):
         self.endpoint, self.alphas, self.base, self.headless = endpoint, alphas, base, list(headless)
-        self.endpoint_mixture: Mixture | None = None
-        self.curve: list[tuple[float, Mixture, float | None]] = []  # (alpha, mixture, selection score)
 
     @classmethod
     def name(cls) -> str:
@@ -75,24 +99,57 @@ class WiseSoup(SoupRecipe):
     def reference_url(cls) -> str:
         return "https://arxiv.org/abs/2109.01903"
 
+    @classmethod
+    def reference_title(cls) -> str:
+        return "Wortsman et al. 2022, *Robust fine-tuning of zero-shot models*"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        parse_alphas(config.alpha)
+        if config.wise_of not in WISE_ENDPOINTS:
+            raise ConfigError(
+                f"--wise-of must be one of {', '.join(WISE_ENDPOINTS)}, got {config.wise_of!r}."
+            )
+
+    @classmethod
+    def from_config(cls, config, context: RecipeContext) -> WiseSoup:
+        return cls(context.build(config.wise_of), parse_alphas(config.alpha), context.base, context.headless)
+
+    @classmethod
+    def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
+        return f"{soup_name} (alpha={details['alpha']:g} on the {details['endpoint']} soup)"
+
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
         inner = self.endpoint.cook(candidates, individual_scores, objective, revisions, tie_break)
-        self.endpoint_mixture = inner.mixture
         trials = [interpolate(inner.mixture, self.base, alpha, self.headless) for alpha in self.alphas]
         if len(trials) == 1:
-            self.curve = [(self.alphas[0], trials[0], None)]
-            return RecipeResult(trials[0], inner.trajectory)
-        trajectory = list(inner.trajectory)
+            curve = [(self.alphas[0], trials[0], None)]
+            return self._result(trials[0], inner, list(inner.trajectory), curve)
+        trajectory, curve = list(inner.trajectory), []
         best, best_score = trials[0], None
         for alpha, trial in zip(self.alphas, trials):
             score = objective(trial, None)
-            self.curve.append((alpha, trial, score))
+            curve.append((alpha, trial, score))
             better = best_score is None or score >= best_score  # >=: ties go to the larger alpha
             if better:
                 best, best_score = trial, score
             size = len(inner.mixture.ingredients)
             trajectory.append(Step(len(trajectory), f"alpha={alpha:g}", None, score, better, size))
-        return RecipeResult(best, trajectory)
+        return self._result(best, inner, trajectory, curve)
+
+    def _result(self, chosen: Mixture, inner: RecipeResult, trajectory: list[Step], curve) -> RecipeResult:
+        details = {
+            "alpha": self.alpha_of(chosen),
+            "endpoint": self.endpoint.name(),
+            "endpoint_mixture": inner.mixture.to_dict(),
+            "head": "the fine-tuned endpoint's head, at every alpha (the base has none of these labels)"
+            if self.headless
+            else "interpolated like the body: the base's own head has the same labels (rows aligned by name)",
+        }
+        points = [
+            CurvePoint(f"alpha={alpha:g}", trial, score, {"alpha": alpha}) for alpha, trial, score in curve
+        ]
+        return RecipeResult(chosen, trajectory, details, points)
 
     @staticmethod
     def alpha_of(mixture: Mixture) -> float:

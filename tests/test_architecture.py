@@ -1,0 +1,114 @@
+"""The code keeps the shape #17 gave it: layered imports (checked by `lint-imports` in CI, and here), short
+functions, short positional argument lists, and recipes that each live in one file plus one registry line."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_soup"
+MAX_FUNCTION_LINES = 60
+MAX_POSITIONAL_ARGUMENTS = 6
+
+
+def _trees():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE.parent), ast.parse(path.read_text())
+
+
+def long_functions(trees) -> list[str]:
+    return [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path, tree in trees for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]  # fmt: skip
+
+
+def long_calls(trees) -> list[str]:
+    return [f"{path}:{node.lineno} ({len(node.args)} positional)"
+            for path, tree in trees for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL_ARGUMENTS]  # fmt: skip
+
+
+def test_no_function_is_longer_than_60_lines():
+    found = long_functions(_trees())
+    assert not found, found
+
+
+def test_no_call_passes_more_than_6_positional_arguments():
+    found = long_calls(_trees())
+    assert not found, found
+
+
+def test_the_checkers_see_violations():
+    """The two checks above flag code that breaks the rules, and only that (they cannot pass vacuously)."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    bad = [("bad.py", ast.parse(f"def long():\n{body}\n\nf(1, 2, 3, 4, 5, 6, 7)\n"))]
+    good = [("good.py", ast.parse("def short():\n    return 1\n\nf(1, 2, 3, 4, 5, 6, seven=7)\n"))]
+    assert long_functions(bad) == [f"bad.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert long_calls(bad) == [f"bad.py:{MAX_FUNCTION_LINES + 3} (7 positional)"]
+    assert long_functions(good) == [] and long_calls(good) == []
+
+
+def test_no_import_cycle_and_no_magic_base_key():
+    """The sources layer names the base as the base: no `"__base__"` key anywhere in the package."""
+    offenders = [str(path) for path, _ in _trees() if "__base__" in (PACKAGE.parent / path).read_text()]
+    assert not offenders, offenders
+
+
+def test_import_layers_hold():
+    """The layer contract in pyproject.toml (`lint-imports`, as CI runs it)."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True,
+                            cwd=PACKAGE.parent, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout  # the layers, and no import cycles
+
+
+def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, tokenizer_dir):
+    """A recipe registered in `RECIPES` works from the CLI's `--recipe`, `SoupConfig`, `cook`, `soup.json` and
+    the card without touching any other module: here a toy "best-single" recipe, defined in this test."""
+    from test_golden import build_fixtures
+
+    from hf_soup import cook, recipes
+    from hf_soup.cli import build_parser
+    from hf_soup.errors import ConfigError
+    from hf_soup.mixture import Mixture
+    from hf_soup.recipes.base import RecipeResult, SoupRecipe, rank
+
+    class BestSingle(SoupRecipe):
+        card_section = "### Best single\n\nPicked `{{ details.picked }}`.\n"
+
+        @classmethod
+        def name(cls):
+            return "best-single"
+
+        @classmethod
+        def pretty_name(cls):
+            return "Best single"
+
+        def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None):
+            best = rank(candidates, individual_scores, tie_break)[0]
+            return RecipeResult(Mixture.uniform(self.name(), [best], revisions), details={"picked": best})
+
+    monkeypatch.setitem(recipes.RECIPES, "best-single", BestSingle)
+    args = build_parser().parse_args(["cook", "--base", "b", "--candidates", "c", "--recipe", "best-single"])
+    assert args.recipe == "best-single"
+    build_fixtures(tmp_path, tokenizer_dir)
+    options = dict(base=str(tmp_path / "base"), candidates=[str(tmp_path / "runs" / "*")],
+                   dataset=str(tmp_path / "select.csv"), report_split=str(tmp_path / "test.csv"),
+                   text_column="review", label_column="score", output=str(tmp_path / "soup"))  # fmt: skip
+    with pytest.raises(ConfigError, match="Unknown recipe 'stew'"):
+        cook(recipe="stew", **options)
+    result = cook(recipe="best-single", quiet=True, **options)
+    manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert manifest["best-single"] == {"picked": "../runs/" + Path(result.mixture.ids()[0]).name}
+    assert manifest["recipe"] == {"name": "best-single", "pretty_name": "Best single",
+                                  "reference_url": "https://arxiv.org/abs/2203.05482"}  # fmt: skip
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "A **best single**" in card and "### Best single\n\nPicked `../runs/" in card
+    assert result.summary.details["picked"] == result.mixture.ids()[0]
