@@ -112,3 +112,10 @@ def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, token
     card = (tmp_path / "soup" / "README.md").read_text()
     assert "A **best single**" in card and "### Best single\n\nPicked `../runs/" in card
     assert result.summary.details["picked"] == result.mixture.ids()[0]
+
+    # A data-free recipe runs without --dataset, and its card section still shows.
+    monkeypatch.setattr(BestSingle, "needs_data", False)
+    merged = cook(base=options["base"], candidates=options["candidates"], recipe="best-single",
+                  output=str(tmp_path / "merged"), quiet=True)  # fmt: skip
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert merged.summary.soup is None and "### Best single\n\nPicked `../runs/" in card

@@ -152,4 +152,6 @@ def rank(
     always well defined.
     """
     tie_break = tie_break or {}
+    if not individual_scores:  # no data (a data-free recipe): the ids' order
+        return sorted(candidates)
     return sorted(candidates, key=lambda cid: (-individual_scores[cid], tie_break.get(cid, 0.0), cid))

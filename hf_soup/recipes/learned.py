@@ -94,7 +94,7 @@ class LearnedSoup(SoupRecipe):
         return f"{soup_name} ({details['granularity']} weights, T={details['temperature']:.3f})"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        ids = rank(candidates, individual_scores, tie_break) if individual_scores else sorted(candidates)
+        ids = rank(candidates, individual_scores, tie_break)
         kept, epochs, state = self.trainer.learn(ids, objective, revisions)
         trajectory = [
             Step(epoch, f"epoch {epoch}" if epoch else "start", None, score, accepted, len(ids))

@@ -18,6 +18,6 @@ class UniformSoup(SoupRecipe):
         return "Uniform soup"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        ordered = rank(candidates, individual_scores, tie_break) if individual_scores else sorted(candidates)
+        ordered = rank(candidates, individual_scores, tie_break)
         mixture = Mixture.uniform(self.name(), ordered, revisions)
         return RecipeResult(mixture, [])
