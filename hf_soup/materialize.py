@@ -51,10 +51,14 @@ def tensor_weights(mixture: Mixture, name: str) -> list[tuple[str, float]]:
     """The non-zero `(ingredient, weight)` pairs of one tensor; the base appears under its own id.
 
     A `per_tensor_weights` entry is the complete set of weights for its tensor; other tensors use the
-    ingredients' weights plus the base's.
+    ingredients' weights plus the base's. Either way the pairs come in the ingredients' order, then the base: the
+    float32 sum, and so every written bit, does not depend on how a dict was ordered (`soup.json` sorts keys).
     """
     if mixture.per_tensor_weights and name in mixture.per_tensor_weights:
-        return [(cid, w) for cid, w in mixture.per_tensor_weights[name].items() if w != 0]
+        weights = mixture.per_tensor_weights[name]
+        order = [*mixture.ids(), *([mixture.base.id] if mixture.base else [])]
+        order += sorted(cid for cid in weights if cid not in order)
+        return [(cid, weights[cid]) for cid in order if weights.get(cid, 0) != 0]
     pairs = [(cid, w) for cid, w in mixture.weights().items() if w != 0]
     if mixture.base is not None and mixture.base.weight != 0:
         pairs.append((mixture.base.id, mixture.base.weight))
