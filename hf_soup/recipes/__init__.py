@@ -11,6 +11,7 @@ from .base import CurvePoint, Objective, RecipeContext, RecipeResult, SoupRecipe
 from .greedy import GreedySoup
 from .learned import LearnedOptions, LearnedSoup
 from .pruned import PrunedSoup
+from .stock import StockSoup
 from .uniform import UniformSoup
 from .wise import WiseSoup, parse_alphas
 
@@ -22,6 +23,7 @@ RECIPES: dict[str, type[SoupRecipe]] = {
         PrunedSoup,
         LearnedSoup,
         WiseSoup,
+        StockSoup,
     )
 }
 
