@@ -293,6 +293,15 @@ class Scorer:
         """Metrics and loss of logits computed elsewhere (a logit ensemble's) on one of the splits."""
         return score_logits(logits, self.splits[split_name], self.spec)
 
+    def subset_value(self, mixture: Mixture, indices: np.ndarray) -> float:
+        """The selection objective of `mixture` on a subset of the selection split (a confirmation fold), from
+        the logits of its full selection score (cached): no extra forward pass once the mixture is scored."""
+        split = self.splits["selection"]
+        full = self.score(mixture, "selection")
+        part = EncodedSplit(f"{split.name}[fold]", [], split.labels[indices], np.arange(len(indices)), "",
+                            pos_label=split.pos_label)  # fmt: skip
+        return self.value(score_logits(full.logits[indices], part, self.spec))
+
     def primary_value(self, score: SplitScore) -> float:
         """The task's primary metric (accuracy, MCC, Pearson, F1 on rare labels...): what "best individual" means."""
         return score.metrics[self.spec.primary_metric]

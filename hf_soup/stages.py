@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapter import require_lora_candidates
@@ -24,7 +25,7 @@ from .materialize import soup_dtype
 from .mixing import MixingTrainer
 from .mixture import Ingredient, Mixture
 from .preparation import prepare_scorer, prepare_trainer_scorer, task_spec_of
-from .recipes import RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank
+from .recipes import Fold, RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank
 from .results import CandidateRow, Entry, RecipeInfo, SplitsInfo, TaskInfo
 from .scoring import Scorer
 from .sources import SoupSources
@@ -161,14 +162,14 @@ def recipe_stage(config: SoupConfig, checked: Checked, scorer: Scorer, quiet: bo
     individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
     # Selection losses break ties on coarse metrics such as accuracy.
     losses = {cid: scorer.score(m, "selection").loss for cid, m in singles.items()}
-    recipe = build_recipe(config, recipe_context(checked, scorer, quiet))
+    recipe = build_recipe(config, recipe_context(checked, scorer, quiet, config.seed))
     result = recipe.cook(
         checked.pool, individual, scorer.selection_value, checked.revisions, tie_break=losses
     )
     return Cooked(recipe, result, singles, rank(checked.ids, individual, losses), losses)
 
 
-def recipe_context(checked: Checked, scorer: Scorer | None, quiet: bool) -> RecipeContext:
+def recipe_context(checked: Checked, scorer: Scorer | None, quiet: bool, seed: int = 0) -> RecipeContext:
     """What recipes may use beyond scores: the base, the tensors it lacks, the task vectors' angles, and (with
     hf-soup's own encoding of the data) the live model's trainer."""
     sources = checked.sources
@@ -186,7 +187,23 @@ def recipe_context(checked: Checked, scorer: Scorer | None, quiet: bool) -> Reci
             )
 
         context.mixing_trainer = mixing_trainer
+        context.folds = confirmation_folds(scorer, checked, seed)
     return context
+
+
+def confirmation_folds(scorer: Scorer, checked: Checked, seed: int) -> list[Fold]:
+    """The selection split in two seeded, disjoint halves, each with the candidates' scores on it and an
+    objective on it (computed from the full selection logits, so a fold costs no forward pass of its own)."""
+    order = np.random.default_rng(seed).permutation(len(scorer.splits["selection"]))
+    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
+    folds = []
+    for name, indices in zip(("A", "B"), halves):
+        individual = {cid: scorer.subset_value(Mixture.uniform("single", [cid], checked.revisions), indices)
+                      for cid in checked.pool}  # fmt: skip
+        folds.append(
+            Fold(name, individual, lambda mixture, _bar, rows=indices: scorer.subset_value(mixture, rows))
+        )
+    return folds
 
 
 def data_free_stage(config: SoupConfig, checked: Checked, quiet: bool) -> tuple[SoupRecipe, RecipeResult]:

@@ -7,7 +7,8 @@ builds recipes through `build_recipe`, and the card and table ask the recipe cla
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import CurvePoint, Objective, RecipeContext, RecipeResult, SoupRecipe, Step, rank
+from .auto import AutoSoup
+from .base import CurvePoint, Fold, Objective, RecipeContext, RecipeResult, SoupRecipe, Step, rank
 from .greedy import GreedySoup
 from .learned import LearnedOptions, LearnedSoup
 from .pruned import PrunedSoup
@@ -24,6 +25,7 @@ RECIPES: dict[str, type[SoupRecipe]] = {
         LearnedSoup,
         WiseSoup,
         StockSoup,
+        AutoSoup,
     )
 }
 
@@ -57,6 +59,7 @@ def get_recipe(name: str, passes: int = 1) -> SoupRecipe:
 __all__ = [
     "RECIPES",
     "CurvePoint",
+    "Fold",
     "GreedySoup",
     "LearnedOptions",
     "LearnedSoup",

@@ -1,0 +1,123 @@
+"""Auto: choose the recipe on data it was not built on, then build it on the whole selection split.
+
+Picking the best of several recipes by their selection scores would overfit the selection split: every recipe
+already maximised that score. So each contender is judged by **cross-fitting**:
+
+1. The selection split is cut into two seeded, disjoint halves, A and B.
+2. Each contender is built on A (A's candidate scores and objective) and scored on B, then built on B and
+   scored on A. Its confirmation score is the mean of the two (in the selection metric, higher is better).
+3. The contender with the best confirmation score is rebuilt on the whole selection split; that is the soup.
+
+The contenders are uniform, greedy, pruned, Model Stock and WiSE-FT (with `--alpha` and `--wise-of`), and the
+**best individual** itself (on each half: the candidate best on that half): so `auto` never chooses a soup that
+did worse than picking one model, on data neither was chosen on. Ties go to the earlier contender in that list.
+The learned soup is not a contender (each build trains through the live model: too slow to run twice per call).
+The report split is never looked at; the usual paired interval against the best individual is reported on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..mixture import Mixture
+from .base import Fold, RecipeContext, RecipeResult, SoupRecipe, rank
+
+CONTENDERS = ("uniform", "greedy", "pruned", "stock", "wise")
+BEST_INDIVIDUAL = "best individual"
+
+CARD_SECTION = """### Auto: the recipe chosen on held-out halves
+
+Each contender was built on one half of the selection split and scored on the other, both ways (cross-fitting);
+the one with the best mean confirmation {{ chosen_by }} was rebuilt on the whole selection split. The report
+split was not used.
+
+| contender | confirmation {{ chosen_by }} (mean) | built on A, scored on B | built on B, scored on A |
+|---|---|---|---|
+{% for name, c in details.contenders.items() -%}
+| {{ '**' ~ name ~ '** (chosen)' if name == details.chosen else name }} | {{ '%.4f' % c.shown }} | {{ '%.4f' % c.shown_folds[0] }} | {{ '%.4f' % c.shown_folds[1] }} |
+{% endfor %}
+"""
+
+
+class AutoSoup(SoupRecipe):
+    """Args:
+    contenders (`dict[str, SoupRecipe]`): the recipes to choose from, in order of preference on ties.
+    folds (`list[Fold]`): the two halves of the selection split.
+    loss (`bool`): the selection metric is the loss (objectives hold it negated; shown as a loss).
+    """
+
+    card_section = CARD_SECTION
+
+    def __init__(self, contenders: dict[str, SoupRecipe], folds: list[Fold], loss: bool = False):
+        self.contenders, self.folds, self.loss = contenders, folds, loss
+
+    @classmethod
+    def name(cls) -> str:
+        return "auto"
+
+    @classmethod
+    def pretty_name(cls) -> str:
+        return "Auto soup"
+
+    @classmethod
+    def from_config(cls, config, context: RecipeContext) -> AutoSoup:
+        if context.folds is None:
+            raise ConfigError(
+                "--recipe auto confirms each recipe on half of hf-soup's own encoding of the selection split; "
+                "with cook(trainer=...) choose a recipe, or pass the data as dataset= instead of a trainer."
+            )
+        contenders = {name: context.build(name) for name in CONTENDERS}
+        return cls(contenders, context.folds, loss=config.selection_metric == "loss")
+
+    @classmethod
+    def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
+        return f"{soup_name} ({details['chosen']} chosen on held-out halves)"
+
+    def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
+        confirmation = {name: self._confirm(recipe.cook, candidates, revisions, tie_break)
+                        for name, recipe in self.contenders.items()}  # fmt: skip
+        confirmation[BEST_INDIVIDUAL] = self._confirm(self._best_single, candidates, revisions, tie_break)
+        chosen = max(
+            confirmation, key=lambda name: sum(confirmation[name])
+        )  # first of equals: the preference
+        if chosen == BEST_INDIVIDUAL:
+            result = self._best_single(candidates, individual_scores, objective, revisions, tie_break)
+        else:
+            result = self.contenders[chosen].cook(
+                candidates, individual_scores, objective, revisions, tie_break
+            )
+        details = {
+            "chosen": chosen,
+            "why": f"the best mean confirmation score of {len(confirmation)} contenders, each built on one half "
+            "of the selection split and scored on the other",
+            "contenders": {name: self._record(folds) for name, folds in confirmation.items()},
+            "chosen_details": result.details,
+        }
+        return RecipeResult(result.mixture, result.trajectory, details, result.curve)
+
+    def _confirm(self, build, candidates, revisions, tie_break) -> list[float]:
+        """Built on each half, scored on the other: `[built on A → B, built on B → A]`."""
+        scores = []
+        for built_on, judged_on in ((self.folds[0], self.folds[1]), (self.folds[1], self.folds[0])):
+            result = build(candidates, built_on.individual_scores, built_on.objective, revisions, tie_break)
+            scores.append(judged_on.objective(result.mixture, None))
+        return scores
+
+    @staticmethod
+    def _best_single(
+        candidates, individual_scores, objective, revisions=None, tie_break=None
+    ) -> RecipeResult:
+        best = rank(candidates, individual_scores, tie_break)[0]
+        return RecipeResult(Mixture.uniform("single", [best], revisions))
+
+    def _record(self, folds: list[float]) -> dict[str, Any]:
+        """Confirmation scores as objectives (higher is better) and as shown (a loss as a loss)."""
+        sign = -1.0 if self.loss else 1.0
+        mean = sum(folds) / len(folds)
+        return {
+            "confirmation": mean,
+            "folds": folds,
+            "shown": sign * mean,
+            "shown_folds": [sign * f for f in folds],
+        }

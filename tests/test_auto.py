@@ -1,0 +1,90 @@
+"""`--recipe auto`: every contender is built on one half of the selection split and judged on the other (both
+ways); the best is rebuilt on the whole split, and the best individual is a contender, so a soup that only
+looked good on the data it was chosen on loses to it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_golden import build_fixtures
+
+from hf_soup import cook
+from hf_soup.recipes import Fold, GreedySoup, UniformSoup
+from hf_soup.recipes.auto import BEST_INDIVIDUAL, AutoSoup
+
+SCORES = {"a": 0.9, "b": 0.8, "c": 0.1}
+
+
+def objective_from(table: dict[frozenset, float]):
+    return lambda mixture, _bar: table[frozenset(mixture.ids())]
+
+
+def fold(name: str, table: dict[frozenset, float]) -> Fold:
+    singles = {cid: table[frozenset([cid])] for cid in SCORES}
+    return Fold(name, singles, objective_from(table))
+
+
+# Soups of a and b help on every part of the selection split; c hurts.
+HELPFUL = {frozenset("a"): 0.9, frozenset("b"): 0.8, frozenset("c"): 0.1, frozenset("ab"): 0.95,
+           frozenset("ac"): 0.6, frozenset("abc"): 0.5}  # fmt: skip
+
+
+def test_auto_picks_the_recipe_that_confirms_and_rebuilds_it_on_the_whole_split():
+    recipe = AutoSoup(
+        {"uniform": UniformSoup(), "greedy": GreedySoup()}, [fold("A", HELPFUL), fold("B", HELPFUL)]
+    )
+    result = recipe.cook(list(SCORES), SCORES, objective_from(HELPFUL))
+    contenders = result.details["contenders"]
+    # Computed by hand: uniform is {a,b,c} (0.5 on both halves); greedy builds {a,b} (0.95); one model, 0.9.
+    assert contenders["uniform"]["folds"] == [0.5, 0.5]
+    assert contenders["greedy"]["folds"] == [0.95, 0.95]
+    assert contenders[BEST_INDIVIDUAL]["folds"] == [0.9, 0.9]
+    assert result.details["chosen"] == "greedy" and sorted(result.mixture.ids()) == ["a", "b"]
+
+
+def test_a_soup_that_only_wins_where_it_was_chosen_loses_to_the_best_individual():
+    # On half A, a+b looks best and c is the runner-up; on half B it is the other way round. Greedy built on
+    # either half adds the model that the other half punishes.
+    half_a = {**HELPFUL, frozenset("ab"): 0.95, frozenset("ac"): 0.2}
+    half_b = {
+        **HELPFUL,
+        frozenset("b"): 0.2,
+        frozenset("c"): 0.8,
+        frozenset("ab"): 0.3,
+        frozenset("ac"): 0.95,
+    }
+    recipe = AutoSoup({"greedy": GreedySoup()}, [fold("A", half_a), fold("B", half_b)])
+    result = recipe.cook(list(SCORES), SCORES, objective_from(HELPFUL))
+    contenders = result.details["contenders"]
+    assert contenders["greedy"]["folds"] == [0.3, 0.2]  # {a,b} built on A scored on B; {a,c} built on B on A
+    assert contenders[BEST_INDIVIDUAL]["folds"] == [0.9, 0.9]
+    assert result.details["chosen"] == BEST_INDIVIDUAL and result.mixture.ids() == ["a"]
+
+
+def test_ties_go_to_the_earlier_contender():
+    flat = dict.fromkeys(HELPFUL, 0.5)
+    recipe = AutoSoup({"uniform": UniformSoup(), "greedy": GreedySoup()}, [fold("A", flat), fold("B", flat)])
+    assert recipe.cook(list(SCORES), SCORES, objective_from(flat)).details["chosen"] == "uniform"
+
+
+def test_auto_end_to_end(tmp_path, tokenizer_dir):
+    build_fixtures(tmp_path, tokenizer_dir)
+    result = cook(base=str(tmp_path / "base"), candidates=[str(tmp_path / "runs" / "*")],
+                  dataset=str(tmp_path / "select.csv"), selection_split=str(tmp_path / "select.csv"),
+                  report_split=str(tmp_path / "test.csv"),
+                  text_column="review", label_column="score", recipe="auto", alpha="0:1:0.5",
+                  output=str(tmp_path / "soup"), quiet=True)  # fmt: skip
+    details = json.loads((tmp_path / "soup" / "soup.json").read_text())["auto"]
+    assert set(details["contenders"]) == {"uniform", "greedy", "pruned", "stock", "wise", BEST_INDIVIDUAL}
+    best = max(details["contenders"].values(), key=lambda c: c["confirmation"])["confirmation"]
+    assert details["contenders"][details["chosen"]]["confirmation"] == pytest.approx(best)
+    # Selection loss: shown as a loss, objectives hold it negated.
+    for contender in details["contenders"].values():
+        assert contender["shown"] == pytest.approx(-contender["confirmation"]) and contender["shown"] > 0
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "### Auto: the recipe chosen on held-out halves" in card and "(chosen)" in card
+    assert result.summary.comparisons["test.csv"]["soup"]["accuracy"].delta == pytest.approx(
+        result.summary.soup.report["test.csv"]["accuracy"]
+        - result.summary.best_individual.report["test.csv"]["accuracy"]
+    )
