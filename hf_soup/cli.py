@@ -21,7 +21,7 @@ from .config import SoupConfig
 from .errors import EXIT_CODE, HfSoupError
 from .version import __version__
 
-VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo")
+VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep")
 MISMATCH_EXIT_CODE = 1
 # The `SoupConfig` fields that `hf-soup evaluate` takes.
 EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "positive_label",
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("target", metavar="REPO_OR_DIR[@REV]", help="a soup folder or a Hub repo")
     _common(reproduce)
 
+    _add_sweep(verbs)
     demo = verbs.add_parser(
         "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
     )
@@ -118,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo)
     return parser
+
+
+def _add_sweep(verbs) -> None:
+    sweep = verbs.add_parser("sweep", help="fine-tune K variants of one base the way soups need (a shared "
+                             "linear-probe head, a random hyperparameter grid, the selection rows held out)")  # fmt: skip
+    add_config_arguments(sweep, only=("base", "dataset", "text_column", "text_pair_column", "label_column",
+                                      "selection_fraction", "seed", "max_length"))  # fmt: skip
+    sweep.add_argument("--output", required=True, metavar="DIR", help="where start/ and runs/ go (resumable)")
+    sweep.add_argument("--variants", type=int, default=8, help="how many variants to draw (default: 8)")
+    sweep.add_argument("--head", choices=("probe", "random"), default="probe",
+                       help="the shared head: a linear probe on frozen features (default), or seeded random")  # fmt: skip
+    sweep.add_argument(
+        "--train-rows", type=int, default=None, help="train on a seeded subsample of this many rows"
+    )
+    _common(sweep)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -173,54 +189,26 @@ def _config_from(args) -> SoupConfig:
 
 
 def _run(args, argv: list[str]) -> int:
-    from .report import compatibility_table, format_table, soup_table
+    verbs = {"check": _check, "evaluate": _evaluate, "push": _push, "reproduce": _reproduce, "demo": _demo,
+             "sweep": _sweep}  # fmt: skip
+    if args.verb in verbs:
+        return verbs[args.verb](args)
+    return _cook(args, argv)
 
-    if args.verb == "check":
-        return _check(args)
-    if args.verb == "evaluate":
-        from .api import evaluate_model
 
-        scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
-        human = "\n".join(
-            f"{split}: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
-            + f", loss={s['loss']:.4f} (n={s['n']})"
-            for split, s in scores.items()
-        )
-        _emit(args, scores, human)
-        return 0
-    if args.verb == "push":
-        return _push(args)
-    if args.verb == "reproduce":
-        from .reproduce import reproduce
-
-        result = reproduce(args.target, quiet=args.quiet)
-        rows = [
-            [g, "pass" if v["ok"] else "FAIL", f"{v['matched']}/{v['tensors']}"]
-            for g, v in result.groups.items()
-        ]
-        human = format_table(["tensor group", "result", "tensors matching"], rows)
-        human += f"\n{'Reproduced bit-exactly' if result.ok else 'MISMATCH'}: {args.target}"
-        _emit(args, result.to_dict(), human)
-        return 0 if result.ok else MISMATCH_EXIT_CODE
-    if args.verb == "demo":
-        from .demo import run_demo
-
-        result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
-        _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
-        return 0
-
+def _cook(args, argv: list[str]) -> int:
     from .api import cook
-    from .report import lora_summary
+    from .report import compatibility_table, lora_summary, soup_table
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
         print(compatibility_table(result.compatibility.rows()), file=sys.stderr)
     summary = result.summary
+    count = len(summary.mixture.ingredients)
     human = (
         soup_table(summary)
         if summary.scored
-        else f"Merged {len(summary.mixture.ingredients)} models (no scoring)."
+        else f"{summary.recipe.pretty_name} of {count} models (no data)."
     )
     if summary.lora:
         human += "\n" + lora_summary(summary.lora)
@@ -229,6 +217,60 @@ def _run(args, argv: list[str]) -> int:
     if result.push:
         human += f"\nPushed: {result.push['commit_url']}"
     _emit(args, result.report, human)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .api import evaluate_model
+
+    scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
+    human = "\n".join(
+        f"{split}: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in s["metrics"].items())
+        + f", loss={s['loss']:.4f} (n={s['n']})"
+        for split, s in scores.items()
+    )
+    _emit(args, scores, human)
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .report import format_table
+    from .reproduce import reproduce
+
+    result = reproduce(args.target, quiet=args.quiet)
+    rows = [
+        [g, "pass" if v["ok"] else "FAIL", f"{v['matched']}/{v['tensors']}"] for g, v in result.groups.items()
+    ]
+    human = format_table(["tensor group", "result", "tensors matching"], rows)
+    human += f"\n{'Reproduced bit-exactly' if result.ok else 'MISMATCH'}: {args.target}"
+    _emit(args, result.to_dict(), human)
+    return 0 if result.ok else MISMATCH_EXIT_CODE
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    from .report import soup_table
+
+    result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
+    _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import sweep
+
+    folder = sweep(args.base, args.dataset, text_column=args.text_column, label_column=args.label_column,
+                   text_pair_column=args.text_pair_column, output=args.output, variants=args.variants,
+                   head=args.head, selection_fraction=args.selection_fraction, seed=args.seed,
+                   max_length=args.max_length, train_rows=args.train_rows, quiet=args.quiet)  # fmt: skip
+    runs = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
+    pair = f" --text-pair-column {args.text_pair_column}" if args.text_pair_column else ""
+    command = (f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
+               f"--text-column {args.text_column}{pair} --label-column {args.label_column} "
+               f"--selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto")  # fmt: skip
+    human = f"{len(runs)} variants in {folder / 'runs'}, all from {folder / 'start'}. Soup them with:\n  {command}"
+    _emit(args, {"output": str(folder), "runs": runs, "next": command}, human)
     return 0
 
 

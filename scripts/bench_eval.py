@@ -35,6 +35,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import datasets
+    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -44,14 +45,22 @@ def main() -> int:
     )
 
     from hf_soup.data import load_data, task_spec
-    from hf_soup.demo import make_start, pretrained_path
+    from hf_soup.demo import pretrained_path
     from hf_soup.scoring import predict, score_logits
     from hf_soup.text import encode_text_split
 
     scratch = tempfile.mkdtemp()
     model_dir = Path(args.model) if args.model else ROOT / "results" / "runs" / "v0"
-    if not (model_dir / "config.json").exists():
-        model_dir = make_start(pretrained_path(), Path(scratch) / "start")
+    if not (model_dir / "config.json").exists():  # the pretrained MiniLM under a seeded two-label head
+        torch.manual_seed(0)
+        start = AutoModelForSequenceClassification.from_pretrained(
+            pretrained_path(),
+            num_labels=2,
+            id2label={0: "great", 1: "other"},
+            label2id={"great": 0, "other": 1},
+        )
+        model_dir = Path(scratch) / "start"
+        start.save_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(
         model_dir if (model_dir / "tokenizer.json").exists() else pretrained_path()
     )

