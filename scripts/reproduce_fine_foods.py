@@ -93,7 +93,8 @@ def main() -> int:
     rows.append(row(f"oracle: best on report ({Path(oracle['id']).name}; not a claim)", oracle))
     rows.append(row("uniform soup", first["uniform"], first["comparisons"][split]["uniform"][metric]))
     for label, report in reports.items():
-        rows.append(row(label, report["soup"], report["comparisons"][split]["soup"][metric]))
+        chosen = f" → {report['auto']['chosen']}" if report.get("auto") else ""  # what auto chose
+        rows.append(row(label + chosen, report["soup"], report["comparisons"][split]["soup"][metric]))
     all_ensemble = first["ensembles"][0]
     rows.append(
         row(all_ensemble["name"] + " (logits)", all_ensemble, first["comparisons"][split]["ensemble"][metric])
