@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_vs_mergekit import mergekit  # mergekit-yaml in its own venv (this folder is on sys.path)
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -38,15 +39,6 @@ def build_family(root: Path, count: int) -> tuple[Path, list[Path]]:
         model.save_pretrained(root / f"ft-{index}")
         runs.append(root / f"ft-{index}")
     return root / "base", runs
-
-
-def mergekit(venv: Path) -> Path:
-    """`mergekit-yaml` in its own venv (created once, with this interpreter's torch visible)."""
-    script = venv / "bin" / "mergekit-yaml"
-    if not script.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
-    return script
 
 
 def main() -> None:
