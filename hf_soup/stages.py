@@ -187,7 +187,8 @@ def recipe_context(checked: Checked, scorer: Scorer | None, quiet: bool, seed: i
             )
 
         context.mixing_trainer = mixing_trainer
-        context.folds = confirmation_folds(scorer, checked, seed)
+        # Built only if a recipe asks (auto): other recipes never pay for the halves' scores.
+        context.folds = lambda: confirmation_folds(scorer, checked, seed)
     return context
 
 

@@ -164,8 +164,7 @@ def sweep(
 def _training_rows(data: SweepData, tokenizer):
     """The rows to train on (train minus the selection carve-out, as `cook` carves it), tokenized, and the label
     names in id order."""
-    loaded = load_data(data.dataset)
-    train = loaded["train"] if hasattr(loaded, "keys") else loaded
+    train = load_data(data.dataset, split="train")
     for column in (data.text_column, data.label_column, data.text_pair_column):
         if column and column not in train.column_names:
             raise DatasetError(

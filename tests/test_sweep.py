@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import run_main
@@ -71,10 +70,3 @@ def test_a_sweep_soups_directly(pot, reviews, tmp_path):
 def test_sweep_cli_refuses_a_missing_dataset(tmp_path, zoo):
     result = run_main("sweep", "--base", str(zoo["base"]), "--output", str(tmp_path / "pot"), "--quiet")
     assert result.returncode != 0 and "needs --dataset" in result.stderr and not (tmp_path / "pot").exists()
-
-
-def test_train_rows_keep_the_carve_out_of_pandas_too(reviews):
-    """The carve-out `sweep` trains around is the one `cook` selects on (same fraction and seed)."""
-    frame = pd.read_csv(reviews["train"])
-    rest, selection = carve_selection(load_data(str(reviews["train"]), split="train"), 0.2, seed=3)
-    assert len(rest) + len(selection) == len(frame) and not set(rest["review"]) & set(selection["review"])

@@ -68,7 +68,7 @@ class AutoSoup(SoupRecipe):
                 "with cook(trainer=...) choose a recipe, or pass the data as dataset= instead of a trainer."
             )
         contenders = {name: context.build(name) for name in CONTENDERS}
-        return cls(contenders, context.folds, loss=config.selection_metric == "loss")
+        return cls(contenders, context.folds(), loss=config.selection_metric == "loss")
 
     @classmethod
     def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:

@@ -79,7 +79,7 @@ class RecipeContext:
             `None` without data, or when the data is not hf-soup's own encoding (a user's Trainer scores).
         task_vector_cosines (`Callable`, *optional*): `ids -> {tensor: mean pairwise cosine}` of the candidates'
             task vectors θ_i − θ_0 over each tensor the base has (streamed; data-free recipes such as Model Stock).
-        folds (`list[Fold]`, *optional*): two disjoint halves of the selection split, each with its own candidate
+        folds (`Callable[[], list[Fold]]`, *optional*): builds two disjoint halves of the selection split, each with its own candidate
             scores and objective, for recipes that confirm a choice on data they did not choose on (`auto`);
             `None` without hf-soup's own encoding of the data.
         quiet (`bool`): no progress bars.
@@ -90,7 +90,7 @@ class RecipeContext:
     build: Callable[[str], SoupRecipe] | None = None
     mixing_trainer: Callable[[Any], Any] | None = None
     task_vector_cosines: Callable[[list[str]], dict[str, float]] | None = None
-    folds: list[Fold] | None = None
+    folds: Callable[[], list[Fold]] | None = None
     quiet: bool = False
 
 
