@@ -29,21 +29,11 @@ from .errors import ConfigError, OutputExistsError
 from .hub import check_push_target, push
 from .mixture import Mixture
 from .output import write_soup_folder
-from .preparation import evaluate_model, load_preprocessor
+from .preprocessors import load_preprocessor
 from .recipes import RecipeResult
 from .results import SoupSummary, WrittenFiles
 from .runtime import process_state
-from .stages import (
-    Checked,
-    check_stage,
-    data_free_stage,
-    recalibrated_statistics,
-    recipe_info,
-    recipe_stage,
-    scored_fields,
-    scoring_stage,
-    unscored_rows,
-)
+from .stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +208,9 @@ class _Run:
 def _cook(run: _Run) -> SoupResult:
     config, output, api, quiet = run.config, run.output, run.api, run.quiet
     clock = _Stopwatch()
-    checked = check_stage(config, api, trainer=run.trainer, quiet=quiet)
+    scored = _scored_stages() if config.scored else None
+    label_order = scored.label_order(run.trainer) if scored else None
+    checked = check_stage(config, api, label_order=label_order, quiet=quiet)
     preprocessor, preprocessor_dir = load_preprocessor(checked.compatibility, config.image_task)
     clock.lap("check")
     summary, recipe_result, overrides = _summary(run, checked, preprocessor, clock)
@@ -241,30 +233,29 @@ def _cook(run: _Run) -> SoupResult:
                       timings=clock.timings)  # fmt: skip
 
 
+def _scored_stages():
+    """The scored stages, imported only when data is scored: evaluation's imports (`evaluate`, `datasets`, the
+    models' classes) take seconds that a plain merge never needs."""
+    from . import scored_stages
+
+    return scored_stages
+
+
 def _summary(run: _Run, checked: Checked, preprocessor, clock: _Stopwatch):
     """`(SoupSummary, RecipeResult or None, BatchNorm overrides)`: scored with data, or a plain uniform merge."""
     config = run.config
-    scorer, recipe_result, overrides = None, None, {}
+    scorer, overrides = None, {}
     if config.scored:
-        scorer, plan = scoring_stage(
-            config, checked, preprocessor, (run.trainer, run.report_dataset), run.quiet
+        scored = _scored_stages().scored_run(
+            config, checked, preprocessor, (run.trainer, run.report_dataset), run.quiet, clock.lap
         )
-        clock.lap("data")
-        cooked = recipe_stage(config, checked, scorer, run.quiet)
-        recipe_result, mixture = cooked.result, cooked.result.mixture
-        fields = {
-            "recipe": recipe_info(cooked.recipe),
-            **scored_fields(config, checked, scorer, plan, cooked),
-        }
-        if run.trainer is not None:  # trainer.model holds the soup afterwards, bit for bit as written
-            scorer.workbench.load(mixture)
-        if config.recalibrate_bn:
-            overrides = recalibrated_statistics(scorer, mixture)
-            fields["batchnorm"] = {
-                "recalibrated_batches": config.recalibrate_bn,
-                "tensors": sorted(overrides),
-            }
-        clock.lap("soup")
+        fields, recipe_result, scorer, overrides = (
+            scored.fields,
+            scored.recipe_result,
+            scored.scorer,
+            scored.overrides,
+        )
+        mixture = recipe_result.mixture
     else:  # no data: a data-free recipe (uniform is a plain merge)
         recipe, recipe_result = data_free_stage(config, checked, run.quiet)
         mixture = recipe_result.mixture
@@ -301,4 +292,4 @@ def _cache_record(checked: Checked, scorer) -> dict[str, Any]:
     }
 
 
-__all__ = ["SoupResult", "check", "check_with_diagnostics", "cook", "evaluate_model"]
+__all__ = ["SoupResult", "check", "check_with_diagnostics", "cook"]

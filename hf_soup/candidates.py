@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import CONFIG_NAME
+from huggingface_hub.constants import CONFIG_NAME
 
 from .errors import CandidateFormatError, NoCandidatesError
 from .hub import (

@@ -155,13 +155,17 @@ def _setup_logging(quiet: bool) -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(logging.WARNING if quiet else logging.INFO)
     package_logger.propagate = False
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
+    # Through the libraries' environment variables, read when they are imported (importing `datasets` here would
+    # cost a plain merge, which never uses it, most of a second); directly if they are imported already.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for name in ("transformers", "datasets"):
+        if name in sys.modules:
+            sys.modules[name].logging.set_verbosity_error()
     if quiet:
-        datasets.disable_progress_bars()
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
@@ -221,7 +225,7 @@ def _cook(args, argv: list[str]) -> int:
 
 
 def _evaluate(args) -> int:
-    from .api import evaluate_model
+    from .preparation import evaluate_model
 
     scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
     human = "\n".join(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .data import GLUE_TASKS, IMAGE_TASK, is_image_task
 from .errors import ConfigError
 from .hub import check_repo_id
 from .recipes import RECIPES, recipe_class
 from .recipes.learned import GRANULARITIES, Granularity
 from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
+from .tasks import GLUE_TASKS, IMAGE_TASK, is_image_task
 
 
 def _opt(help: str, **cli) -> dict:

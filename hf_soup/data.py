@@ -16,17 +16,9 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .errors import DatasetError
+from .tasks import GLUE_TASKS, IMAGE_TASK, is_image_task
 
 logger = logging.getLogger(__name__)
-
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-IMAGE_TASK = "image-classification"
-
-
-def is_image_task(task: str | None) -> bool:
-    """Whether `--task` names image classification: the one place this is decided."""
-    return bool(task) and task.lower() == IMAGE_TASK
-
 
 TOP5 = "top5_accuracy"
 # A class holding less than this share of a uniform split (1/K each) is rare: 20% of the examples for binary labels.

@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoImageProcessor
 
 from .data import TaskSpec, check_columns
 from .errors import ConfigError
@@ -28,19 +26,6 @@ logger = logging.getLogger(__name__)
 # batch by batch each time they are scored (same values, less memory, more CPU).
 KEEP_PROCESSED_BYTES = 1 << 30
 _CHUNK = 256
-
-
-def load_image_processor(folders: list[Path]):
-    """The first `AutoImageProcessor` found in `folders` (the base first), and where it came from."""
-    for folder in folders:
-        try:
-            return AutoImageProcessor.from_pretrained(folder), folder
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-    raise ConfigError(
-        f"Neither {' nor '.join(str(f) for f in folders)} has an image processor (preprocessor_config.json); save "
-        "it next to the base model (`AutoImageProcessor.from_pretrained(...).save_pretrained(base_dir)`)."
-    )
 
 
 class ImageFeatures(Sequence):

@@ -22,7 +22,13 @@ import torch
 
 from .errors import CandidateFormatError
 from .sources import HEAD_PARTS
-from .weights import TensorSource
+from .weights import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    TensorSource,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,13 +51,6 @@ _MERGE_HINT = (
 
 def is_adapter_folder(folder: Path) -> bool:
     """A folder with `adapter_config.json` and no full model weights (a `config.json` beside it may hold labels)."""
-    from transformers.utils import (
-        SAFE_WEIGHTS_INDEX_NAME,
-        SAFE_WEIGHTS_NAME,
-        WEIGHTS_INDEX_NAME,
-        WEIGHTS_NAME,
-    )
-
     folder = Path(folder)
     full = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     return (folder / ADAPTER_CONFIG).is_file() and not any((folder / name).is_file() for name in full)

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import constants
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors.torch import save_file
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .errors import ConfigError, IncompatibleCandidatesError
 from .mixture import Mixture
 from .progress import progress_bar
 from .sources import SoupSources
-from .weights import BUFFER_DTYPES, averaged
+from .weights import BUFFER_DTYPES, SAFE_WEIGHTS_INDEX_NAME, averaged
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,20 @@ def plan_output(sources: SoupSources, dtype: torch.dtype | None = None) -> dict[
     }
 
 
+def shard_plan(planned: dict[str, torch.Tensor], max_shard_size: int | str):
+    """huggingface_hub's shard plan (`model-0000i-of-0000N.safetensors`) for the planned `meta` tensors.
+
+    Its torch front end (`split_torch_state_dict_into_shards`) probes each tensor for `DTensor`, importing
+    `torch.distributed.tensor` (about a second); `meta` tensors share no storage, so their sizes are all it needs.
+    """
+    return split_state_dict_into_shards_factory(
+        planned,
+        get_storage_size=_nbytes,
+        filename_pattern=constants.SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=max_shard_size,
+    )
+
+
 def output_bytes(planned: dict[str, torch.Tensor]) -> int:
     return sum(_nbytes(t) for t in planned.values())
 
@@ -159,7 +173,7 @@ def materialize(
     overrides = overrides or {}
     planned = plan_output(sources, dtype)
     names = list(planned)
-    split = split_torch_state_dict_into_shards(planned, max_shard_size=max_shard_size)
+    split = shard_plan(planned, max_shard_size)
     stats = MaterializeStats()
     with progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar:
         for filename, shard_names in split.filename_to_tensors.items():

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import CONFIG_NAME
+from huggingface_hub.constants import CONFIG_NAME
 
 from .card import write_model_card
 from .compat import CompatibilityReport
 from .config import SoupConfig
 from .errors import DiskSpaceError, OutputExistsError
 from .materialize import output_bytes, plan_output
-from .plots import write_plots
 from .results import MANIFEST_NAME, SoupManifest, SoupSummary, WrittenFiles
 from .version import __version__
 from .writer import WeightSettings, write
@@ -176,7 +175,11 @@ def _write_manifest_card_and_plots(staging: Path, manifest: SoupManifest, folder
     """Plots, soup.json and the card, all from the portable manifest: nothing in the folder names this machine."""
     data = portable(json.loads(json.dumps(manifest.to_dict(), default=str)), folder)
     written = SoupManifest.from_dict(data)
-    written.plots = write_plots(staging / "plots", written.summary) if written.summary.scored else []
+    written.plots = []
+    if written.summary.scored:  # matplotlib is imported only here: a plain merge has nothing to plot
+        from .plots import write_plots
+
+        written.plots = write_plots(staging / "plots", written.summary)
     (staging / MANIFEST_NAME).write_text(json.dumps(written.to_dict(), indent=2, sort_keys=True) + "\n")
     write_model_card(staging, written)
     return written.plots

@@ -20,38 +20,17 @@ from transformers import (
 
 from .batchnorm import BatchNormRecalibrator
 from .candidates import load_candidate
-from .compat import CompatibilityReport, tokenizer_files
 from .config import SoupConfig
 from .data import LabelBalance, SplitPlan, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
 from .errors import ConfigError, DatasetError
-from .images import encode_image_split, load_image_processor
+from .images import encode_image_split
 from .materialize import Workbench
+from .preprocessors import load_image_processor
 from .scoring import Scorer, predict, score_logits
 from .text import encode_text_split
 from .trainer_scoring import TrainerScorer
 
 logger = logging.getLogger(__name__)
-
-
-def load_preprocessor(report: CompatibilityReport, image: bool):
-    """The soup's tokenizer (text) or image processor (images), from the base or else the first candidate.
-
-    A folder without tokenizer files is skipped: transformers would build an empty tokenizer from its config. A
-    model with neither (a plain merge of image models, say) gets its image processor, if it has one.
-    """
-    folders = [report.base.local_dir, report.accepted[0].local_dir]
-    for folder in [] if image else folders:
-        if tokenizer_files(Path(folder)):
-            try:
-                return AutoTokenizer.from_pretrained(folder), folder
-            except (OSError, ValueError, TypeError):
-                continue
-    try:
-        return load_image_processor(folders)
-    except ConfigError:
-        if image:
-            raise
-        return None, None
 
 
 def task_spec_of(config: SoupConfig) -> TaskSpec:

@@ -6,7 +6,11 @@ from typing import Any
 
 from .recipes import recipe_class
 from .results import CandidateRow, Entry, SoupSummary
-from .stats import format_delta
+
+
+def format_delta(result: dict, scale: float = 100.0) -> str:
+    """`+0.8 [−0.2, +1.9]` (points, for metrics in [0, 1])."""
+    return f"{result['delta'] * scale:+.1f} [{result['low'] * scale:+.1f}, {result['high'] * scale:+.1f}]"
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME as WEIGHTS_NAME
+from huggingface_hub.constants import SAFETENSORS_INDEX_FILE as SAFE_WEIGHTS_INDEX_NAME
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE as SAFE_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
-from transformers.utils import (
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-)
 
 from .errors import CandidateFormatError, PickleRefusedError
+
+# transformers' file names, from huggingface_hub: `import transformers` alone costs a plain merge most of a second.
+WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
 
 # safetensors' dtype codes, for headers read without loading tensors.
 SAFETENSORS_DTYPES = {

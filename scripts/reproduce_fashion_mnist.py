@@ -110,7 +110,7 @@ def table_rows(reports: dict) -> list[dict]:
 
 
 def write_results(results: Path, rows: list[dict], reports: dict, args, trained: float) -> None:
-    from hf_soup.stats import format_delta
+    from hf_soup.report import format_delta
 
     first = next(iter(reports.values()))
     split = next(iter(first["soup"]["report"]))

@@ -23,13 +23,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "fine_food_reviews"
+BUNDLED = ROOT / "hf_soup" / "data" / "fine_foods"  # 1000 + 400 reviews, for a clone without ../shared
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default=str(SHARED), help="folder with train.csv and test.csv")
+    parser.add_argument(
+        "--data", default=str(SHARED if SHARED.exists() else BUNDLED), help="train.csv and test.csv"
+    )
     parser.add_argument("--workdir", default=str(ROOT / "results" / "runs"), help="where variants are saved")
     parser.add_argument("--results", default=str(ROOT / "results"), help="where the table goes")
     parser.add_argument("--variants", type=int, default=8)
@@ -127,7 +130,7 @@ def recipes():
 
 
 def format_delta(result) -> str:
-    from hf_soup.stats import format_delta as _format
+    from hf_soup.report import format_delta as _format
 
     return _format(result)
 
