@@ -81,8 +81,8 @@ def _blocks(shape: tuple[int, ...], block_elements: int):
 
 
 def _read_block(source: TensorReader, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
-    tensor = source.get(name) if scalar else source.rows(name, start, stop)
-    return tensor.to(torch.float64).reshape(-1)
+    """Rows `start:stop` of a tensor, flattened, in its stored dtype."""
+    return (source.get(name) if scalar else source.rows(name, start, stop)).reshape(-1)
 
 
 def _delta_blocks(sources: SoupSources, ids: list[str], name: str, block_elements: int):
@@ -95,9 +95,11 @@ def _delta_blocks(sources: SoupSources, ids: list[str], name: str, block_element
         return
     shape = sources.base.shape(base_name)
     for start, stop in _blocks(shape, block_elements):
-        base = _read_block(sources.base, base_name, start, stop, not shape)
-        deltas = [_read_block(sources.candidates[cid], name, start, stop, not shape) - base for cid in ids]
-        yield base, torch.stack(deltas)
+        base = _read_block(sources.base, base_name, start, stop, not shape).to(torch.float64)
+        deltas = torch.empty((len(ids), base.numel()), dtype=torch.float64)
+        for row, cid in zip(deltas, ids):  # subtracted in float64 straight into the stack: no temporaries
+            torch.sub(_read_block(sources.candidates[cid], name, start, stop, not shape), base, out=row)
+        yield base, deltas
 
 
 def shared_tensors(sources: SoupSources) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,19 +29,29 @@ def _file_identity(source: TensorSource) -> list:
     return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in source.files]
 
 
-def _scan(source: TensorSource, bar) -> tuple[str, str | None]:
+def _sha256(paths, bar) -> str:
     digest = hashlib.sha256()
-    for path in source.files:
+    for path in paths:
         with open(path, "rb") as handle:
             while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+                digest.update(chunk)  # releases the GIL: checkpoints hash in parallel
                 bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _non_finite_tensor(source: TensorSource) -> str | None:
+    """The first float tensor holding NaN or Inf, if any. `aminmax` propagates NaN and shows ±Inf while reading
+    each tensor once: several times faster than `isfinite(t).all()`, which writes a mask as large as the tensor."""
     stored = source.stored  # a LoRA adapter's own tensors, not its merged ones (they would re-read the base)
     for name in stored.keys():
         tensor = stored.get(name)
-        if averaged(tensor.dtype) and not bool(torch.isfinite(tensor).all()):
-            return digest.hexdigest(), name
-    return digest.hexdigest(), None
+        if (
+            averaged(tensor.dtype)
+            and tensor.numel()
+            and not torch.stack(torch.aminmax(tensor)).isfinite().all()
+        ):
+            return name
+    return None
 
 
 def fingerprint_sources(
@@ -61,16 +73,23 @@ def fingerprint_sources(
             if entry["non_finite"]:
                 _raise_non_finite(cid, entry["non_finite"])
     total = sum(p.stat().st_size for cid in todo for p in sources[cid].files)
-    with progress_bar(total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet) as bar:
-        for cid in todo:
-            sha, bad_tensor = _scan(sources[cid], bar)
-            cache.put(
-                cache_key("fingerprint", _file_identity(sources[cid])),
-                {"sha256": sha, "non_finite": bad_tensor},
-            )
-            fingerprints[cid] = sha
-            if bad_tensor:
-                _raise_non_finite(cid, bad_tensor)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        with progress_bar(
+            total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet
+        ) as bar:
+            hashes = {cid: pool.submit(_sha256, sources[cid].files, bar) for cid in todo}
+            for cid in todo:  # the finiteness checks run while the files hash
+                bad_tensor = _non_finite_tensor(sources[cid])
+                fingerprints[cid] = hashes[cid].result()
+                cache.put(
+                    cache_key("fingerprint", _file_identity(sources[cid])),
+                    {"sha256": fingerprints[cid], "non_finite": bad_tensor},
+                )
+                if bad_tensor:
+                    _raise_non_finite(cid, bad_tensor)
+    finally:
+        pool.shutdown(cancel_futures=True)
     return fingerprints
 
 

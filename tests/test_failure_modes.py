@@ -155,9 +155,10 @@ def test_custom_code_is_refused_unless_trusted(zoo, tmp_path, capsys):
 # --- 4. weights that cannot be averaged ---------------------------------------------------------------------
 
 
-def test_inf_weights_are_refused(zoo, tmp_path, capsys):
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_inf_or_nan_weights_are_refused(zoo, tmp_path, capsys, value):
     bad = rewrite(copy_model(zoo["b"], tmp_path / "inf"),
-                  change_state=lambda s: s["classifier.weight"].__setitem__((0, 0), float("inf")))  # fmt: skip
+                  change_state=lambda s: s["classifier.weight"].__setitem__((1, 3), value))  # fmt: skip
     out = tmp_path / "soup"
     argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(bad), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
     fails(argv, "NaN or Inf values in classifier.weight", capsys, out)
