@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import binomtest
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 from hf_soup.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
 
@@ -36,6 +36,28 @@ def test_bootstrap_matches_plain_numpy_resampling(predictions):
         f1_score(labels[r], a[r]) - f1_score(labels[r], b[r]) for r in rng.integers(0, 400, (200, 400))
     ]
     assert f1["low"] == pytest.approx(np.percentile(expected, 2.5), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("metric", "classes"),
+    [("f1", 2), ("macro_f1", 2), ("macro_f1", 3), ("matthews_correlation", 2), ("matthews_correlation", 3)],
+)
+def test_confusion_metric_intervals_match_sklearn_on_every_resample(metric, classes):
+    # 12 examples: many resamples lack a class, or predict a single one (the undefined cases).
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, classes, 12)
+    a = np.where(rng.random(12) < 0.7, labels, rng.integers(0, classes, 12))
+    b = np.where(rng.random(12) < 0.6, labels, rng.integers(0, classes, 12))
+    functions = {"f1": lambda y, p: f1_score(y, p, pos_label=1, zero_division=0.0),
+                 "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0.0),
+                 "matthews_correlation": matthews_corrcoef}  # fmt: skip
+    score = functions[metric]
+    ours = paired_bootstrap(metric, labels, a, b, resamples=300, seed=2, level=0.5)
+    rows = np.random.default_rng(2).integers(0, 12, (300, 12))
+    expected = [score(labels[r], a[r]) - score(labels[r], b[r]) for r in rows]
+    assert ours["delta"] == pytest.approx(score(labels, a) - score(labels, b), abs=1e-12)
+    assert ours["low"] == pytest.approx(np.percentile(expected, 25), abs=1e-12)
+    assert ours["high"] == pytest.approx(np.percentile(expected, 75), abs=1e-12)
 
 
 def test_mcnemar_matches_scipy_binomtest(predictions):
