@@ -7,8 +7,10 @@ and whether the two runs chose the same mixture, got the same scores and wrote t
 On a CPU machine the processes share its cores (each gets cores / N threads), so expect little speed-up there;
 on N GPUs the scoring passes split N ways.
 
-    python scripts/reproduce_fine_foods.py          # once: the 8 MiniLM fine-tunes under results/runs
     python scripts/bench_distributed.py             # 1 vs 2 CPU processes
+
+The candidates are `--runs` (e.g. `results/runs` from `scripts/reproduce_fine_foods.py`), or else a short sweep of
+`--variants` MiniLM fine-tunes made first (as `scripts/bench_greedy.py` makes them).
 """
 
 from __future__ import annotations
@@ -38,20 +40,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", default=str(ROOT / "results" / "runs"), help="folder with start/ and v*/")
+    parser.add_argument("--runs", default=None, help="folder with start/ and v*/ (default: a fresh sweep)")
+    parser.add_argument("--variants", type=int, default=4, help="fine-tunes to make when --runs is not given")
+    parser.add_argument("--train-rows", type=int, default=128, help="rows each of those fine-tunes sees")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one process per GPU instead of CPU processes")
     args = parser.parse_args()
-    runs = Path(args.runs)
-    if not (runs / "start").is_dir():
-        sys.exit(f"{runs} has no fine-tunes yet: run `python scripts/reproduce_fine_foods.py` first.")
+    from bench_greedy import candidates_of
+
     data = ROOT / "hf_soup" / "data" / "fine_foods"
     work = Path(tempfile.mkdtemp(prefix="hf-soup-bench-dist-"))
-    soup = ["--base", str(runs / "start"), "--candidates", str(runs / "v*"), "--dataset", str(data / "train.csv"),
-            "--report-split", str(data / "test.csv"), "--text-column", "review", "--label-column", "score",
-            "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet"]  # fmt: skip
     threads = os.cpu_count() or 1
     try:
+        args.selection_fraction = 0.3  # the carve-out the soup selects on, held out of the sweep too
+        start, candidates = candidates_of(args, str(data / "train.csv"), work)
+        soup = ["--base", start, "--candidates", *candidates, "--dataset", str(data / "train.csv"),
+                "--report-split", str(data / "test.csv"), "--text-column", "review", "--label-column", "score",
+                "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet"]  # fmt: skip
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-1"), "OMP_NUM_THREADS": str(threads)}
         one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
         launch = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", str(args.processes),

@@ -1,7 +1,12 @@
-"""Benchmark: hf-soup's evaluator against `transformers.Trainer.evaluate` with default arguments.
+"""Benchmark: hf-soup's evaluator against `transformers.Trainer.evaluate` and against the machine's matmul roofline.
 
 Same model (the pretrained MiniLM with a classifier head, fine-tuned in `results/runs` if present, else freshly
-initialised), same data (1000 fine-food test reviews), same truncation. Both must give the same accuracy.
+initialised), same data (fine-food reviews: 1000 from ../shared, or all of the bundled 400), same truncation. Both
+must give the same accuracy. Printed, all measured in this run:
+- examples/s and achieved GFLOP/s of each, the FLOPs counted from the model's shapes and the real (unpadded) token
+  counts: 2·(4H² + 2HI) per token and 4·L²·H per sequence (attention) in each layer, plus the pooler;
+- the roofline: `torch.mm` at the encoder's own matmul shapes (tokens of one batch × H × H, × H × I, × I × H) and
+  the same thread count, weighted by each shape's share of the FLOPs.
 
     python scripts/bench_eval.py [--model results/runs/v0] [--examples 1000]
 """
@@ -30,7 +35,7 @@ def main() -> int:
     parser.add_argument(
         "--data", default=str(DATA if DATA.exists() else ROOT / "hf_soup/data/fine_foods/test.csv")
     )
-    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--examples", type=int, default=None, help="default: 1000, or all the data if fewer")
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
@@ -66,7 +71,9 @@ def main() -> int:
     )
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    data = load_data(args.data, split="train").select(range(args.examples))
+    data = load_data(args.data, split="train")
+    args.examples = min(args.examples or 1000, len(data))
+    data = data.select(range(args.examples))
     spec = task_spec(dataset=args.data, text_column="review", label_column="score")
 
     # hf-soup: tokenise once, length-sorted batches, dynamic padding, inference_mode.
@@ -95,15 +102,54 @@ def main() -> int:
     theirs_seconds = time.perf_counter() - started
     datasets.disable_progress_bars()
 
+    lengths = [len(f["input_ids"]) for f in split.features]
+    flops = encoder_flops(model.config, lengths)
+    roofline = matmul_roofline(model.config, batch_tokens=64 * float(np.mean(lengths)))
     ours_rate, theirs_rate = args.examples / ours_seconds, args.examples / theirs_seconds
-    print(f"model: {model_dir}; {args.examples} reviews, max_length {args.max_length}")
-    print(f"hf-soup evaluator:         {ours_rate:7.1f} examples/s  accuracy {ours.metrics['accuracy']:.4f}")
-    print(f"Trainer.evaluate defaults: {theirs_rate:7.1f} examples/s  accuracy {theirs['eval_accuracy']:.4f}")
+    print(f"model: {model_dir}; {args.examples} reviews, max_length {args.max_length}, mean length "
+          f"{np.mean(lengths):.0f} tokens; {torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP of useful work")  # fmt: skip
+    print(f"hf-soup evaluator:         {ours_rate:7.1f} examples/s  {flops / ours_seconds / 1e9:6.1f} GFLOP/s  "
+          f"accuracy {ours.metrics['accuracy']:.4f}")  # fmt: skip
+    print(f"Trainer.evaluate defaults: {theirs_rate:7.1f} examples/s  {flops / theirs_seconds / 1e9:6.1f} GFLOP/s  "
+          f"accuracy {theirs['eval_accuracy']:.4f}")  # fmt: skip
+    print(f"torch.mm roofline:                          {roofline / 1e9:6.1f} GFLOP/s")
     same = abs(ours.metrics["accuracy"] - theirs["eval_accuracy"]) < 1e-9
-    print(
-        f"SUMMARY: hf-soup is {ours_rate / theirs_rate:.2f}x Trainer.evaluate (target 2x); same accuracy: {same}"
-    )
+    print(f"SUMMARY: hf-soup is {ours_rate / theirs_rate:.2f}x Trainer.evaluate (target 2x) and "
+          f"{roofline / (flops / ours_seconds):.2f}x from the matmul roofline (target 1.25x); same accuracy: {same}")  # fmt: skip
     return 0 if same else 1
+
+
+def encoder_flops(config, lengths: list[int]) -> float:
+    """Multiply-adds × 2 of a BERT-style encoder with a pooler, on sequences of these (unpadded) lengths."""
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = sum(lengths)
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * inner) + sum(
+        4 * n * n * hidden for n in lengths
+    )
+    return layers * per_layer + 2 * len(lengths) * hidden * hidden
+
+
+def matmul_roofline(config, batch_tokens: float, repeats: int = 20) -> float:
+    """FLOP/s of `torch.mm` at the encoder's linear-layer shapes, weighted by their share of each layer's FLOPs."""
+    import torch
+
+    hidden, inner, rows = config.hidden_size, config.intermediate_size, int(batch_tokens)
+    shapes = [
+        (rows, hidden, hidden, 4),
+        (rows, hidden, inner, 1),
+        (rows, inner, hidden, 1),
+    ]  # (m, k, n, count)
+    total_flops = total_seconds = 0.0
+    for m, k, n, count in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)  # warm up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        seconds = (time.perf_counter() - started) / repeats
+        total_flops += count * 2 * m * k * n
+        total_seconds += count * seconds
+    return total_flops / total_seconds
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Smoke run of every script under `scripts/`, at a small size, from a plain clone (no `../shared`).
+
+Copies the repository's tracked files into a scratch folder with no `shared/` beside it, so each script sees what a
+user who cloned hf-soup and ran the README's install sees, then runs each one with the arguments below (only
+sizes are shrunk; data sources, models and code paths are the defaults) and prints one line per script. Exits
+non-zero if any script fails, or if a script has no entry here.
+
+    python scripts/smoke_scripts.py                 # all scripts; about 10 minutes on 2 CPU cores
+    python scripts/smoke_scripts.py bench_eval bench_greedy
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Per script: its arguments at smoke size. `{scratch}` is a fresh folder per script.
+SMALL = {
+    "bench_distributed": "--variants 2 --train-rows 32",
+    "bench_eval": "--examples 32",
+    "bench_eval_images": "--examples 64",
+    "bench_greedy": "--variants 2 --train-rows 32 --scratch {scratch}",
+    "bench_learned_memory": "--n 2 --steps 1",
+    "bench_mixing": "--candidates 2 --examples 16",
+    "bench_soup": "--sizes 2 --repeats 1 --scratch {scratch}",
+    "bench_vs_mergekit": "--sizes 2 --rounds 1 --scratch {scratch}",
+    "compare_stock_mergekit": "--candidates 2",
+    "reproduce_fashion_mnist": "--workdir {scratch}/work --results {scratch} --pool-rows 300 --pretrain-rows 300 "
+    "--pretrain-epochs 1 --test-rows 200 --variants 2 --recalibrate-bn 2",
+    "reproduce_fine_foods": "--workdir {scratch}/runs --results {scratch} --variants 2 --train-rows 32",
+    "trainer_sweep": "--trials 2 --steps 2 --workdir {scratch}",
+}
+
+
+def plain_clone(folder: Path) -> Path:
+    """The tracked files of this repository, copied to `folder/hf-soup` (no `shared/` beside it)."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    clone = folder / "hf-soup"
+    for name in files.splitlines():
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    return clone
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("only", nargs="*", help="script names (default: all)")
+    args = parser.parse_args()
+    scripts = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem != Path(__file__).stem)
+    missing = [s for s in scripts if s not in SMALL]
+    if missing:
+        print(f"no smoke-size arguments for: {', '.join(missing)} (add them to SMALL)", file=sys.stderr)
+        return 2
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="hf-soup-smoke-") as scratch_root:
+        clone = plain_clone(Path(scratch_root))
+        for name in args.only or scripts:
+            scratch = Path(tempfile.mkdtemp(dir=scratch_root))
+            command = [sys.executable, str(clone / "scripts" / f"{name}.py"),
+                       *SMALL[name].format(scratch=scratch).split()]  # fmt: skip
+            started = time.perf_counter()
+            result = subprocess.run(command, cwd=clone, capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            last = (result.stdout.strip().splitlines() or [""])[-1][:140]
+            print(
+                f"{'ok  ' if result.returncode == 0 else 'FAIL'} {name:<24} {seconds:6.1f}s  {last}",
+                flush=True,
+            )
+            if result.returncode != 0:
+                failed.append(name)
+                print(result.stderr[-3000:], file=sys.stderr)
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
