@@ -78,7 +78,9 @@ def _loader(split: EncodedSplit, collator, batch_size: int):
         return {"example_index": indices, **collator([feature for _, feature in items])}
 
     batches = [split.order[start : start + batch_size].tolist() for start in range(0, len(split), batch_size)]
-    return torch.utils.data.DataLoader(_Examples(split), batch_sampler=batches, collate_fn=collate)
+    return torch.utils.data.DataLoader(
+        _Examples(split), batch_sampler=batches, collate_fn=collate, pin_memory=torch.cuda.is_available()
+    )  # pinned batches upload to a GPU asynchronously
 
 
 @torch.inference_mode()

@@ -59,7 +59,7 @@ def main() -> int:
                 "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet"]  # fmt: skip
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-1"), "OMP_NUM_THREADS": str(threads)}
         one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
-        launch = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", str(args.processes),
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.processes),
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
         launch.append("--multi_gpu")  # accelerate's torchrun launcher; `--cpu` alone would start one process
         per_process = str(max(1, threads // args.processes) if not args.gpu else threads)

@@ -45,7 +45,7 @@ def main() -> int:
     images, targets = fm.read_split("test")
     data = fm.to_dataset(images[: args.examples], targets[: args.examples])
     processor = fm.image_processor()
-    spec = task_spec("image-classification")
+    spec = task_spec("image-classification", str(fm.DATA_DIR))  # the dataset only names the source here
 
     # hf-soup: process every image once, batches of `--batch-size`, inference_mode.
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 Both are run as users run them (the CLI, in a fresh process), alternating, `--rounds` times per N, in one run:
 - wall time (median of the rounds) and the ratio hf-soup / mergekit, for hf-soup's first run on the inputs
   (nothing cached: it reads every input once more to fingerprint and verify it) and for a rerun (cached);
-- peak RSS (`/usr/bin/time -v`, maximum resident set size) and its ratio;
+- peak RSS (maximum resident set size, from `getrusage`, as `/usr/bin/time -v` reports it) and its ratio;
 - the largest absolute difference between the two outputs (0, or float32 rounding).
 
 The candidates are the base plus small seeded noise (fine-tune-like: hf-soup's diagnostics accept them).
@@ -16,7 +16,6 @@ mergekit is installed into its own venv (never a dependency of hf-soup), reusing
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import subprocess
 import sys
@@ -59,15 +58,22 @@ def mergekit(venv: Path) -> Path:
     return script
 
 
+# Runs a command and prints its peak RSS in kB: getrusage(RUSAGE_CHILDREN) covers exactly the waited-for child
+# (what `/usr/bin/time -v` reports, without needing that binary).
+_PEAK = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
+
+
 def timed(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of `command`, run under /usr/bin/time -v."""
+    """Wall seconds and peak RSS (bytes) of `command`."""
     started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", _PEAK, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{result.stderr[-2000:]}")
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) * 1024
-    return seconds, peak
+    return seconds, int(result.stderr.rsplit(None, 1)[-1]) * 1024
 
 
 def max_difference(ours: Path, theirs: Path) -> float:

@@ -3,9 +3,10 @@
 Copies the repository's tracked files into a scratch folder with no `shared/` beside it, so each script sees what a
 user who cloned hf-soup and ran the README's install sees, then runs each one with the arguments below (only
 sizes are shrunk; data sources, models and code paths are the defaults) and prints one line per script. Exits
-non-zero if any script fails, or if a script has no entry here.
+non-zero if any script fails, or if a script has no entry here. `tests/test_scripts.py` runs the same, one test per
+script.
 
-    python scripts/smoke_scripts.py                 # all scripts; about 10 minutes on 2 CPU cores
+    python scripts/smoke_scripts.py                 # all scripts; about 7 minutes on 2 CPU cores
     python scripts/smoke_scripts.py bench_eval bench_greedy
 """
 
@@ -50,26 +51,37 @@ def plain_clone(folder: Path) -> Path:
     return clone
 
 
+def run(clone: Path, name: str, scratch: Path) -> subprocess.CompletedProcess:
+    """Run `scripts/<name>.py` of `clone` at its smoke size, in `clone`, with `scratch` as its scratch folder."""
+    command = [
+        sys.executable,
+        str(clone / "scripts" / f"{name}.py"),
+        *SMALL[name].format(scratch=scratch).split(),
+    ]
+    return subprocess.run(command, cwd=clone, capture_output=True, text=True)
+
+
+def scripts() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem != Path(__file__).stem)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("only", nargs="*", help="script names (default: all)")
     args = parser.parse_args()
-    scripts = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem != Path(__file__).stem)
-    missing = [s for s in scripts if s not in SMALL]
+    missing = [s for s in scripts() if s not in SMALL]
     if missing:
         print(f"no smoke-size arguments for: {', '.join(missing)} (add them to SMALL)", file=sys.stderr)
         return 2
     failed = []
     with tempfile.TemporaryDirectory(prefix="hf-soup-smoke-") as scratch_root:
         clone = plain_clone(Path(scratch_root))
-        for name in args.only or scripts:
+        for name in args.only or scripts():
             scratch = Path(tempfile.mkdtemp(dir=scratch_root))
-            command = [sys.executable, str(clone / "scripts" / f"{name}.py"),
-                       *SMALL[name].format(scratch=scratch).split()]  # fmt: skip
             started = time.perf_counter()
-            result = subprocess.run(command, cwd=clone, capture_output=True, text=True)
+            result = run(clone, name, scratch)
             seconds = time.perf_counter() - started
             last = (result.stdout.strip().splitlines() or [""])[-1][:140]
             print(
