@@ -75,7 +75,7 @@ def main() -> int:
     theirs = trainer.evaluate(encoded)
     theirs_seconds = time.perf_counter() - started
 
-    flops, gemms = layer_flops(model, split[0]["pixel_values"][None], args.batch_size)
+    flops, gemms = layer_flops(model, split.features[0]["pixel_values"][None], args.batch_size)
     flops *= args.examples
     roofline = matmul_roofline(gemms)
     same = abs(ours.metrics["accuracy"] - theirs["eval_accuracy"]) < 1e-9
