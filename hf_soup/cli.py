@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sweep(verbs) -> None:
     sweep = verbs.add_parser("sweep", help="fine-tune K variants of one base the way soups need (a shared "
                              "linear-probe head, a random hyperparameter grid, the selection rows held out)")  # fmt: skip
-    add_config_arguments(sweep, only=("base", "dataset", "text_column", "text_pair_column", "label_column",
-                                      "selection_fraction", "seed", "max_length"))  # fmt: skip
+    add_config_arguments(sweep, only=("base", "dataset", "task", "text_column", "text_pair_column", "image_column",
+                                      "label_column", "selection_fraction", "seed", "max_length"))  # fmt: skip
     sweep.add_argument("--output", required=True, metavar="DIR", help="where start/ and runs/ go (resumable)")
     sweep.add_argument("--variants", type=int, default=8, help="how many variants to draw (default: 8)")
     sweep.add_argument("--head", choices=("probe", "random"), default="probe",
@@ -263,16 +263,25 @@ def _demo(args) -> int:
 
 def _sweep(args) -> int:
     from .sweep import sweep
+    from .tasks import is_image_task
 
     folder = sweep(args.base, args.dataset, text_column=args.text_column, label_column=args.label_column,
-                   text_pair_column=args.text_pair_column, output=args.output, variants=args.variants,
-                   head=args.head, selection_fraction=args.selection_fraction, seed=args.seed,
-                   max_length=args.max_length, train_rows=args.train_rows, quiet=args.quiet)  # fmt: skip
+                   text_pair_column=args.text_pair_column, task=args.task, image_column=args.image_column,
+                   output=args.output, variants=args.variants, head=args.head,
+                   selection_fraction=args.selection_fraction, seed=args.seed, max_length=args.max_length,
+                   train_rows=args.train_rows, quiet=args.quiet)  # fmt: skip
     runs = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
-    pair = f" --text-pair-column {args.text_pair_column}" if args.text_pair_column else ""
+    if is_image_task(args.task):
+        columns = f"--task {args.task}" + "".join(
+            f" --{flag}-column {value}"
+            for flag, value in (("image", args.image_column), ("label", args.label_column))
+            if value
+        )
+    else:
+        pair = f" --text-pair-column {args.text_pair_column}" if args.text_pair_column else ""
+        columns = f"--text-column {args.text_column}{pair} --label-column {args.label_column}"
     command = (f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
-               f"--text-column {args.text_column}{pair} --label-column {args.label_column} "
-               f"--selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto")  # fmt: skip
+               f"{columns} --selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto")  # fmt: skip
     human = f"{len(runs)} variants in {folder / 'runs'}, all from {folder / 'start'}. Soup them with:\n  {command}"
     _emit(args, {"output": str(folder), "runs": runs, "next": command}, human)
     return 0

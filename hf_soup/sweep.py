@@ -7,7 +7,11 @@ The paper's protocol (Wortsman et al. 2022, §3; its seed experiments):
   of the training rows (the input of the head's last linear layer), so every variant starts from the same
   sensible head and fine-tuning stays in one basin. `head="random"` is the seeded random head instead.
 - **Hyperparameters drawn at random from a documented grid** (`SweepGrid`): learning rate (log-uniform), weight
-  decay, epochs, label smoothing, and the data order (a seed per variant).
+  decay, epochs, label smoothing, the data order (a seed per variant) and, for images, augmentation (random
+  horizontal flips and shifts of up to 2 pixels, `SweepGrid.for_images()`).
+- **Text or images**: `text_column` for a text classifier (`AutoModelForSequenceClassification`, the base's
+  tokenizer), or `task="image-classification"` with `image_column` (`AutoModelForImageClassification`, the base's
+  image processor, applied once; augmentation is applied per batch).
 - **The selection carve-out is never trained on**: the same seeded carve-out that `cook` selects on (same
   `selection_fraction` and `seed`).
 - Each variant is saved with `SoupCallback` (`hf_soup_ingredient.json`: its hyperparameters) plus the sweep's
@@ -31,24 +35,30 @@ import os
 import random
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
+    default_data_collator,
 )
 
 from .data import carve_selection, dataset_label_names, load_data
 from .errors import ConfigError, DatasetError
 from .integrations import INGREDIENT_FILE, SoupCallback
 from .progress import progress_bar
+from .tasks import IMAGE_TASK, is_image_task
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,12 @@ class SweepGrid:
     weight_decay: tuple[float, ...] = (0.0, 0.01, 0.1)
     epochs: tuple[int, ...] = (1, 2)
     label_smoothing: tuple[float, ...] = (0.0, 0.1)
+    augment: tuple[bool, ...] = (False,)
+
+    @classmethod
+    def for_images(cls) -> SweepGrid:
+        """Image classifiers (a small pretrained CNN, AdamW): higher learning rates, and augmentation on or off."""
+        return cls(learning_rate=(1e-3, 5e-3), weight_decay=(0.0, 0.05), augment=(False, True))
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class SweepVariant:
     label_smoothing: float = 0.0
     seed: int = 0
     scheduler: str = "linear"
+    augment: bool = False  # images: random horizontal flips and shifts of up to 2 pixels, per batch
 
 
 def sample_variants(count: int, grid: SweepGrid = SweepGrid(), seed: int = 0) -> list[SweepVariant]:
@@ -93,6 +110,8 @@ def sample_variants(count: int, grid: SweepGrid = SweepGrid(), seed: int = 0) ->
                 weight_decay=rng.choice(grid.weight_decay),
                 label_smoothing=rng.choice(grid.label_smoothing),
                 seed=rng.randrange(100_000),
+                # Drawn only when the grid varies it, so text sweeps keep their seeded draws.
+                augment=rng.choice(grid.augment) if len(grid.augment) > 1 else grid.augment[0],
             )
         )
     return variants
@@ -103,70 +122,134 @@ class SweepData:
     """What to train on: the task's columns, and the rows left after the selection carve-out."""
 
     dataset: str
-    text_column: str
+    text_column: str | None
     label_column: str
     text_pair_column: str | None = None
     selection_fraction: float = 0.1
     seed: int = 0
     max_length: int = 128
     train_rows: int | None = None  # a seeded subsample of the rest, for small budgets
+    image_column: str | None = None  # images instead of text
+
+    @property
+    def columns(self) -> list[str]:
+        return [
+            c for c in (self.text_column, self.text_pair_column, self.image_column, self.label_column) if c
+        ]
 
 
 def sweep(
     base: str | Path,
     dataset: str,
     *,
-    text_column: str,
-    label_column: str,
     output: str | Path,
+    label_column: str | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    task: str | None = None,
+    image_column: str | None = None,
     variants: int | list[SweepVariant] = 8,
     head: str = "probe",
-    grid: SweepGrid = SweepGrid(),
-    text_pair_column: str | None = None,
+    grid: SweepGrid | None = None,
     selection_fraction: float = 0.1,
     seed: int = 0,
     max_length: int = 128,
     train_rows: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     quiet: bool = False,
 ) -> Path:
     """Fine-tune `variants` (a count to sample from `grid`, or a list) of `base` on `dataset` minus the selection
     carve-out, from one shared start; return `output`, which holds `start/` (the base with the shared head: soup
     with `--base output/start`) and `runs/<variant>/`. Resumable: variants already in `runs/` are skipped.
+
+    Text needs `text_column` and `label_column`; images need `task="image-classification"` (`image_column` and
+    `label_column` default to "image" and "label"). The grid defaults to `SweepGrid()` for text and `SweepGrid.for_images()` for images; the batch size to 16 and 64.
     """
-    if not (dataset and text_column and label_column):
+    image = is_image_task(task)
+    label_column = label_column or ("label" if image else None)
+    if not (dataset and label_column and (image or text_column)):
         raise ConfigError(
-            "A sweep needs --dataset, --text-column and --label-column (the rows to fine-tune on)."
+            "A sweep needs --dataset and --label-column, and --text-column (text) or --task "
+            f"{IMAGE_TASK} (images): the rows to fine-tune on."
         )
     if head not in ("probe", "random"):
         raise ConfigError(
             f"--head must be 'probe' (a linear probe on frozen features) or 'random', got {head!r}."
         )
-    data = SweepData(dataset, text_column, label_column, text_pair_column, selection_fraction=selection_fraction,
-                     seed=seed, max_length=max_length, train_rows=train_rows)  # fmt: skip
+    grid = grid or (SweepGrid.for_images() if image else SweepGrid())
+    data = SweepData(dataset, None if image else text_column, label_column, text_pair_column,
+                     selection_fraction=selection_fraction, seed=seed, max_length=max_length, train_rows=train_rows,
+                     image_column=(image_column or "image") if image else None)  # fmt: skip
     plan = variants if isinstance(variants, list) else sample_variants(variants, grid, seed)
     output = Path(output)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    train, labels = _training_rows(data, tokenizer)
-    start = _shared_start(Path(base), output / START, (train, labels, tokenizer), head, batch_size)
+    inputs = SweepInputs.of(Path(base), image)
+    train, labels = _training_rows(data, inputs)
+    batch_size = batch_size or (64 if image else 16)
+    start = _shared_start(Path(base), output / START, (train, labels), inputs, head, batch_size)
     for index, variant in enumerate(plan, start=1):
         if (output / RUNS / variant.name / "model.safetensors").is_file():
             continue
         logger.info("Fine-tuning variant %d/%d: %s", index, len(plan), variant)
         record = {"variant": dataclasses.asdict(variant), "head": head, "grid": dataclasses.asdict(grid),
                   "data": dataclasses.asdict(data), "trained_on_rows": len(train)}  # fmt: skip
-        _fine_tune(
-            start, variant, (train, tokenizer), output / RUNS, record, batch_size=batch_size, quiet=quiet
-        )
+        _fine_tune(start, variant, (train, inputs), output / RUNS, record, batch_size=batch_size, quiet=quiet)
     return output
 
 
-def _training_rows(data: SweepData, tokenizer):
-    """The rows to train on (train minus the selection carve-out, as `cook` carves it), tokenized, and the label
+@dataclass
+class SweepInputs:
+    """How a sweep reads its inputs: the base's tokenizer or image processor, the model class, the collator."""
+
+    preprocessor: Any
+    model_class: type
+    collator: Callable
+    image: bool
+
+    @classmethod
+    def of(cls, base: Path, image: bool) -> SweepInputs:
+        if image:
+            return cls(AutoImageProcessor.from_pretrained(base), AutoModelForImageClassification,
+                       default_data_collator, True)  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        return cls(tokenizer, AutoModelForSequenceClassification, DataCollatorWithPadding(tokenizer), False)
+
+    def encode(self, batch, data: SweepData) -> dict:
+        """A batch of rows as model inputs: tokens, or the image processor's pixel values (computed once)."""
+        if self.image:
+            return dict(self.preprocessor(batch[data.image_column], return_tensors="np"))
+        pairs = batch[data.text_pair_column] if data.text_pair_column else None
+        return dict(
+            self.preprocessor(batch[data.text_column], pairs, truncation=True, max_length=data.max_length)
+        )
+
+    def collator_for(self, variant: SweepVariant) -> Callable:
+        return augmenting(self.collator) if variant.augment else self.collator
+
+
+def augmenting(collator: Callable) -> Callable:
+    """`collator`, then random horizontal flips and shifts of up to 2 pixels (edges replicated) of each batch, from
+    torch's global generator: the Trainer seeds it with the variant's seed, so a variant's augmentation repeats."""
+
+    def collate(features):
+        batch = collator(features)
+        pixels = batch["pixel_values"]
+        flip = torch.rand(len(pixels)) < 0.5
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        height, width = pixels.shape[-2:]
+        padded = torch.nn.functional.pad(pixels, (2, 2, 2, 2), mode="replicate")
+        dy, dx = torch.randint(0, 5, (2,)).tolist()
+        batch["pixel_values"] = padded[..., dy : dy + height, dx : dx + width]
+        return batch
+
+    return collate
+
+
+def _training_rows(data: SweepData, inputs: SweepInputs):
+    """The rows to train on (train minus the selection carve-out, as `cook` carves it), encoded, and the label
     names in id order."""
     train = load_data(data.dataset, split="train")
-    for column in (data.text_column, data.label_column, data.text_pair_column):
-        if column and column not in train.column_names:
+    for column in data.columns:
+        if column not in train.column_names:
             raise DatasetError(
                 f"{data.dataset} has no column {column!r} (it has {', '.join(train.column_names)})."
             )
@@ -179,31 +262,37 @@ def _training_rows(data: SweepData, tokenizer):
     index = {name: i for i, name in enumerate(labels)}
 
     def encode(batch):
-        pairs = batch[data.text_pair_column] if data.text_pair_column else None
-        encoded = tokenizer(batch[data.text_column], pairs, truncation=True, max_length=data.max_length)
         values = batch[data.label_column]
-        return {**encoded, "labels": [index[v] if isinstance(v, str) else int(v) for v in values]}
+        return {
+            **inputs.encode(batch, data),
+            "labels": [index[v] if isinstance(v, str) else int(v) for v in values],
+        }
 
-    return rest.map(encode, batched=True, remove_columns=rest.column_names), labels
+    encoded = rest.map(encode, batched=True, remove_columns=rest.column_names)
+    if inputs.image:
+        encoded.set_format("torch")  # stacked by the default collator, not rebuilt from nested lists
+    return encoded, labels
 
 
-def _shared_start(base: Path, folder: Path, training, head: str, batch_size: int) -> Path:
+def _shared_start(
+    base: Path, folder: Path, training, inputs: SweepInputs, head: str, batch_size: int
+) -> Path:
     """The base with one classifier head every variant starts from: a linear probe, or seeded random."""
     if (folder / "config.json").is_file():
         return folder
-    train, labels, tokenizer = training
+    train, labels = training
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = inputs.model_class.from_pretrained(
         base,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
     )
     if head == "probe":
-        probe = fit_linear_probe(model, train, DataCollatorWithPadding(tokenizer), batch_size)
+        probe = fit_linear_probe(model, train, inputs.collator, batch_size)
         logger.info("Linear-probe head: %.4f accuracy on the training rows", probe)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    inputs.preprocessor.save_pretrained(folder)
     return folder
 
 
@@ -259,8 +348,8 @@ def _fine_tune(
     start: Path, variant: SweepVariant, training, runs: Path, record: dict, *, batch_size: int, quiet: bool
 ):
     """One variant with `transformers.Trainer`; `SoupCallback` saves it into `runs/`, with the sweep's record."""
-    train, tokenizer = training
-    model = AutoModelForSequenceClassification.from_pretrained(start)
+    train, inputs = training
+    model = inputs.model_class.from_pretrained(start)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -278,8 +367,8 @@ def _fine_tune(
             disable_tqdm=quiet,
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                          data_collator=DataCollatorWithPadding(tokenizer),
+        trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=inputs.preprocessor,
+                          data_collator=inputs.collator_for(variant),
                           callbacks=[SoupCallback(runs, base=str(start))])  # fmt: skip
         # Trainer prints its logs; stdout is for results (and --quiet means quiet).
         with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
@@ -290,4 +379,13 @@ def _fine_tune(
     )
 
 
-__all__ = ["SweepData", "SweepGrid", "SweepVariant", "fit_linear_probe", "sample_variants", "sweep"]
+__all__ = [
+    "SweepData",
+    "SweepGrid",
+    "SweepInputs",
+    "SweepVariant",
+    "augmenting",
+    "fit_linear_probe",
+    "sample_variants",
+    "sweep",
+]

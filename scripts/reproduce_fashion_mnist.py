@@ -1,15 +1,19 @@
 """The paper's image setting at small scale: soups of fine-tuned image classifiers on real Fashion-MNIST.
 
 No pretrained image weights are reachable here, so the shared start is made first: a small ResNet (with BatchNorm)
-pretrained briefly on training images 30000-59999. Variants are then fine-tuned from it with different learning
-rates, seeds, epochs, augmentation, label smoothing and weight decay on the pool (training images 0..N), minus
-hf-soup's selection carve-out. The report split is the 10000-image Fashion-MNIST test set.
+pretrained briefly on training images 30000-59999. Then `hf_soup.sweep` fine-tunes a seeded random-search sweep
+of it (the grid is `SweepGrid.for_images()`'s, stated in the README: learning rate log-uniform in [1e-3, 5e-3],
+weight decay {0, 0.05}, 1 or 2 epochs, label smoothing {0, 0.1}, augmentation (flips and 2-pixel shifts) on or
+off, a data-order seed per variant) on the pool (training images 0..N) minus hf-soup's selection carve-out, from
+one shared head: a linear probe on the pretrained features (`--head probe`) or a seeded random head (`--head
+random`). Each sweep is souped with every recipe; the report split is the 10000-image test set, never used to
+choose anything.
 
     apt-get install -y dataset-fashion-mnist
-    python scripts/reproduce_fashion_mnist.py          # resumable: trained variants are skipped
+    python scripts/reproduce_fashion_mnist.py --head probe     # resumable: trained variants are skipped
+    python scripts/reproduce_fashion_mnist.py --head random
 
-Prints best individual, uniform, greedy and pruned soups on the selection and report splits (and the same with
---recalibrate-bn), and writes `results/fashion_mnist.md` and `results/fashion_mnist.json`.
+Writes `results/fashion_mnist_<head>.md` and `.json`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ RECIPES = [
     ("greedy soup (paper: by accuracy)", {"recipe": "greedy", "selection_metric": "accuracy"}),
     ("greedy soup, by loss", {"recipe": "greedy", "selection_metric": "loss"}),
     ("pruned soup, by accuracy", {"recipe": "pruned", "passes": 2, "selection_metric": "accuracy"}),
+    ("pruned soup, by loss", {"recipe": "pruned", "passes": 2, "selection_metric": "loss"}),
+    (
+        "learned soup, per-model weights",
+        {"recipe": "learned", "granularity": "model", "selection_metric": "loss"},
+    ),
+    (
+        "learned soup, per-layer weights",
+        {"recipe": "learned", "granularity": "layer", "selection_metric": "loss"},
+    ),
+    ("WiSE-FT of the greedy soup (by loss)", {"recipe": "wise", "selection_metric": "loss"}),
+    ("Model Stock (no data)", {"recipe": "stock", "selection_metric": "loss"}),
+    ("auto (chosen on held-out halves, by loss)", {"recipe": "auto", "selection_metric": "loss"}),
 ]
 
 
@@ -35,14 +51,16 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--workdir", default=str(ROOT / "results" / "fashion_mnist"), help="data, base and runs"
+        "--workdir", default=str(ROOT / "results" / "fashion_mnist"), help="data, base and sweeps"
     )
     parser.add_argument("--results", default=str(ROOT / "results"), help="where the table goes")
+    parser.add_argument("--head", choices=("probe", "random"), default="probe", help="the shared head")
     parser.add_argument("--pool-rows", type=int, default=20000, help="fine-tuning pool (train images 0..N)")
     parser.add_argument("--pretrain-rows", type=int, default=20000, help="pretraining images (from 30000)")
     parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--test-rows", type=int, default=10000)
     parser.add_argument("--variants", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recalibrate-bn", type=int, default=20, help="batches, for the recalibrated rows")
     args = parser.parse_args()
 
@@ -50,34 +68,36 @@ def main() -> int:
 
     from hf_soup import SoupConfig, cook
     from hf_soup import fashion_mnist as fm
+    from hf_soup.sweep import SweepGrid, sample_variants, sweep
 
     workdir, results = Path(args.workdir), Path(args.results)
     started = time.perf_counter()
     data = workdir / "data"
     if not (data / "test.parquet").is_file():
         fm.write_dataset(data, args.pool_rows, args.test_rows)
-    pool = datasets.load_dataset(str(data), split="train")
+    datasets.disable_progress_bars()
     print("pretraining the shared start", file=sys.stderr, flush=True)
     base = fm.pretrain(workdir / "base", args.pretrain_rows, epochs=args.pretrain_epochs)
-    variants = fm.SWEEP[: args.variants]
-    for index, variant in enumerate(variants, 1):
-        print(f"[{index}/{len(variants)}] {variant}", file=sys.stderr, flush=True)
-        fm.fine_tune(base, workdir / "runs" / variant.name, variant, pool)
+    variants = sample_variants(args.variants, SweepGrid.for_images(), seed=args.seed)
+    pot = workdir / args.head
+    sweep(base, str(data), task="image-classification", output=pot, variants=variants, head=args.head,
+          seed=args.seed)  # fmt: skip
     trained = time.perf_counter() - started
 
-    common = dict(base=str(base), candidates=[str(workdir / "runs" / v.name) for v in variants],
-                  task="image-classification", dataset=str(data), batch_size=250)  # fmt: skip
+    common = dict(base=str(pot / "start"), candidates=[str(pot / "runs" / v.name) for v in variants],
+                  task="image-classification", dataset=str(data), seed=args.seed, batch_size=250)  # fmt: skip
     reports = {}
     for label, options in RECIPES:
+        print(f"cooking: {label}", file=sys.stderr, flush=True)
         reports[label] = cook(SoupConfig(**common, **options), quiet=True).report
     if args.recalibrate_bn:
-        for label, options in RECIPES[:2]:
+        for label, options in RECIPES[:3]:
             config = SoupConfig(**common, **options, recalibrate_bn=args.recalibrate_bn)
             reports[f"{label} + BN recalibrated ({args.recalibrate_bn} batches)"] = cook(
                 config, quiet=True
             ).report
     rows = table_rows(reports)
-    write_results(results, rows, reports, args, trained)
+    write_results(results, rows, reports, args, trained, variants)
     return 0
 
 
@@ -99,7 +119,8 @@ def table_rows(reports: dict) -> list[dict]:
     oracle = first["oracle"]
     rows.append(row(f"oracle: best on report ({Path(oracle['id']).name}; not a claim)", oracle))
     for label, report in reports.items():
-        rows.append(row(label, report["soup"], report["comparisons"][split]["soup"]["accuracy"]))
+        chosen = f" → {report['auto']['chosen']}" if report.get("auto") else ""  # what auto chose
+        rows.append(row(label + chosen, report["soup"], report["comparisons"][split]["soup"]["accuracy"]))
     ensemble = first["ensembles"][0]
     rows.append(
         row(ensemble["name"] + " (logits)", ensemble, first["comparisons"][split]["ensemble"]["accuracy"])
@@ -109,7 +130,7 @@ def table_rows(reports: dict) -> list[dict]:
     return rows
 
 
-def write_results(results: Path, rows: list[dict], reports: dict, args, trained: float) -> None:
+def write_results(results: Path, rows: list[dict], reports: dict, args, trained: float, variants) -> None:
     from hf_soup.report import format_delta
 
     first = next(iter(reports.values()))
@@ -123,17 +144,23 @@ def write_results(results: Path, rows: list[dict], reports: dict, args, trained:
         lines.append(f"| {r['name']} | {r['ingredients']} | {r['selection_accuracy']:.4f} | {r['selection_loss']:.4f} "
                      f"| {r['report_accuracy']:.4f} | {r['report_top5']:.4f} | {ece} | {delta} |")  # fmt: skip
     sizes = first["splits"]
+    grid = "; ".join(f"{v.name}: lr {v.learning_rate:g}, {v.epochs} epoch(s), wd {v.weight_decay:g}, ls "
+                     f"{v.label_smoothing:g}, {'augmented' if v.augment else 'no augmentation'}" for v in variants)  # fmt: skip
     text = (
-        "# Fashion-MNIST soups\n\n"
+        f"# Fashion-MNIST soups, {args.head} head\n\n"
         f"Selection: {sizes['selection']['name']} ({sizes['selection']['size']} images); report: {split} "
-        f"({sizes['report'][split]['size']} images). {args.variants} variants fine-tuned from one ResNet pretrained on "
-        f"{args.pretrain_rows} other training images ({args.pretrain_epochs} epochs); pool of {args.pool_rows}. "
-        f"Training took {trained:.0f} s (0 when resumed).\n\n" + "\n".join(lines) + "\n\n"
-        "Command: `python scripts/reproduce_fashion_mnist.py`\n"
+        f"({sizes['report'][split]['size']} images). {args.variants} variants (`hf_soup.sweep`, "
+        f"`SweepGrid.for_images()`, seed {args.seed}) fine-tuned from one ResNet pretrained on "
+        f"{args.pretrain_rows} other training images ({args.pretrain_epochs} epochs), with a shared "
+        f"{'linear-probe' if args.head == 'probe' else 'seeded random'} head; pool of {args.pool_rows}. "
+        f"Pretraining and fine-tuning took {trained:.0f} s (0 when resumed). Variants: {grid}.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        f"Command: `python scripts/reproduce_fashion_mnist.py --head {args.head}`\n"
     )
     results.mkdir(parents=True, exist_ok=True)
-    (results / "fashion_mnist.md").write_text(text)
-    (results / "fashion_mnist.json").write_text(
+    (results / f"fashion_mnist_{args.head}.md").write_text(text)
+    (results / f"fashion_mnist_{args.head}.json").write_text(
         json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str)
     )
     print(text)

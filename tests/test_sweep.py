@@ -11,11 +11,18 @@ import pytest
 import torch
 from conftest import run_main
 from sklearn.linear_model import LogisticRegression
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    default_data_collator,
+)
 
+from hf_soup import fashion_mnist as fm
 from hf_soup.data import carve_selection, load_data
 from hf_soup.integrations import INGREDIENT_FILE
-from hf_soup.sweep import SweepGrid, sample_variants, sweep
+from hf_soup.sweep import SweepGrid, augmenting, sample_variants, sweep
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +77,48 @@ def test_a_sweep_soups_directly(pot, reviews, tmp_path):
 def test_sweep_cli_refuses_a_missing_dataset(tmp_path, zoo):
     result = run_main("sweep", "--base", str(zoo["base"]), "--output", str(tmp_path / "pot"), "--quiet")
     assert result.returncode != 0 and "needs --dataset" in result.stderr and not (tmp_path / "pot").exists()
+
+
+@pytest.fixture(scope="module")
+def image_pot(tmp_path_factory):
+    """`hf-soup sweep --task image-classification`: 2 variants of a small pretrained ResNet on Fashion-MNIST."""
+    root = tmp_path_factory.mktemp("image_pot")
+    data = fm.write_dataset(root / "data", 400, 50)
+    base = fm.pretrain(root / "base", rows=400, quiet=True)
+    result = run_main("sweep", "--base", str(base), "--dataset", str(data), "--task", "image-classification",
+                      "--output", str(root / "pot"), "--variants", "2", "--selection-fraction", "0.25", "--seed", "5",
+                      "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--task image-classification" in result.stdout  # the soup command it suggests
+    return {"data": data, "base": base, "pot": root / "pot"}
+
+
+def test_an_image_sweep_starts_from_a_probe_on_the_base_features(image_pot):
+    rest, _selection = carve_selection(load_data(str(image_pot["data"]), split="train"), 0.25, seed=5)
+    pixels = fm.image_processor()(list(rest["image"]), return_tensors="pt")["pixel_values"]
+    body = AutoModel.from_pretrained(image_pot["base"]).eval()
+    with torch.no_grad():
+        features = body(pixel_values=pixels).pooler_output.flatten(1).double().numpy()
+    probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, np.asarray(rest["label"]))
+    start = AutoModelForImageClassification.from_pretrained(image_pot["pot"] / "start").eval()
+    with torch.no_grad():
+        logits = start(pixel_values=pixels).logits.double().numpy()
+    np.testing.assert_allclose(logits, probe.decision_function(features), atol=1e-3)
+    for variant in sample_variants(2, SweepGrid.for_images(), seed=5):
+        record = json.loads((image_pot["pot"] / "runs" / variant.name / INGREDIENT_FILE).read_text())
+        assert record["sweep"]["variant"]["augment"] == variant.augment
+        assert record["sweep"]["trained_on_rows"] == len(rest) == 300  # the carve-out is held out
+
+
+def test_augmentation_is_a_seeded_flip_and_shift_with_replicated_edges():
+    images = torch.arange(4 * 1 * 6 * 5, dtype=torch.float32).reshape(4, 1, 6, 5)
+    features = [{"pixel_values": image, "labels": 0} for image in images]
+    torch.manual_seed(7)
+    augmented = augmenting(default_data_collator)(features)["pixel_values"].numpy()
+    torch.manual_seed(7)  # the same draws, applied here with numpy
+    flip = (torch.rand(4) < 0.5).numpy()
+    dy, dx = torch.randint(0, 5, (2,)).tolist()
+    expected = np.where(flip[:, None, None, None], images.numpy()[..., ::-1], images.numpy())
+    expected = np.pad(expected, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")[..., dy : dy + 6, dx : dx + 5]
+    np.testing.assert_array_equal(augmented, expected)
+    assert not np.array_equal(augmented, images.numpy())  # seed 7 flips or shifts something
