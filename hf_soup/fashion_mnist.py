@@ -2,7 +2,7 @@
 
 No pretrained image weights can be downloaded here, so the shared start is made the way the paper's are, only
 smaller: pretrain a ResNet (transformers' `ResNetModel`, with BatchNorm) on one part of the training images,
-then fine-tune variants from it, with different hyperparameters, on another part. The fine-tuning pool is
+then fine-tune variants from it with `hf_soup.sweep` (`task="image-classification"`) on another part. The pool is
 written as parquet (`train.parquet`, `test.parquet`) with an `image` column and named labels, so
 `hf-soup --task image-classification --dataset FOLDER` reads it like any `datasets` image dataset.
 
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import carve_selection
 from .errors import DemoError
 from .progress import progress_bar
 
@@ -116,28 +115,6 @@ class Variant:
     epochs: int = 1
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    augment: bool = False
-
-
-SWEEP = (
-    Variant("lr3e-3-seed0", 3e-3, 0),
-    Variant("lr1e-3-seed1-ep2", 1e-3, 1, epochs=2),
-    Variant("lr3e-3-seed2-aug", 3e-3, 2, augment=True),
-    Variant("lr1e-2-seed3", 1e-2, 3),
-    Variant("lr3e-3-seed4-ls", 3e-3, 4, label_smoothing=0.1),
-    Variant("lr2e-3-seed5-wd-ep2", 2e-3, 5, epochs=2, weight_decay=0.05),
-    Variant("lr5e-3-seed6-aug", 5e-3, 6, augment=True),
-    Variant("lr3e-3-seed7-ep2-aug", 3e-3, 7, epochs=2, augment=True),
-)
-
-
-def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to 2 pixels."""
-    flip = torch.rand(len(batch), generator=generator) < 0.5
-    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2), value=float(-MEAN / STD))
-    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=generator))
-    return padded[:, :, dy : dy + 28, dx : dx + 28]
 
 
 def train(model, x: torch.Tensor, y: torch.Tensor, variant: Variant, batch_size: int = 64, quiet=False):
@@ -154,8 +131,7 @@ def train(model, x: torch.Tensor, y: torch.Tensor, variant: Variant, batch_size:
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), batch_size):
                 index = order[start : start + batch_size]
-                batch = _augment(x[index], generator) if variant.augment else x[index]
-                loss = loss_fn(model(pixel_values=batch).logits, y[index])
+                loss = loss_fn(model(pixel_values=x[index]).logits, y[index])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -185,28 +161,5 @@ def pretrain(folder: Path, rows: int, epochs: int = 1, quiet: bool = False) -> P
         quiet=quiet,
     )
     model.resnet.save_pretrained(folder)
-    image_processor().save_pretrained(folder)
-    return folder
-
-
-def fine_tune(base: Path, folder: Path, variant: Variant, pool, *, selection_fraction: float = 0.1,
-              seed: int = 0, quiet: bool = False) -> Path:  # fmt: skip
-    """Fine-tune `variant` from `base` on the pool minus hf-soup's selection carve-out; every variant starts from
-    the same seeded classifier head (a shared initialisation, as soups need)."""
-    from transformers import ResNetForImageClassification
-
-    if (folder / "config.json").is_file():
-        return folder
-    rest, _ = carve_selection(pool, selection_fraction, seed)
-    labels = torch.tensor(list(rest["label"]))
-    torch.manual_seed(0)  # the same head for every variant
-    model = ResNetForImageClassification.from_pretrained(
-        base,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-    )
-    train(model, pixels(rest["image"]), labels, variant, quiet=quiet)
-    model.save_pretrained(folder)
     image_processor().save_pretrained(folder)
     return folder

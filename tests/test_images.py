@@ -25,8 +25,15 @@ from hf_soup.batchnorm import BatchNormRecalibrator
 from hf_soup.data import carve_selection
 from hf_soup.errors import ConfigError
 from hf_soup.metrics import compute_metrics
+from hf_soup.sweep import SweepVariant, sweep
 
 POOL_ROWS, TEST_ROWS = 2000, 600
+# Three fine-tunes with a seeded random head (constant learning rates, as a short budget wants).
+VARIANTS = [
+    SweepVariant("lr3e-3-seed0", 3e-3, 1, seed=0, scheduler="constant"),
+    SweepVariant("lr1e-3-seed1-ep2", 1e-3, 2, seed=1, scheduler="constant"),
+    SweepVariant("lr3e-3-seed2-aug", 3e-3, 1, seed=2, scheduler="constant", augment=True),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +41,17 @@ def image_zoo(tmp_path_factory) -> dict[str, Path]:
     """Fashion-MNIST as parquet, a ResNet pretrained on 4000 other images, and three fine-tuned variants."""
     root = tmp_path_factory.mktemp("image_zoo")
     data = fm.write_dataset(root / "data", POOL_ROWS, TEST_ROWS)
-    pool = datasets.load_dataset(str(data), split="train")
     base = fm.pretrain(root / "base", rows=4000, quiet=True)
-    runs = {v.name: fm.fine_tune(base, root / "runs" / v.name, v, pool, quiet=True) for v in fm.SWEEP[:3]}
+    sweep(
+        base,
+        str(data),
+        task="image-classification",
+        output=root,
+        variants=VARIANTS,
+        head="random",
+        quiet=True,
+    )
+    runs = {v.name: root / "runs" / v.name for v in VARIANTS}
     return {"root": root, "data": data, "base": base, "runs": runs}
 
 
