@@ -108,6 +108,13 @@ class SoupConfig:
         default=0.05, metadata=_opt("Learned soup: Adam learning rate of the mixing logits.")
     )
     learn_batch_size: int = field(default=16, metadata=_opt("Learned soup: examples per gradient step."))
+    auto_learned: bool = field(
+        default=False,
+        metadata=_opt(
+            "Auto: the learned soup is a contender too (slow: it is trained on each half, and again "
+            "on the whole selection split if chosen)."
+        ),
+    )
     selection_metric: str | None = field(
         # Loss by default: on two real sweeps, greedy by loss beat greedy by accuracy on held-out data (README).
         default="loss",
@@ -255,6 +262,10 @@ class SoupConfig:
         if self.push_to:
             check_repo_id(self.push_to)
         recipe.validate(self)  # the recipe's own options
+        if self.auto_learned and self.recipe != "auto":
+            raise ConfigError(
+                "--auto-learned adds the learned soup to --recipe auto's contenders; add --recipe auto."
+            )
         if self.passes < 1:
             raise ConfigError("--passes must be at least 1.")
         if isinstance(self.candidates, str):

@@ -21,7 +21,7 @@ from .integrations import INGREDIENT_FILE
 from .mixing import MixingTrainer
 from .mixture import Mixture
 from .preparation import prepare_scorer, prepare_trainer_scorer, task_spec_of
-from .recipes import Fold, RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank
+from .recipes import Fold, RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank, recipe_class
 from .results import CandidateRow, Entry, SplitsInfo, TaskInfo
 from .scoring import Scorer
 from .stages import Checked, recipe_context, recipe_info
@@ -93,42 +93,55 @@ def recipe_stage(config: SoupConfig, checked: Checked, scorer: Scorer, quiet: bo
     individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
     # Selection losses break ties on coarse metrics such as accuracy.
     losses = {cid: scorer.score(m, "selection").loss for cid, m in singles.items()}
-    recipe = build_recipe(config, scored_context(checked, scorer, quiet, config.seed))
+    recipe = build_recipe(config, scored_context(checked, scorer, quiet, config))
     result = recipe.cook(
         checked.pool, individual, scorer.selection_value, checked.revisions, tie_break=losses
     )
     return Cooked(recipe, result, singles, rank(checked.ids, individual, losses), losses)
 
 
-def scored_context(checked: Checked, scorer: Scorer, quiet: bool, seed: int = 0) -> RecipeContext:
+def scored_context(checked: Checked, scorer: Scorer, quiet: bool, config: SoupConfig) -> RecipeContext:
     """`recipe_context`, plus (with hf-soup's own encoding of the data) the live model's trainer and the
     confirmation folds."""
     context = recipe_context(checked, quiet)
     split = scorer.splits["selection"]
     if split.features:
-
-        def mixing_trainer(options) -> MixingTrainer:
-            return MixingTrainer(
-                scorer.workbench, split, scorer.collator, scorer.spec.regression, options, quiet
-            )
-
-        context.mixing_trainer = mixing_trainer
+        context.mixing_trainer = _mixing_trainer(scorer, split, quiet)
         # Built only if a recipe asks (auto): other recipes never pay for the halves' scores.
-        context.folds = lambda: confirmation_folds(scorer, checked, seed)
+        context.folds = lambda: confirmation_folds(scorer, checked, config, context)
     return context
 
 
-def confirmation_folds(scorer: Scorer, checked: Checked, seed: int) -> list[Fold]:
-    """The selection split in two seeded, disjoint halves, each with the candidates' scores on it and an
-    objective on it (computed from the full selection logits, so a fold costs no forward pass of its own)."""
-    order = np.random.default_rng(seed).permutation(len(scorer.splits["selection"]))
+def _mixing_trainer(scorer: Scorer, split, quiet: bool):
+    """`options -> MixingTrainer` on `split`: the learned soup's gradients through the live model."""
+    return lambda options: MixingTrainer(
+        scorer.workbench, split, scorer.collator, scorer.spec.regression, options, quiet
+    )
+
+
+def confirmation_folds(
+    scorer: Scorer, checked: Checked, config: SoupConfig, context: RecipeContext
+) -> list[Fold]:
+    """The selection split in two seeded, disjoint halves, each with the candidates' scores on it, an objective on
+    it (computed from the full selection logits, so a fold costs no forward pass of its own), and recipes built to
+    train on it alone (the learned soup)."""
+    selection = scorer.splits["selection"]
+    order = np.random.default_rng(config.seed).permutation(len(selection))
     halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
     folds = []
     for name, indices in zip(("A", "B"), halves):
         individual = {cid: scorer.subset_value(Mixture.uniform("single", [cid], checked.revisions), indices)
                       for cid in checked.pool}  # fmt: skip
+        on_half = replace(context, folds=None, mixing_trainer=_mixing_trainer(
+            scorer, selection.subset(indices, f"{selection.name} ({name})"), context.quiet))  # fmt: skip
+        on_half.build = lambda recipe, half=on_half: recipe_class(recipe).from_config(config, half)
         folds.append(
-            Fold(name, individual, lambda mixture, _bar, rows=indices: scorer.subset_value(mixture, rows))
+            Fold(
+                name,
+                individual,
+                lambda mixture, _bar, rows=indices: scorer.subset_value(mixture, rows),
+                build=on_half.build,
+            )
         )
     return folds
 

@@ -3,8 +3,9 @@ as the models' label ids. Text encoding (`text.py`) and image encoding (`images.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from datasets import Dataset
@@ -27,6 +28,15 @@ class EncodedSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, indices: np.ndarray, name: str) -> EncodedSplit:
+        """These examples only (in the order given), still batched longest first."""
+        position = {int(i): p for p, i in enumerate(indices)}
+        order = np.asarray([position[int(i)] for i in self.order if int(i) in position], dtype=np.int64)
+        digest = hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return replace(self, name=name, features=[self.features[int(i)] for i in indices],
+                       labels=self.labels[np.asarray(indices)], order=order,
+                       fingerprint=f"{self.fingerprint}/{digest}")  # fmt: skip
 
 
 def label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num_labels: int, split: str):

@@ -4,14 +4,18 @@ looked good on the data it was chosen on loses to it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 from test_golden import build_fixtures
 
 from hf_soup import cook
-from hf_soup.recipes import Fold, GreedySoup, UniformSoup
+from hf_soup.mixture import Mixture
+from hf_soup.recipes import Fold, GreedySoup, RecipeResult, SoupRecipe, UniformSoup
 from hf_soup.recipes.auto import BEST_INDIVIDUAL, AutoSoup
+from hf_soup.splits import EncodedSplit
 
 SCORES = {"a": 0.9, "b": 0.8, "c": 0.1}
 
@@ -68,15 +72,63 @@ def test_ties_go_to_the_earlier_contender():
     assert recipe.cook(list(SCORES), SCORES, objective_from(flat)).details["chosen"] == "uniform"
 
 
+class Fixed(SoupRecipe):
+    """Always the same mixture: stands for a recipe whose result depends on the data it was built for."""
+
+    def __init__(self, ids: str):
+        self.ids = list(ids)
+
+    @classmethod
+    def name(cls) -> str:
+        return "fixed"
+
+    @classmethod
+    def pretty_name(cls) -> str:
+        return "Fixed soup"
+
+    def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
+        return RecipeResult(Mixture.uniform("fixed", self.ids))
+
+
+def test_a_contender_trained_on_data_is_built_on_each_half_alone_then_on_the_whole_split():
+    # The learned soup, say: built on half A alone it makes {a, b}, on half B alone {a}, on the whole split
+    # {a, b, c}. Each half's build is judged on the other half; the winner is rebuilt on the whole split.
+    half_a = dataclasses.replace(fold("A", HELPFUL), build=lambda name: Fixed("ab"))
+    half_b = dataclasses.replace(fold("B", HELPFUL), build=lambda name: Fixed("a"))
+    recipe = AutoSoup({"learned": Fixed("abc")}, [half_a, half_b])
+    result = recipe.cook(list(SCORES), SCORES, objective_from(HELPFUL))
+    assert result.details["contenders"]["learned"]["folds"] == [0.95, 0.9]  # {a,b} judged on B, {a} on A
+    assert result.details["chosen"] == "learned" and sorted(result.mixture.ids()) == ["a", "b", "c"]
+
+
+def test_a_half_of_a_split_keeps_its_examples_longest_first():
+    lengths = [3, 9, 1, 7, 5, 8]
+    split = EncodedSplit("selection", [{"input_ids": [0] * n} for n in lengths], np.arange(6) % 2,
+                         np.argsort(lengths)[::-1], "fp")  # fmt: skip
+    half = split.subset(np.array([0, 2, 3, 5]), "selection (A)")
+    assert [len(f["input_ids"]) for f in half.features] == [3, 1, 7, 8]
+    assert half.labels.tolist() == [0, 0, 1, 1]
+    assert [len(half.features[i]["input_ids"]) for i in half.order] == [8, 7, 3, 1]
+    assert half.fingerprint != split.fingerprint and len(half) == 4
+
+
 def test_auto_end_to_end(tmp_path, tokenizer_dir):
     build_fixtures(tmp_path, tokenizer_dir)
     result = cook(base=str(tmp_path / "base"), candidates=[str(tmp_path / "runs" / "*")],
                   dataset=str(tmp_path / "select.csv"), selection_split=str(tmp_path / "select.csv"),
                   report_split=str(tmp_path / "test.csv"),
-                  text_column="review", label_column="score", recipe="auto", alpha="0:1:0.5",
-                  output=str(tmp_path / "soup"), quiet=True)  # fmt: skip
+                  text_column="review", label_column="score", recipe="auto", alpha="0:1:0.5", auto_learned=True,
+                  learn_epochs=1, output=str(tmp_path / "soup"), quiet=True)  # fmt: skip
     details = json.loads((tmp_path / "soup" / "soup.json").read_text())["auto"]
-    assert set(details["contenders"]) == {"uniform", "greedy", "pruned", "stock", "wise", BEST_INDIVIDUAL}
+    assert set(details["contenders"]) == {
+        "uniform",
+        "greedy",
+        "pruned",
+        "stock",
+        "wise",
+        "learned",
+        BEST_INDIVIDUAL,
+    }
     best = max(details["contenders"].values(), key=lambda c: c["confirmation"])["confirmation"]
     assert details["contenders"][details["chosen"]]["confirmation"] == pytest.approx(best)
     # Selection loss: shown as a loss, objectives hold it negated.

@@ -8,10 +8,11 @@ already maximised that score. So each contender is judged by **cross-fitting**:
    scored on A. Its confirmation score is the mean of the two (in the selection metric, higher is better).
 3. The contender with the best confirmation score is rebuilt on the whole selection split; that is the soup.
 
-The contenders are uniform, greedy, pruned, Model Stock and WiSE-FT (with `--alpha` and `--wise-of`), and the
-**best individual** itself (on each half: the candidate best on that half): so `auto` never chooses a soup that
-did worse than picking one model, on data neither was chosen on. Ties go to the earlier contender in that list.
-The learned soup is not a contender (each build trains through the live model: too slow to run twice per call).
+The contenders are uniform, greedy, pruned, Model Stock and WiSE-FT (with `--alpha` and `--wise-of`), the learned
+soup with `--auto-learned` (off by default: it is trained through the live model on each half, and again if
+chosen; on a half it trains on that half only), and the **best individual** itself (on each half: the candidate
+best on that half): so `auto` never chooses a soup that did worse than picking one model, on data neither was
+chosen on. Ties go to the earlier contender in that list.
 The report split is never looked at; the usual paired interval against the best individual is reported on it.
 """
 
@@ -51,6 +52,9 @@ class AutoSoup(SoupRecipe):
 
     def __init__(self, contenders: dict[str, SoupRecipe], folds: list[Fold], loss: bool = False):
         self.contenders, self.folds, self.loss = contenders, folds, loss
+        # Each contender as built for each half (a learned soup trains on that half); else the same recipe.
+        self.on_fold = {fold.name: {name: fold.build(name) if fold.build else recipe
+                                    for name, recipe in contenders.items()} for fold in folds}  # fmt: skip
 
     @classmethod
     def name(cls) -> str:
@@ -67,7 +71,8 @@ class AutoSoup(SoupRecipe):
                 "--recipe auto confirms each recipe on half of hf-soup's own encoding of the selection split; "
                 "with cook(trainer=...) choose a recipe, or pass the data as dataset= instead of a trainer."
             )
-        contenders = {name: context.build(name) for name in CONTENDERS}
+        names = (*CONTENDERS, "learned") if config.auto_learned else CONTENDERS
+        contenders = {name: context.build(name) for name in names}
         return cls(contenders, context.folds(), loss=config.selection_metric == "loss")
 
     @classmethod
@@ -75,9 +80,11 @@ class AutoSoup(SoupRecipe):
         return f"{soup_name} ({details['chosen']} chosen on held-out halves)"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        confirmation = {name: self._confirm(recipe.cook, candidates, revisions, tie_break)
-                        for name, recipe in self.contenders.items()}  # fmt: skip
-        confirmation[BEST_INDIVIDUAL] = self._confirm(self._best_single, candidates, revisions, tie_break)
+        confirmation = {name: self._confirm(lambda fold, n=name: self.on_fold[fold.name][n].cook, candidates,
+                                            revisions, tie_break) for name in self.contenders}  # fmt: skip
+        confirmation[BEST_INDIVIDUAL] = self._confirm(
+            lambda _fold: self._best_single, candidates, revisions, tie_break
+        )
         chosen = max(
             confirmation, key=lambda name: sum(confirmation[name])
         )  # first of equals: the preference
@@ -97,10 +104,12 @@ class AutoSoup(SoupRecipe):
         return RecipeResult(result.mixture, result.trajectory, details, result.curve)
 
     def _confirm(self, build, candidates, revisions, tie_break) -> list[float]:
-        """Built on each half, scored on the other: `[built on A → B, built on B → A]`."""
+        """Built on each half, scored on the other: `[built on A → B, built on B → A]`. `build(fold)` is the
+        contender's `cook` for that half."""
         scores = []
         for built_on, judged_on in ((self.folds[0], self.folds[1]), (self.folds[1], self.folds[0])):
-            result = build(candidates, built_on.individual_scores, built_on.objective, revisions, tie_break)
+            cook = build(built_on)
+            result = cook(candidates, built_on.individual_scores, built_on.objective, revisions, tie_break)
             scores.append(judged_on.objective(result.mixture, None))
         return scores
 

@@ -59,12 +59,14 @@ class RecipeResult:
 
 @dataclass(frozen=True)
 class Fold:
-    """One half of the selection split: each candidate's own score on it, and an objective that scores a mixture
-    on it (higher is better, like `Objective`)."""
+    """One half of the selection split: each candidate's own score on it, an objective that scores a mixture on it
+    (higher is better, like `Objective`), and `build(name)`, which builds a recipe whose training data (the learned
+    soup's) is this half alone."""
 
     name: str
     individual_scores: dict[str, float]
     objective: Objective
+    build: Callable[[str], SoupRecipe] | None = None
 
 
 @dataclass
