@@ -68,10 +68,17 @@ def test_a_sweep_soups_directly(pot, reviews, tmp_path):
     result = run_main("--base", str(pot / "start"), "--candidates", str(pot / "runs" / "*"), "--dataset",
                       str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
                       "--label-column", "score", "--selection-fraction", "0.2", "--seed", "3", "--max-length", "32",
-                      "--recipe", "uniform", "--format", "json", "--quiet")  # fmt: skip
+                      "--recipe", "uniform", "--format", "json", "--quiet", "--output", str(tmp_path / "soup"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["candidates"]) == 2 and report["compatibility"]["rejected"] == []
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "### How the candidates were trained" in card and "linear-probe head" in card
+    for variant in sample_variants(2, SweepGrid(), seed=3):  # each row says how that candidate was trained
+        assert (
+            f"{variant.name}` | {variant.learning_rate:g} | {variant.epochs} | {variant.weight_decay} |"
+            in card
+        )
 
 
 def test_sweep_cli_refuses_a_missing_dataset(tmp_path, zoo):
