@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
-from safetensors.torch import save_file
 
 from .errors import ConfigError, IncompatibleCandidatesError
 from .mixture import Mixture
 from .progress import progress_bar
 from .sources import SoupSources
+from .stream_writer import SafetensorsStreamWriter
 from .weights import BUFFER_DTYPES, SAFE_WEIGHTS_INDEX_NAME, averaged
 
 logger = logging.getLogger(__name__)
@@ -177,24 +177,23 @@ def materialize(
     stats = MaterializeStats()
     with progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar:
         for filename, shard_names in split.filename_to_tensors.items():
-            shard: dict[str, torch.Tensor] = {}
-            shard_bytes = 0
-            for name in shard_names:
-                if name in overrides:
-                    mixed, live = overrides[name].detach().cpu(), 0
-                else:
-                    mixed, live = mix_tensor(mixture, sources, name)
-                out = mixed.to(planned[name].dtype).contiguous()
-                del mixed
-                stats.peak_live_bytes = max(stats.peak_live_bytes, shard_bytes + live + _nbytes(out))
-                stats.tensor_sha256[name] = tensor_sha256(out)
-                shard[name] = out
-                shard_bytes += _nbytes(out)
-                bar.update(1)
-            save_file(shard, str(output_dir / filename), metadata={"format": "pt"})
+            # Each tensor goes to disk as soon as it is mixed: memory holds one tensor, never a whole shard.
+            shard = {name: planned[name] for name in shard_names}
+            with SafetensorsStreamWriter(output_dir / filename, shard, metadata={"format": "pt"}) as writer:
+                for name in writer.order:
+                    if name in overrides:
+                        mixed, live = overrides[name].detach().cpu(), 0
+                    else:
+                        mixed, live = mix_tensor(mixture, sources, name)
+                    out = mixed.to(planned[name].dtype).contiguous()
+                    del mixed
+                    stats.peak_live_bytes = max(stats.peak_live_bytes, live + _nbytes(out))
+                    stats.tensor_sha256[name] = tensor_sha256(out)
+                    writer.write(name, out)
+                    stats.total_bytes += _nbytes(out)
+                    del out
+                    bar.update(1)
             stats.files.append(filename)
-            stats.total_bytes += shard_bytes
-            del shard
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (output_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
