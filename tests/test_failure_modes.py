@@ -274,11 +274,12 @@ def test_not_enough_disk_space_is_caught_before_writing(zoo, tmp_path, capsys, m
 
 
 def test_disk_filling_up_while_writing_leaves_nothing(zoo, tmp_path, capsys, monkeypatch):
-    def full_disk(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 1024)  # a partial shard, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    def full_disk(writer, name, tensor):
+        with open(writer.path, "ab") as shard:
+            shard.write(b"\0" * 1024)  # part of a tensor, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
 
-    monkeypatch.setattr("hf_soup.materialize.save_file", full_disk)
+    monkeypatch.setattr("hf_soup.stream_writer.SafetensorsStreamWriter.write", full_disk)
     out = tmp_path / "soup"
     argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
     err = fails(argv, "The disk filled up while writing", capsys, out)
