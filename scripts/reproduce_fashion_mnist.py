@@ -24,26 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from reproduce_fine_foods import recipes  # this folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPES = [
-    ("uniform soup", {"recipe": "uniform"}),
-    ("greedy soup (paper: by accuracy)", {"recipe": "greedy", "selection_metric": "accuracy"}),
-    ("greedy soup, by loss", {"recipe": "greedy", "selection_metric": "loss"}),
-    ("pruned soup, by accuracy", {"recipe": "pruned", "passes": 2, "selection_metric": "accuracy"}),
-    ("pruned soup, by loss", {"recipe": "pruned", "passes": 2, "selection_metric": "loss"}),
-    (
-        "learned soup, per-model weights",
-        {"recipe": "learned", "granularity": "model", "selection_metric": "loss"},
-    ),
-    (
-        "learned soup, per-layer weights",
-        {"recipe": "learned", "granularity": "layer", "selection_metric": "loss"},
-    ),
-    ("WiSE-FT of the greedy soup (by loss)", {"recipe": "wise", "selection_metric": "loss"}),
-    ("Model Stock (no data)", {"recipe": "stock", "selection_metric": "loss"}),
-    ("auto (chosen on held-out halves, by loss)", {"recipe": "auto", "selection_metric": "loss"}),
-]
+# Every recipe, as in the fine-food reproduction, plus the uniform soup as a recipe of its own (with and without
+# recalibrated BatchNorm statistics).
+RECIPES = [("uniform soup", {"recipe": "uniform"}), *recipes()]
 
 
 def main() -> int:
