@@ -85,21 +85,35 @@ def _read_block(source: TensorReader, name: str, start: int, stop: int, scalar: 
     return (source.get(name) if scalar else source.rows(name, start, stop)).reshape(-1)
 
 
-def _delta_blocks(sources: SoupSources, ids: list[str], name: str, block_elements: int):
-    """`(base block, task-vector blocks θ_i − θ_0)` of one tensor, in float64, streamed in row blocks. A head the
-    base has too is read whole, with its rows aligned to the soup's label order."""
-    base_name = sources.alignment.base_names[name]
-    if name in sources.alignment.head_tensors:
-        base = sources.read_base(name).to(torch.float64).reshape(-1)
-        yield base, torch.stack([sources.read(cid, name).to(torch.float64).reshape(-1) - base for cid in ids])
-        return
-    shape = sources.base.shape(base_name)
-    for start, stop in _blocks(shape, block_elements):
-        base = _read_block(sources.base, base_name, start, stop, not shape).to(torch.float64)
-        deltas = torch.empty((len(ids), base.numel()), dtype=torch.float64)
-        for row, cid in zip(deltas, ids):  # subtracted in float64 straight into the stack: no temporaries
-            torch.sub(_read_block(sources.candidates[cid], name, start, stop, not shape), base, out=row)
-        yield base, deltas
+class _DeltaBlocks:
+    """`(base block, task-vector blocks θ_i − θ_0)` of one tensor at a time, in float64, streamed in row blocks.
+
+    The float64 stack is allocated once and reused for every block: a fresh 8·N·`block_elements`-byte allocation
+    per block cost more in page faults than the arithmetic (2.3x slower diagnostics at 1 B parameters).
+    """
+
+    def __init__(self, sources: SoupSources, ids: list[str], block_elements: int):
+        self.sources, self.ids, self.block_elements = sources, ids, block_elements
+        self._stack = torch.empty((len(ids), block_elements), dtype=torch.float64)
+
+    def __call__(self, name: str):
+        """A head the base has too is read whole, with its rows aligned to the soup's label order."""
+        sources, ids = self.sources, self.ids
+        base_name = sources.alignment.base_names[name]
+        if name in sources.alignment.head_tensors:
+            base = sources.read_base(name).to(torch.float64).reshape(-1)
+            yield base, torch.stack([sources.read(cid, name).to(torch.float64).reshape(-1) - base for cid in ids])
+            return
+        shape = sources.base.shape(base_name)
+        for start, stop in _blocks(shape, self.block_elements):
+            base = _read_block(sources.base, base_name, start, stop, not shape).to(torch.float64)
+            if base.numel() > self.block_elements:  # one row longer than a block
+                self._stack = torch.empty((len(ids), base.numel()), dtype=torch.float64)
+            deltas = self._stack[:, : base.numel()]
+            for row, cid in zip(deltas, ids):  # converted and subtracted in place: no temporaries
+                row.copy_(_read_block(sources.candidates[cid], name, start, stop, not shape))
+                row.sub_(base)
+            yield base, deltas
 
 
 def shared_tensors(sources: SoupSources) -> list[str]:
@@ -113,11 +127,12 @@ def tensor_cosines(sources: SoupSources, ids: list[str], block_elements: int = 1
     tensor flattened), streamed: what Model Stock needs. A zero task vector counts as orthogonal (cosine 0)."""
     names = shared_tensors(sources)
     upper = np.triu_indices(len(ids), k=1)
+    delta_blocks = _DeltaBlocks(sources, ids, block_elements)
     cosines = {}
     with progress_bar(total=len(names), desc="Task-vector angles", unit="tensor", quiet=quiet) as bar:
         for name in names:
             gram = np.zeros((len(ids), len(ids)))
-            for _, deltas in _delta_blocks(sources, ids, name, block_elements):
+            for _, deltas in delta_blocks(name):
                 gram += (deltas @ deltas.T).numpy()
             norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
             cosine = gram / np.maximum(np.outer(norms, norms), 1e-12)
@@ -137,9 +152,10 @@ def diagnose(
     names = [n for n in shared_tensors(sources) if n not in sources.alignment.head_tensors]
     gram = np.zeros((len(ids), len(ids)))
     base_sq = 0.0
+    delta_blocks = _DeltaBlocks(sources, ids, block_elements)
     with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:
         for name in names:
-            for base, deltas in _delta_blocks(sources, ids, name, block_elements):
+            for base, deltas in delta_blocks(name):
                 base_sq += float(base @ base)
                 gram += (deltas @ deltas.T).numpy()
             bar.update(1)

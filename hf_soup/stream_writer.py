@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import SAFETENSORS_DTYPES
+from .ranged import SAFETENSORS_DTYPES
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
