@@ -101,7 +101,11 @@ def check(
     """Check candidates against each other and the base from configs and tensor headers only: no weight file
     of a Hub candidate or base is downloaded."""
     report, _ = check_compatibility(
-        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, download=False
+        base,
+        candidates,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        hub_weights="headers",
     )
     return report
 

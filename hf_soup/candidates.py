@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from huggingface_hub.constants import CONFIG_NAME
 
@@ -25,14 +25,16 @@ from .hub import (
     download,
     expand,
     fetch_config,
-    fetch_headers,
     is_hub_pattern,
+    open_remote,
     pin,
     split_revision,
 )
 from .lora import check_adapter, is_adapter_folder, open_lora_candidate, read_adapter_config
 from .weights import TensorSource
 
+# How Hub weights are read: downloaded, streamed by HTTP Range requests, or headers only (`hf-soup check`).
+HubWeights = Literal["download", "stream", "headers"]
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 
@@ -189,7 +191,7 @@ def gather_candidates(
             _refuse_custom_code(candidate, trust_remote_code)
             if base.source == "hub" and not derives_from(ref, candidate.config, base.id):
                 raise CandidateFormatError(f"does not declare {base.id} as its base_model (card or config)")
-            readable.append((candidate, fetch_headers(ref, api)))
+            readable.append((candidate, open_remote(ref, api)))
         except CandidateFormatError as error:
             rejected.append((repo_id, str(error)))
     if not readable and not rejected:
@@ -220,10 +222,11 @@ def resolve_base(
     allow_pickle: bool = False,
     api=None,
     trust_remote_code: bool = False,
-    download_weights: bool = True,
+    hub_weights: HubWeights = "download",
 ) -> tuple[Candidate, Any]:
-    """The base model, local or on the Hub, with its tensors (or, with `download_weights=False`, a Hub base's
-    config and safetensors headers only: what `hf-soup check` needs)."""
+    """The base model, local or on the Hub, with its tensors. A Hub base is downloaded whole (`"download"`: its
+    tokenizer is the soup's, its weights anchor the diagnostics), or with its tokenizer files and its weights read
+    by range (`"stream"`), or read by range with nothing but its config stored (`"headers"`: `hf-soup check`)."""
     if Path(base).is_file():
         raise CandidateFormatError(
             f"--base {base} is a file; pass the pretrained model's folder ({Path(base).parent}), with its config.json."
@@ -233,11 +236,14 @@ def resolve_base(
         return candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
     repo_id, revision = split_revision(base)
     ref = pin(repo_id, revision, api)
-    if not download_weights:
-        folder = fetch_config(ref)
+    if hub_weights != "download":
+        folder = (
+            fetch_config(ref)
+            if hub_weights == "headers"
+            else download(ref, ["config.json", *TOKENIZER_PATTERNS])
+        )
         candidate = Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha)
-        return _checked_base(candidate, trust_remote_code), fetch_headers(ref, api)
-    # The whole base is fetched: its tokenizer is the soup's, and its weights anchor the diagnostics.
+        return _checked_base(candidate, trust_remote_code), open_remote(ref, api)
     folder = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS])
     candidate = _checked_base(
         Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha), trust_remote_code

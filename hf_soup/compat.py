@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .candidates import Candidate, gather_candidates, resolve_base
+from .candidates import Candidate, HubWeights, gather_candidates, resolve_base
 from .errors import IncompatibleCandidatesError, NoCandidatesError
 from .hub import WEIGHT_PATTERNS, HubRef, download
 from .sources import HEAD_PARTS, Alignment, SoupSources, TensorReader
@@ -286,13 +286,14 @@ def check_compatibility(
     allow_pickle: bool = False,
     label_order: list[str] | None = None,
     api=None,
-    download: bool = True,
+    hub_weights: HubWeights = "download",
     trust_remote_code: bool = False,
 ) -> tuple[CompatibilityReport, SoupSources]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
-    Only configs and tensor headers are read. Hub candidates that pass, and a Hub base, are then downloaded
-    (`download=True`); with `download=False` nothing but configs and safetensors headers is fetched.
+    Only configs and tensor headers are read. Then, by `hub_weights`, Hub candidates that pass and a Hub base are
+    downloaded (`"download"`); or read by HTTP Range requests when a tensor is needed (`"stream"`: the base's
+    tokenizer files are downloaded, no weights); or left as headers (`"headers"`: `hf-soup check`).
 
     Args:
         label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
@@ -303,9 +304,7 @@ def check_compatibility(
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    base, base_source = resolve_base(
-        str(base_dir), allow_pickle, api, trust_remote_code, download_weights=download
-    )
+    base, base_source = resolve_base(str(base_dir), allow_pickle, api, trust_remote_code, hub_weights)
     found, refused = gather_candidates(
         list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
     )
@@ -321,10 +320,8 @@ def check_compatibility(
         warnings=screening.warnings,
     )
     readers = {c.id: screening.readers[c.id] for c in report.accepted}
-    if download:
-        _download_hub_candidates(
-            report.accepted, readers, allow_pickle, ["*.py"] if trust_remote_code else []
-        )
+    if hub_weights != "headers":
+        _fetch_hub_candidates(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)
     if report.accepted:
         _align_with_base(report, base_source, readers[report.accepted[0].id], str(base_dir))
         report.warnings.extend(_dtype_warnings(readers))
@@ -429,12 +426,22 @@ def _dtype_warnings(readers: dict[str, TensorReader]) -> list[str]:
     return []
 
 
-def _download_hub_candidates(
-    accepted: list[Candidate], readers: dict[str, TensorReader], allow_pickle: bool, extra_patterns: list[str]
+def _fetch_hub_candidates(
+    accepted: list[Candidate],
+    readers: dict[str, TensorReader],
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    hub_weights: HubWeights,
 ) -> None:
-    """Fetch the accepted Hub candidates at their pinned SHAs, and open their weights."""
+    """Fetch the accepted Hub candidates at their pinned SHAs and open their weights; streamed, their readers
+    stay the Range readers opened for the check, and only trusted custom code is downloaded."""
+    code = ["*.py"] if trust_remote_code else []
     for candidate in accepted:
         if candidate.source == "hub" and candidate.kind == "full":  # adapters are small and already fetched
             ref = HubRef(candidate.id, candidate.revision)
-            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *extra_patterns])
+            if hub_weights == "stream":
+                if code:
+                    candidate.local_dir = download(ref, ["config.json", *code])
+                continue
+            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *code])
             readers[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)

@@ -211,6 +211,14 @@ class SoupConfig:
             "Off by default: read the code first."
         ),
     )
+    stream: bool = field(
+        default=False,
+        metadata=_opt(
+            "Read Hub candidates and a Hub base tensor by tensor with HTTP Range requests instead of downloading "
+            "their weights: disk holds the soup alone. Data-free recipes only (scoring re-reads every candidate "
+            "on each trial)."
+        ),
+    )
     dtype: str = field(
         default="auto",
         metadata=_opt(
@@ -268,6 +276,12 @@ class SoupConfig:
             )
         if self.passes < 1:
             raise ConfigError("--passes must be at least 1.")
+        if self.stream and self.scored:
+            raise ConfigError(
+                "--stream reads each Hub checkpoint over HTTP as the soup needs it, which suits data-free recipes; "
+                "a scored recipe reads every candidate again on each trial. Drop --stream (the candidates are "
+                "then downloaded once), or drop the data for a data-free soup."
+            )
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", [self.candidates])
 

@@ -102,7 +102,10 @@ class _DeltaBlocks:
         base_name = sources.alignment.base_names[name]
         if name in sources.alignment.head_tensors:
             base = sources.read_base(name).to(torch.float64).reshape(-1)
-            yield base, torch.stack([sources.read(cid, name).to(torch.float64).reshape(-1) - base for cid in ids])
+            yield (
+                base,
+                torch.stack([sources.read(cid, name).to(torch.float64).reshape(-1) - base for cid in ids]),
+            )
             return
         shape = sources.base.shape(base_name)
         for start, stop in _blocks(shape, self.block_elements):

@@ -2,9 +2,10 @@
 
 - Patterns `org/*`, `org/prefix-*`, `org/name` and `org/name@revision` are expanded with
   `HfApi.list_models(author=org)` plus `fnmatch`, and every revision is pinned to a commit SHA first.
-- Before any weight byte is fetched, each candidate's `config.json` and safetensors *headers*
-  (`HfApi.get_safetensors_metadata`, HTTP Range requests) are read, so incompatibilities show up first.
-- Accepted candidates are then fetched with `snapshot_download(allow_patterns=...)` at their pinned SHA.
+- Before any weight byte is fetched, each candidate's `config.json` and safetensors *headers* (HTTP Range
+  requests, `ranged.HubTensorSource`) are read, so incompatibilities show up first.
+- Accepted candidates are then fetched with `snapshot_download(allow_patterns=...)` at their pinned SHA, or, with
+  `--stream`, read tensor by tensor with Range requests and never stored.
 - With `HF_HUB_OFFLINE=1`, everything resolves from the local cache (globs through `scan_cache_dir`).
 """
 
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -29,14 +29,14 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
-    NotASafetensorsRepoError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import CandidateFormatError, HubError
-from .weights import SAFETENSORS_DTYPES, TensorSource
+from .ranged import HubTensorSource
+from .weights import TensorSource
 
 # Files a soup ingredient needs; never optimizer states, pickles or other frameworks' weights.
 WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -115,27 +115,6 @@ def hub_errors(what: str) -> Iterator[None]:
         ) from error
 
 
-class RemoteHeaders:
-    """Tensor names, shapes and dtypes of a Hub checkpoint, from its safetensors headers only."""
-
-    def __init__(self, metadata):
-        self._tensors = {}
-        for file_metadata in metadata.files_metadata.values():
-            self._tensors.update(file_metadata.tensors)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES.get(self._tensors[name].dtype, torch.float32)
-
-    def get(self, name: str):
-        raise CandidateFormatError("Tensor data of a Hub checkpoint is read only after it is downloaded.")
-
-
 def _cached_repo_ids(namespace: str) -> list[str]:
     try:
         cache = scan_cache_dir()
@@ -211,17 +190,13 @@ def fetch_config(ref: HubRef) -> Path:
         )
 
 
-def fetch_headers(ref: HubRef, api: HfApi):
-    """Safetensors headers of a pinned repo: HTTP Range requests, no tensor data. Offline, the cached files."""
+def open_remote(ref: HubRef, api: HfApi):
+    """A pinned repo's weights, read by HTTP Range requests (`ranged.HubTensorSource`): opening it fetches only
+    the safetensors headers. Offline, the cached files."""
     if constants.HF_HUB_OFFLINE:
         return TensorSource(download(ref, WEIGHT_PATTERNS))
     with hub_errors(f"{ref.repo_id}: safetensors headers"):
-        try:
-            return RemoteHeaders(api.get_safetensors_metadata(ref.repo_id, revision=ref.sha))
-        except NotASafetensorsRepoError as error:
-            raise CandidateFormatError(
-                "has no safetensors weights; hf-soup does not download pickle weights from the Hub"
-            ) from error
+        return HubTensorSource(ref.repo_id, ref.sha, api)
 
 
 def download(ref: HubRef, patterns: list[str]) -> Path:

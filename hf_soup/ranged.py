@@ -1,50 +1,30 @@
-"""Safetensors tensors read by byte range: from a local file (`os.pread`) or from a Hub file (HTTP Range requests).
+"""Hub checkpoints read by byte range: safetensors tensors fetched with HTTP Range requests, one at a time.
 
-Why not `safe_open`: it memory-maps each file, and every page a read touches stays mapped into this process until
-the handle closes, so the process's resident memory grew with every byte read from every input (at 1 B parameters,
-1.2-2.2x mergekit's peak RSS, all of it file-backed; issue 22). `pread` copies each tensor into fresh memory that
-is freed with it; the page cache stays the kernel's. The same layout drives HTTP Range reads of Hub files, so
-`--stream` reads a checkpoint tensor by tensor with no snapshot on disk.
+Without a snapshot on disk, a soup of 8 x 7 B bf16 checkpoints does not first need 112 GB of downloads and of
+disk: `--stream` reads each tensor when the soup needs it (`HubTensorSource`), and `hf-soup check` reads only the
+headers. The reads go through `huggingface_hub`'s own HTTP session, headers and retry policy (`http_backoff`).
 
 The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header length, a JSON header
 with each tensor's dtype, shape and byte range (`data_offsets`, relative to the end of the header), then the bytes.
+`safe_open` needs a local file, so the header is parsed here; local files are still read with `safe_open`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import re
 import struct
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .errors import CandidateFormatError, HubError
+from .errors import CandidateFormatError, HubError, NonFiniteWeightsError
+from .weights import SAFETENSORS_DTYPES, averaged
 
-# safetensors' dtype codes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    # Read, never averaged: unsigned ids and packed or quantized weights (float8 needs its scales to mean anything).
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 # A header larger than this is not a safetensors header (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -56,27 +36,6 @@ class ByteSource(Protocol):
     size: int
 
     def read_into(self, offset: int, out: memoryview) -> None: ...
-
-
-class LocalBytes:
-    """A local file read with `os.pread`: no mapping, no shared file position (threads may read at once)."""
-
-    def __init__(self, path: Path):
-        self.name = str(path)
-        self._fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self._fd)
-        self.size = os.fstat(self._fd).st_size
-
-    def read_into(self, offset: int, out: memoryview) -> None:
-        done = 0
-        while done < len(out):
-            count = os.preadv(self._fd, [out[done:]], offset + done)
-            if count == 0:
-                raise CandidateFormatError(
-                    f"{self.name} ends at byte {offset + done}, inside a tensor: the file is truncated. "
-                    "Fetch it again."
-                )
-            done += count
 
 
 class HubBytes:
@@ -153,12 +112,16 @@ def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, st
     """
     invalid = f"{source.name} is not a valid safetensors file"
     if source.size < 8:
-        raise CandidateFormatError(f"{invalid} (only {source.size} bytes); the download may be truncated: fetch it again.")
+        raise CandidateFormatError(
+            f"{invalid} (only {source.size} bytes); the download may be truncated: fetch it again."
+        )
     length_bytes = bytearray(8)
     source.read_into(0, memoryview(length_bytes))
     (length,) = struct.unpack("<Q", length_bytes)
     if length > min(MAX_HEADER_BYTES, source.size - 8):
-        raise CandidateFormatError(f"{invalid} (header of {length} bytes); the download may be truncated: fetch it again.")
+        raise CandidateFormatError(
+            f"{invalid} (header of {length} bytes); the download may be truncated: fetch it again."
+        )
     raw = bytearray(length)
     source.read_into(8, memoryview(raw))
     try:
@@ -180,7 +143,9 @@ def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, st
             )
         dtype = SAFETENSORS_DTYPES[stored]
         if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-            raise CandidateFormatError(f"{invalid} ({name}: {end - begin} bytes for shape {list(shape)} {stored}).")
+            raise CandidateFormatError(
+                f"{invalid} ({name}: {end - begin} bytes for shape {list(shape)} {stored})."
+            )
         if data_start + end > source.size:
             raise CandidateFormatError(
                 f"{source.name} is truncated ({source.size} bytes; {name} ends at {data_start + end}): fetch it again."
@@ -189,7 +154,9 @@ def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, st
     return spans, metadata
 
 
-def read_span(source: ByteSource, span: TensorSpan, first_row: int = 0, stop_row: int | None = None) -> torch.Tensor:
+def read_span(
+    source: ByteSource, span: TensorSpan, first_row: int = 0, stop_row: int | None = None
+) -> torch.Tensor:
     """The tensor at `span` (rows `first_row:stop_row` along the first dimension), in fresh memory."""
     if stop_row is None:
         start, stop, shape = span.start, span.stop, span.shape
@@ -201,3 +168,86 @@ def read_span(source: ByteSource, span: TensorSpan, first_row: int = 0, stop_row
     if stop > start:
         source.read_into(start, memoryview(buffer.numpy()))
     return buffer.view(span.dtype).reshape(shape)
+
+
+class HubTensorSource:
+    """The tensors of a Hub checkpoint at a pinned commit, read by range: a `sources.TensorReader`.
+
+    Opening it reads each shard's header (one small request per shard); tensors are fetched only when asked for.
+    `fingerprint` is made from the Hub's sha256 of each weight file (LFS metadata), so nothing is hashed here, and
+    float tensors are checked for NaN/Inf as they are read, since a streamed checkpoint is never read whole first.
+
+    Raises:
+        CandidateFormatError: the repo has no safetensors weights, or a shard is missing or malformed.
+    """
+
+    def __init__(self, repo_id: str, revision: str, api):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+
+        self.repo_id = repo_id
+        found = {e.path: e for e in api.get_paths_info(repo_id, [SAFETENSORS_SINGLE_FILE, SAFETENSORS_INDEX_FILE],
+                                                        revision=revision)}  # fmt: skip
+        if SAFETENSORS_INDEX_FILE in found:
+            index = json.loads(
+                Path(hf_hub_download(repo_id, SAFETENSORS_INDEX_FILE, revision=revision)).read_text()
+            )
+            names = sorted(set(index["weight_map"].values()))
+            found = {e.path: e for e in api.get_paths_info(repo_id, names, revision=revision)}
+            missing = [n for n in names if n not in found]
+            if missing:
+                raise CandidateFormatError(
+                    f"its {SAFETENSORS_INDEX_FILE} lists shards that are missing ({', '.join(missing)})"
+                )
+        elif SAFETENSORS_SINGLE_FILE in found:
+            names = [SAFETENSORS_SINGLE_FILE]
+        else:
+            raise CandidateFormatError(
+                "has no safetensors weights; hf-soup does not download pickle weights from the Hub"
+            )
+        digest = hashlib.sha256()
+        for name in names:
+            entry = found[name]
+            digest.update(f"{name}:{entry.lfs.sha256 if entry.lfs else entry.blob_id}\n".encode())
+        self.fingerprint = "hub-files:" + digest.hexdigest()
+        self.files: list[HubBytes] = []
+        self._spans: dict[str, tuple[HubBytes, TensorSpan]] = {}
+        for name in names:
+            source = HubBytes(repo_id, name, revision)
+            self.files.append(source)
+            spans, _ = read_layout(source)
+            self._spans.update({tensor: (source, span) for tensor, span in spans.items()})
+
+    @property
+    def received(self) -> int:
+        """Bytes fetched so far, headers included."""
+        return sum(source.received for source in self.files)
+
+    def keys(self) -> list[str]:
+        return list(self._spans)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._spans
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._spans[name][1].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._spans[name][1].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._checked(name, read_span(*self._spans[name]))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._checked(name, read_span(*self._spans[name], start, stop))
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if (
+            averaged(tensor.dtype)
+            and tensor.numel()
+            and not torch.stack(torch.aminmax(tensor)).isfinite().all()
+        ):
+            raise NonFiniteWeightsError(
+                f"{self.repo_id} has NaN or Inf values in {name}: the fine-tune diverged. Remove it from --candidates."
+            )
+        return tensor

@@ -22,7 +22,7 @@ HEAD_PARTS = {"classifier", "score", "head", "out_proj"}
 
 class TensorReader(Protocol):
     """Named tensors, read one at a time: a checkpoint folder (`weights.TensorSource`), a LoRA adapter seen as
-    its merged model (`lora.LoraSource`), or a Hub checkpoint's headers only (`hub.HeaderSource`)."""
+    its merged model (`lora.LoraSource`), or a Hub checkpoint read by range (`ranged.HubTensorSource`)."""
 
     def keys(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...

@@ -76,6 +76,7 @@ def check_stage(
         api=api,
         trust_remote_code=config.trust_remote_code,
         label_order=label_order,
+        hub_weights="stream" if config.stream else "download",
     )
     compatibility.raise_if_unusable(strict=config.strict)
     if config.output_kind == "lora":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .ranged import SAFETENSORS_DTYPES
+from .weights import SAFETENSORS_DTYPES
 
 _CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 

@@ -1,7 +1,9 @@
 """Fingerprint each ingredient's weights (sha256 of its files) and refuse NaN or Inf values.
 
 Both need one read of every byte, so they share the pass. The result is cached by file path, size and
-modification time: a rerun on unchanged checkpoints reads nothing.
+modification time: a rerun on unchanged checkpoints reads nothing. A checkpoint streamed from the Hub
+(`ranged.HubTensorSource`) is never read whole up front: its fingerprint comes from the Hub's file hashes, and its
+tensors are checked for NaN/Inf as they are read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .cache import JsonCache, cache_key
 from .compat import CompatibilityReport
 from .errors import NonFiniteWeightsError
 from .progress import progress_bar
+from .ranged import HubTensorSource
 from .sources import SoupSources
 from .weights import TensorSource, averaged
 
@@ -65,6 +68,9 @@ def fingerprint_sources(
     fingerprints: dict[str, str] = {}
     todo = []
     for cid in ids:
+        if isinstance(sources[cid], HubTensorSource):
+            fingerprints[cid] = sources[cid].fingerprint
+            continue
         entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
         if entry is None:
             todo.append(cid)

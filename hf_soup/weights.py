@@ -22,11 +22,29 @@ from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE as SAFE_WEIGHTS_NA
 from safetensors import SafetensorError, safe_open
 
 from .errors import CandidateFormatError, PickleRefusedError
-from .ranged import SAFETENSORS_DTYPES
 
 # transformers' file names, from huggingface_hub: `import transformers` alone costs a plain merge most of a second.
 WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
 
+# safetensors' dtype codes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    # Read, never averaged: unsigned ids and packed or quantized weights (float8 needs its scales to mean anything).
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 # The dtypes a soup averages (in float32); every other tensor is copied (see `materialize.mix_tensor`).
 AVERAGED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

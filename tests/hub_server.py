@@ -195,6 +195,9 @@ def _readme_errors(content: str) -> list[str]:
         return [f"invalid YAML: {error}"]
 
 
+TRUNCATE = -1  # `HubServer.inject` status: cut the answer's body mid-transfer
+
+
 class HubServer:
     """Start with `HubServer(root).start()`; `url` is the endpoint. `tokens` maps tokens to user names."""
 
@@ -215,14 +218,17 @@ class HubServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def inject(self, method: str, pattern: str, status: int, times: int = 1_000) -> None:
+    def inject(self, method: str, pattern: str, status: int, times: int = 1_000, from_byte: int = 0) -> None:
         """Answer the next `times` requests whose path matches `pattern` with `status`.
 
         `status=0` drops the connection instead, after reading half the request body (an interrupted upload).
+        `status=TRUNCATE` sends the real answer's headers and half its body, then drops the connection (a download
+        cut mid-transfer); with `from_byte`, only for ranged reads that start at or after that byte.
         """
         self.faults.append(
-            {"method": method, "pattern": re.compile(pattern), "status": status, "times": times}
-        )
+            {"method": method, "pattern": re.compile(pattern), "status": status, "times": times,
+             "from_byte": from_byte}
+        )  # fmt: skip
 
     def requests(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]
@@ -251,13 +257,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
         method = "GET-RANGE" if self.command == "GET" and self.headers.get("range") else self.command
-        self.hub.log.append((method, self.path, status))
+        truncate = getattr(self, "truncate", False)
+        self.hub.log.append((method, self.path, TRUNCATE if truncate else status))
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, str(value))
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if truncate:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if not head and body and self.command != "HEAD":
             self.wfile.write(body)
 
@@ -274,13 +286,18 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _fault(self) -> bool:
+        self.truncate = False
         for fault in self.hub.faults:
             if (
                 fault["times"] > 0
                 and fault["method"] in (self.command, "*")
                 and fault["pattern"].search(self.path)
+                and self._range_start() >= fault["from_byte"]
             ):
                 fault["times"] -= 1
+                if fault["status"] == TRUNCATE:
+                    self.truncate = True  # answered normally, then cut (`_send`)
+                    return False
                 if fault["status"] == 0:
                     self.rfile.read(int(self.headers.get("content-length") or 0) // 2)
                     self.close_connection = True
@@ -290,6 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(fault["status"], "Injected", f"injected fault {fault['status']}")
                 return True
         return False
+
+    def _range_start(self) -> int:
+        match = re.match(r"bytes=(\d+)-", self.headers.get("range") or "")
+        return int(match[1]) if match else 0
 
     def _readable(self, repo_id: str) -> Repo | None:
         repo = self.hub.store.repos.get(repo_id)
