@@ -21,7 +21,7 @@ from .config import SoupConfig
 from .errors import EXIT_CODE, HfSoupError
 from .version import __version__
 
-VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep")
+VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep", "convert-gguf")
 MISMATCH_EXIT_CODE = 1
 # The `SoupConfig` fields that `hf-soup evaluate` takes.
 EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "positive_label",
@@ -107,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reproduce)
 
     _add_sweep(verbs)
+    convert = verbs.add_parser(
+        "convert-gguf",
+        help="write a GGUF file as a plain transformers folder (safetensors), to use as a base",
+    )
+    convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
+    convert.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                         help="how the dequantized weights are stored (default: float32, exact)")  # fmt: skip
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _common(convert)
     demo = verbs.add_parser(
         "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
     )
@@ -194,7 +204,7 @@ def _config_from(args) -> SoupConfig:
 
 def _run(args, argv: list[str]) -> int:
     verbs = {"check": _check, "evaluate": _evaluate, "push": _push, "reproduce": _reproduce, "demo": _demo,
-             "sweep": _sweep}  # fmt: skip
+             "sweep": _sweep, "convert-gguf": _convert_gguf}  # fmt: skip
     if args.verb in verbs:
         return verbs[args.verb](args)
     return _cook(args, argv)
@@ -336,6 +346,14 @@ def _push(args) -> int:
     recipe, count = manifest["mixture"]["recipe"], len(manifest["mixture"]["ingredients"])
     pushed = push(folder, args.push_to, args.private, f"hf-soup: {recipe} soup of {count} ingredients", api)
     _emit(args, pushed, f"Pushed: {pushed['commit_url']}")
+    return 0
+
+
+def _convert_gguf(args) -> int:
+    from .gguf import convert_gguf
+
+    output = convert_gguf(args.gguf, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    _emit(args, {"output": str(output), "dtype": args.dtype}, f"Wrote {output}")
     return 0
 
 
