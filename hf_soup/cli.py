@@ -107,16 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reproduce)
 
     _add_sweep(verbs)
-    convert = verbs.add_parser(
-        "convert-gguf",
-        help="write a GGUF file as a plain transformers folder (safetensors), to use as a base",
-    )
-    convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
-    convert.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                         help="how the dequantized weights are stored (default: float32, exact)")  # fmt: skip
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    _common(convert)
+    _add_convert_gguf(verbs)
     demo = verbs.add_parser(
         "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
     )
@@ -129,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo)
     return parser
+
+
+def _add_convert_gguf(verbs) -> None:
+    convert = verbs.add_parser(
+        "convert-gguf",
+        help="write a GGUF file as a plain transformers folder (safetensors), to use as a base",
+    )
+    convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
+    convert.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                         help="how the dequantized weights are stored (default: float32, exact)")  # fmt: skip
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _common(convert)
 
 
 def _add_sweep(verbs) -> None:
