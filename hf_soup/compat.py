@@ -14,8 +14,17 @@ from pathlib import Path
 
 from .candidates import Candidate, HubWeights, gather_candidates, resolve_base
 from .errors import IncompatibleCandidatesError, NoCandidatesError
-from .hub import WEIGHT_PATTERNS, HubRef, download
+from .hub import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, HubRef, download
 from .sources import HEAD_PARTS, Alignment, SoupSources, TensorReader
+from .vocab import (
+    TokenizerCheck,
+    VocabAlignment,
+    VocabMode,
+    align_vocabularies,
+    tokenizer_files,
+    tokenizer_vocabulary,
+    vocabulary_tensors,
+)
 from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,8 @@ class CompatibilityReport:
             details = ["LoRA adapter, used as its merged model"] if candidate.kind == "lora" else []
             if candidate.id in self.permutations:
                 details.append("labels permuted to reference order")
+            if self.alignment.vocab is not None:
+                details.append("embedding rows aligned by token")
             rows.append((candidate.id, "accepted", "; ".join(details)))
         rows.extend((r.candidate_id, "rejected", r.reason) for r in self.rejected)
         return rows
@@ -109,6 +120,7 @@ class CompatibilityReport:
                 c.id for c in self.accepted if c.source == "hub"
             ],  # the card's `base_model` lists only these
             "base_on_hub": self.base.source == "hub",
+            "vocab": self.alignment.vocab.to_dict() if self.alignment.vocab else None,
             "warnings": self.warnings,
         }
 
@@ -126,11 +138,17 @@ def _describe_names(missing: set[str], extra: set[str]) -> str:
     return "; ".join(parts)
 
 
-def _compare_tensors(reference: TensorReader, other: TensorReader) -> str | None:
+def _compare_tensors(
+    reference: TensorReader, other: TensorReader, vocabulary: set[str] = frozenset()
+) -> str | None:
+    """Why `other`'s tensors cannot be averaged with `reference`'s; rows of `vocabulary` tensors may differ in
+    number (they are aligned by token string, `vocab.py`)."""
     ref_names, other_names = set(reference.keys()), set(other.keys())
     if ref_names != other_names:
         return f"tensor names differ: {_describe_names(ref_names - other_names, other_names - ref_names)}"
     for name in reference.keys():
+        if name in vocabulary and reference.shape(name)[1:] == other.shape(name)[1:]:
+            continue
         if reference.shape(name) != other.shape(name):
             return (
                 f"tensor {name} has shape {list(other.shape(name))}, expected {list(reference.shape(name))} "
@@ -143,60 +161,6 @@ def _compare_tensors(reference: TensorReader, other: TensorReader) -> str | None
 
 def _ties_embeddings(candidate: Candidate) -> bool:
     return bool(candidate.config.get("tie_word_embeddings", True))
-
-
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
-
-
-def _vocabulary(folder: Path) -> dict[str, int] | None:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder).get_vocab()
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-class TokenizerCheck:
-    """Compares each candidate's own tokenizer, when it saved one, with the base's (same tokens, same ids).
-
-    Same-sized vocabularies with other tokens pass every shape check, yet embedding row k means a different
-    token in each model. Identical files are accepted without loading anything.
-    """
-
-    def __init__(self, reference: Path):
-        self.reference = reference
-        self.files = {p.name: p.read_bytes() for p in tokenizer_files(reference)}
-        self._vocabulary: dict[str, int] | None = None
-
-    def problem(self, folder: Path) -> str | None:
-        files = tokenizer_files(folder)
-        if not files or not self.files:
-            return None
-        if all(self.files.get(p.name) == p.read_bytes() for p in files):
-            return None
-        if self._vocabulary is None:
-            self._vocabulary = _vocabulary(self.reference) or {}
-        theirs = _vocabulary(folder)
-        if theirs is None or theirs == self._vocabulary:
-            return None
-        moved = sorted(t for t, i in theirs.items() if self._vocabulary.get(t) != i)
-        return (
-            f"its tokenizer differs from {self.reference.name}'s: {len(moved)} of {len(theirs)} tokens are new or "
-            f"have other ids (e.g. {moved[0]!r}), so embedding rows mean different tokens; soup models that share "
-            "the base's tokenizer"
-        )
 
 
 def _signature(candidate: Candidate, source: TensorReader) -> tuple:
@@ -288,6 +252,7 @@ def check_compatibility(
     api=None,
     hub_weights: HubWeights = "download",
     trust_remote_code: bool = False,
+    vocab: VocabMode = "base",
 ) -> tuple[CompatibilityReport, SoupSources]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
@@ -297,6 +262,8 @@ def check_compatibility(
 
     Args:
         label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
+        vocab (`str`, *optional*, defaults to `"base"`): the soup's vocabulary when candidates' embedding rows
+            differ from the base's: the base's (`"base"`), or with every added token (`"union"`); see `vocab.py`.
 
     Returns:
         `(report, sources)`: the report, and the open weights of the base and of each accepted candidate.
@@ -324,6 +291,7 @@ def check_compatibility(
         _fetch_hub_candidates(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)
     if report.accepted:
         _align_with_base(report, base_source, readers[report.accepted[0].id], str(base_dir))
+        report.alignment.vocab = _plan_vocabulary(report, base_source, readers, screening.tokenizers, vocab)
         report.warnings.extend(_dtype_warnings(readers))
     for message in report.warnings:
         logger.warning(message)
@@ -377,7 +345,10 @@ class _Screening:
                     f"{reference.model_type}/{','.join(reference.architectures)}"), None  # fmt: skip
         if candidate.num_labels != reference.num_labels:
             return f"{candidate.num_labels} labels, expected {reference.num_labels}", None
-        problem = candidate is not reference and _compare_tensors(self.reference_source, source)
+        vocabulary = set(vocabulary_tensors(self.reference_source, reference.config)) & set(
+            vocabulary_tensors(source, candidate.config)
+        )
+        problem = candidate is not reference and _compare_tensors(self.reference_source, source, vocabulary)
         if problem and _ties_embeddings(candidate) != _ties_embeddings(reference):
             problem = (
                 f"tie_word_embeddings is {_ties_embeddings(candidate)} but {_ties_embeddings(reference)} for the "
@@ -408,8 +379,10 @@ def _align_with_base(
         base_names = {c: b for c, b in base_names.items() if c not in base_head.names}
     else:
         alignment.base_permutation = base_head.permutation
+    vocabulary = set(vocabulary_tensors(reference_source, report.accepted[0].config))
     for cand_name, base_name in base_names.items():
-        if base_source.shape(base_name) != reference_source.shape(cand_name):
+        ours, theirs = base_source.shape(base_name), reference_source.shape(cand_name)
+        if ours != theirs and not (cand_name in vocabulary and ours[1:] == theirs[1:]):
             raise IncompatibleCandidatesError(
                 f"The base {base_dir} has {base_name} of shape {list(base_source.shape(base_name))} but the "
                 f"candidates have {list(reference_source.shape(cand_name))}: pass the model they were "
@@ -417,6 +390,42 @@ def _align_with_base(
             )
     alignment.base_names = base_names
     alignment.head_tensors = _head_tensors(reference_source, report.accepted[0].num_labels, base_names)
+
+
+def _plan_vocabulary(
+    report: CompatibilityReport, base_source, readers, tokenizers: TokenizerCheck, mode: VocabMode
+) -> VocabAlignment | None:
+    """Row maps for candidates whose vocabulary rows or tokenizer differ from the base's (`vocab.py`); `None`,
+    without loading any tokenizer, when every candidate has the base's rows and tokenizer files."""
+    reference = report.accepted[0]
+    tensors = [
+        n for n in vocabulary_tensors(readers[reference.id], reference.config) if n in report.base_names
+    ]
+    if not tensors:
+        return None
+    base_rows = base_source.shape(report.base_names[tensors[0]])[0]
+    rows = {c.id: readers[c.id].shape(tensors[0])[0] for c in report.accepted}
+    own = {c.id: Path(c.local_dir) for c in report.accepted if not tokenizers.same_files(Path(c.local_dir))}
+    if all(count == base_rows for count in rows.values()) and not own:
+        return None
+    if not tokenizers.files:
+        raise IncompatibleCandidatesError(
+            f"The candidates' embeddings have {sorted(set(rows.values()))} rows and the base's {base_rows}, and the "
+            "base has no tokenizer files to align them by token: save the base's tokenizer next to it."
+        )
+    candidates = {}
+    for candidate in report.accepted:
+        found = tokenizer_vocabulary(own[candidate.id]) if candidate.id in own else None
+        candidates[candidate.id] = (rows[candidate.id], *(found or (None, {})))
+    alignment = align_vocabularies(
+        report.base.id, base_rows, tokenizers.vocabulary(), candidates, tensors, mode
+    )
+    for cid, tokens in (alignment.dropped if alignment else {}).items():
+        report.warnings.append(
+            f"{cid} has {len(tokens)} token(s) the base lacks ({', '.join(map(repr, tokens[:5]))}"
+            f"{', ...' if len(tokens) > 5 else ''}): their embedding rows are dropped; --vocab union keeps them"
+        )
+    return alignment
 
 
 def _dtype_warnings(readers: dict[str, TensorReader]) -> list[str]:
@@ -439,9 +448,8 @@ def _fetch_hub_candidates(
     for candidate in accepted:
         if candidate.source == "hub" and candidate.kind == "full":  # adapters are small and already fetched
             ref = HubRef(candidate.id, candidate.revision)
-            if hub_weights == "stream":
-                if code:
-                    candidate.local_dir = download(ref, ["config.json", *code])
+            if hub_weights == "stream":  # their tokenizers, to align vocabularies; the weights stay remote
+                candidate.local_dir = download(ref, ["config.json", *TOKENIZER_PATTERNS, *code])
                 continue
-            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *code])
+            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *code])
             readers[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)

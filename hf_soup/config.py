@@ -211,6 +211,16 @@ class SoupConfig:
             "Off by default: read the code first."
         ),
     )
+    vocab: str = field(
+        default="base",
+        metadata=_opt(
+            "When candidates' embedding rows differ from the base's (added tokens, a vocabulary padded to a "
+            "multiple of 64), rows are matched by token string. base: the soup keeps the base's vocabulary (rows "
+            "of tokens it lacks are dropped, with a warning); union: added tokens are kept, each row averaged over "
+            "the candidates that have it, and the tokenizer gets them.",
+            choices=("base", "union"),
+        ),
+    )
     stream: bool = field(
         default=False,
         metadata=_opt(
@@ -227,7 +237,9 @@ class SoupConfig:
             choices=("auto", "float32", "bfloat16", "float16"),
         ),
     )
-    max_shard_size: str = field(default="2GB", metadata=_opt("Largest safetensors shard of the output."))
+    max_shard_size: str = field(
+        default="5GB", metadata=_opt("Largest safetensors shard of the output (5GB: the Hub's convention).")
+    )
     no_cache: bool = field(default=False, metadata=_opt("Neither read nor write the score cache."))
     cache_dir: str | None = field(
         default=None,

@@ -100,6 +100,10 @@ class _DeltaBlocks:
         """A head the base has too is read whole, with its rows aligned to the soup's label order."""
         sources, ids = self.sources, self.ids
         base_name = sources.alignment.base_names[name]
+        vocab = sources.alignment.vocab
+        if vocab is not None and name in vocab.tensors:  # aligned rows, over the base's tokens only
+            yield from self._vocabulary_deltas(name)
+            return
         if name in sources.alignment.head_tensors:
             base = sources.read_base(name).to(torch.float64).reshape(-1)
             yield (
@@ -117,6 +121,22 @@ class _DeltaBlocks:
                 row.copy_(_read_block(sources.candidates[cid], name, start, stop, not shape))
                 row.sub_(base)
             yield base, deltas
+
+    def _vocabulary_deltas(self, name: str):
+        """Embedding rows aligned by token (`vocab.py`): a row a candidate lacks counts as unchanged, and rows the
+        base lacks (`--vocab union`) have no task vector."""
+        sources = self.sources
+        base_id = sources.base_id
+        base = sources.read(base_id, name).to(torch.float64)
+        rows = sources.alignment.vocab.present(base_id)
+        deltas = []
+        for cid in self.ids:
+            tensor = sources.read(cid, name).to(torch.float64)
+            missing = sources.missing_rows(cid, name)
+            if missing is not None:
+                tensor[missing] = base[missing]
+            deltas.append((tensor - base)[rows].reshape(-1))
+        yield base[rows].reshape(-1), torch.stack(deltas)
 
 
 def shared_tensors(sources: SoupSources) -> list[str]:

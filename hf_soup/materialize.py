@@ -99,7 +99,25 @@ def mix_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tuple[torch
         live = max(live, _nbytes(accumulator) + _nbytes(tensor))
         accumulator.add_(tensor.to(torch.float32), alpha=weight)
         del tensor
+    _reweight_missing_rows(accumulator, sources, name, pairs)
     return accumulator, live
+
+
+def _reweight_missing_rows(accumulator: torch.Tensor, sources: SoupSources, name: str, pairs) -> None:
+    """Vocabulary rows some ingredients lack (read as zeros) become the weighted mean of those that have them;
+    a row none has keeps the base's value. Rows every ingredient has are left exactly as summed."""
+    missing = {cid: rows for cid, _ in pairs if (rows := sources.missing_rows(cid, name)) is not None}
+    if not missing:
+        return
+    total, present = 0.0, torch.zeros(accumulator.shape[0], dtype=torch.float64)
+    for cid, weight in pairs:  # the same additions, in the same order, for every row: equal sums stay equal
+        total += weight
+        present += weight * (~missing[cid]).double() if cid in missing else weight
+    partial = (present != total) & (present != 0)
+    accumulator[partial] *= (total / present[partial]).to(torch.float32).unsqueeze(1)
+    nobody = present == 0
+    if bool(nobody.any()):
+        accumulator[nobody] = sources.read_base(name)[nobody].to(torch.float32) * total
 
 
 def soup_dtype(sources: SoupSources, requested: str = "auto") -> torch.dtype:
@@ -122,7 +140,7 @@ def plan_output(sources: SoupSources, dtype: torch.dtype | None = None) -> dict[
     dtype = dtype or soup_dtype(sources)
     return {
         name: torch.empty(
-            reference.shape(name),
+            sources.output_shape(name),
             dtype=dtype if averaged(reference.dtype(name)) else reference.dtype(name),
             device="meta",
         )
@@ -154,7 +172,7 @@ def materialize(
     output_dir: Path,
     *,
     dtype: torch.dtype | None = None,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = "5GB",
     quiet: bool = False,
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> MaterializeStats:
@@ -166,7 +184,7 @@ def materialize(
         output_dir (`Path`): an existing folder.
         dtype (`torch.dtype`, *optional*): output dtype of float tensors; defaults to `soup_dtype` (the
             candidates' common dtype, float32 when they disagree).
-        max_shard_size (`str` or `int`, *optional*, defaults to `"2GB"`): the largest shard.
+        max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`, the Hub's convention): the largest shard.
         overrides (`dict[str, torch.Tensor]`, *optional*): tensors written as given instead of mixed (BatchNorm
             statistics re-estimated on data after averaging).
     """

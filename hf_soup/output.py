@@ -112,6 +112,8 @@ def portable(value: Any, folder: Path) -> Any:
 def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[str, Any]:
     """The reference candidate's config, with the aligned label map and the dtype the tensors are stored in."""
     config = dict(compatibility.accepted[0].config)
+    if compatibility.alignment.vocab is not None:
+        config["vocab_size"] = compatibility.alignment.vocab.rows
     if compatibility.label_names is not None:
         config["id2label"] = {str(i): name for i, name in enumerate(compatibility.label_names)}
         config["label2id"] = {name: i for i, name in enumerate(compatibility.label_names)}

@@ -149,6 +149,10 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
     plan.warnings += _blank_text_warnings(spec, splits, config.strict)
     spec = _fit_metrics(config, spec, splits, compatibility, plan)
     model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
+    if (
+        compatibility.alignment.vocab is not None
+    ):  # the soup's vocabulary rows, not the reference's (`vocab.py`)
+        model.resize_token_embeddings(compatibility.alignment.vocab.rows, mean_resizing=False)
     recalibrate = None
     if config.recalibrate_bn:
         recalibrate = BatchNormRecalibrator(

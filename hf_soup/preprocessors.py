@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compat import CompatibilityReport, tokenizer_files
+from .compat import CompatibilityReport
 from .errors import ConfigError
+from .vocab import tokenizer_files
 
 # transformers.utils' IMAGE_PROCESSOR_NAME and PROCESSOR_NAME (spelled out: `import transformers` costs most of a second).
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -27,9 +28,10 @@ def load_preprocessor(report: CompatibilityReport, image: bool):
             from transformers import AutoTokenizer
 
             try:
-                return AutoTokenizer.from_pretrained(folder), folder
+                tokenizer = AutoTokenizer.from_pretrained(folder)
             except (OSError, ValueError, TypeError):
                 continue
+            return _with_added_tokens(tokenizer, report), folder
     try:
         return load_image_processor(folders)
     except ConfigError:
@@ -53,3 +55,15 @@ def load_image_processor(folders: list[Path]):
         f"Neither {' nor '.join(str(f) for f in folders)} has an image processor ({IMAGE_PROCESSOR_FILES[0]}); save "
         "it next to the base model (`AutoImageProcessor.from_pretrained(...).save_pretrained(base_dir)`)."
     )
+
+
+def _with_added_tokens(tokenizer, report: CompatibilityReport):
+    """With `--vocab union`, the soup's tokenizer gets the candidates' added tokens, in the soup's row order."""
+    vocab = report.alignment.vocab
+    if vocab is not None and vocab.added:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens(
+            [AddedToken(t.content, special=t.special, normalized=not t.special) for t in vocab.added]
+        )
+    return tokenizer

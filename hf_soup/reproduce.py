@@ -143,6 +143,7 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         _candidates_in_order(summary, mixture, locate),
         allow_pickle=bool(options.get("allow_pickle")),
         label_order=summary.compatibility.get("label_names"),
+        vocab=options.get("vocab") or "base",
     )
     missing = sorted(set(mixture.ids()) - {c.id for c in report.accepted})
     if missing:

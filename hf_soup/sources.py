@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from .errors import ConfigError
+from .vocab import VocabAlignment
 
 # Module names under which classification heads live in transformers models (BERT/ViT `classifier`,
 # RoBERTa `classifier.out_proj`, decoder models `score`, ConvNeXt-style `head`).
@@ -41,6 +42,7 @@ class Alignment:
     head_tensors: list[str] = field(default_factory=list)
     # Candidate tensor name -> base tensor name, for the tensors the base also has.
     base_names: dict[str, str] = field(default_factory=dict)
+    vocab: VocabAlignment | None = None  # embedding rows matched by token string, when vocabularies differ
 
 
 @dataclass
@@ -84,7 +86,25 @@ class SoupSources:
         permutation = self.alignment.permutations.get(cid)
         if permutation is not None and name in self.alignment.head_tensors:
             tensor = tensor[permutation]
-        return tensor
+        return self._vocabulary_rows(cid, name, tensor)
+
+    def _vocabulary_rows(self, cid: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        vocab = self.alignment.vocab
+        return vocab.gather(cid, tensor) if vocab is not None and name in vocab.tensors else tensor
+
+    def missing_rows(self, cid: str, name: str) -> torch.Tensor | None:
+        """Which rows of tensor `name` ingredient `cid` lacks (vocabulary rows of tokens it does not have)."""
+        vocab = self.alignment.vocab
+        if vocab is None or name not in vocab.tensors:
+            return None
+        missing = ~vocab.present(cid)
+        return missing if bool(missing.any()) else None
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """The soup's shape of tensor `name`: the reference's, with the soup's vocabulary rows."""
+        shape = self.reference.shape(name)
+        vocab = self.alignment.vocab
+        return (vocab.rows, *shape[1:]) if vocab is not None and name in vocab.tensors else shape
 
     def read_base(self, name: str) -> torch.Tensor:
         """The base's tensor for candidate tensor `name`.
@@ -101,4 +121,4 @@ class SoupSources:
         permutation = self.alignment.base_permutation
         if permutation is not None and name in self.alignment.head_tensors:
             tensor = tensor[permutation]
-        return tensor
+        return self._vocabulary_rows(self.base_id, name, tensor)

@@ -77,6 +77,7 @@ def check_stage(
         trust_remote_code=config.trust_remote_code,
         label_order=label_order,
         hub_weights="stream" if config.stream else "download",
+        vocab=config.vocab,
     )
     compatibility.raise_if_unusable(strict=config.strict)
     if config.output_kind == "lora":

@@ -120,4 +120,9 @@ def ingredient_fingerprints(
         permutations[base] = sources.alignment.base_permutation
     for cid, permutation in permutations.items():
         fingerprints[cid] += f"+perm{permutation}"
+    if sources.alignment.vocab is not None:  # the rows as aligned by token, which the scores depend on
+        for cid, index in sources.alignment.vocab.row_maps.items():
+            if cid in fingerprints:
+                digest = hashlib.sha256(index.numpy().tobytes()).hexdigest()[:16]
+                fingerprints[cid] += f"+vocab{digest}"
     return fingerprints

@@ -25,7 +25,7 @@ class WeightSettings:
     """How to write the weights: the output dtype and shard size (merged), or the adapter's base and rank."""
 
     dtype: torch.dtype | None = None
-    max_shard_size: str | int = "2GB"
+    max_shard_size: str | int = "5GB"
     base_id: str = ""  # the adapter's `base_model_name_or_path`
     lora_rank: int | None = None
 

@@ -65,7 +65,9 @@ def test_bfloat16_storage_rounds_the_same_weights(converted, reference, tmp_path
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         for name in handle.keys():
             tensor = handle.get_tensor(name)
-            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+            assert tensor.dtype == torch.bfloat16 and torch.equal(
+                tensor, expected[name].to(torch.bfloat16)
+            ), name
     assert (out / "model.safetensors").stat().st_size < 0.6 * (converted / "model.safetensors").stat().st_size
 
 

@@ -76,7 +76,10 @@ def soup(hub, tmp_path, name: str, *extra: str) -> tuple[subprocess.CompletedPro
 
     def sample() -> None:
         while not stop.wait(0.01):
-            sizes = [p.stat().st_size for p in disk.rglob("*") if p.is_file() and not p.is_symlink()]
+            try:
+                sizes = [p.stat().st_size for p in disk.rglob("*") if p.is_file() and not p.is_symlink()]
+            except OSError:  # a file or the staging folder went away mid-walk: sample again
+                continue
             peak[0] = max(peak[0], sum(sizes))
 
     sampler = threading.Thread(target=sample)

@@ -1,0 +1,143 @@
+"""Candidates whose embedding rows differ from the base's: matched by token string (`hf_soup/vocab.py`).
+
+Hand-built: a tiny Llama (bf16, sharded, tied embeddings) with MiniLM's real 30522-token tokenizer; one fine-tune
+adds a token (`add_tokens` + `resize_token_embeddings`) and numbers two tokens its own way (rows moved to match),
+one pads its vocabulary to a multiple of 64. Every soup row
+is compared with a float64 reference computed here from the candidates' own rows, looked up by token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_main
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+ADDED = "<tool_call>"
+EMBED = "model.embed_tokens.weight"
+
+
+def noisy_copy(base: LlamaForCausalLM, seed: int) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(copy.deepcopy(base.config)).to(torch.bfloat16)  # resizing edits its config
+    model.load_state_dict(base.state_dict())
+    noise = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_((1e-2 * torch.randn(tensor.shape, generator=noise)).to(tensor.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vocab")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    paths = {name: root / name for name in ("base", "same", "added", "padded")}
+    base.save_pretrained(paths["base"], max_shard_size="500KB")
+    tokenizer.save_pretrained(paths["base"])
+    noisy_copy(base, 1).save_pretrained(paths["same"], max_shard_size="500KB")
+    added = noisy_copy(base, 2)
+    grown = AutoTokenizer.from_pretrained(tokenizer_dir)
+    grown.add_tokens([ADDED])
+    added.resize_token_embeddings(len(grown), mean_resizing=False)
+    good, bad = tokenizer.convert_tokens_to_ids(["good", "bad"])
+    with torch.no_grad():
+        table = added.get_input_embeddings().weight
+        table[len(tokenizer)] = torch.linspace(-1, 1, 16)
+        table[[good, bad]] = table[[bad, good]].clone()  # its own ids for two tokens, below: rows follow
+    added.save_pretrained(paths["added"], max_shard_size="500KB")
+    grown.save_pretrained(paths["added"])
+    saved = json.loads((paths["added"] / "tokenizer.json").read_text())
+    saved["model"]["vocab"]["good"], saved["model"]["vocab"]["bad"] = bad, good
+    (paths["added"] / "tokenizer.json").write_text(json.dumps(saved))
+    padded = noisy_copy(base, 3)
+    padded.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    padded.save_pretrained(paths["padded"], max_shard_size="500KB")
+    tokenizer.save_pretrained(paths["padded"])
+    return paths
+
+
+def rows_by_token(folder: Path, tokenizer_from: Path | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """The embedding table and the tokenizer's token -> id (`tokenizer_from` for a folder without one)."""
+    table = None
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            if EMBED in handle.keys():
+                table = handle.get_tensor(EMBED).double()
+    return table, AutoTokenizer.from_pretrained(tokenizer_from or folder).get_vocab()
+
+
+def soup(family, out: Path, *extra: str):
+    candidates = [str(family[name]) for name in ("same", "added", "padded")]
+    result = run_main("--base", str(family["base"]), "--candidates", *candidates, "--recipe", "uniform",
+                      "--output", str(out), "--quiet", *extra)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def expected_rows(family, tokens: list[str]) -> torch.Tensor:
+    """The float64 mean, per token, over the candidates that have it."""
+    tables = [rows_by_token(family[name], family["base"] if name == "same" else None)
+              for name in ("same", "added", "padded")]  # fmt: skip
+    return torch.stack([
+        torch.stack([table[vocab[t]] for table, vocab in tables if t in vocab]).mean(0) for t in tokens
+    ])  # fmt: skip
+
+
+def assert_within_one_ulp(written: torch.Tensor, reference: torch.Tensor) -> None:
+    _, exponent = torch.frexp(reference)
+    ulp = torch.ldexp(torch.ones_like(reference), exponent - 8)  # bf16: 8 significant bits
+    assert float(((written - reference).abs() / ulp).max()) <= 1.0
+
+
+def test_by_default_the_soup_keeps_the_bases_vocabulary_and_names_the_dropped_token(family, tmp_path):
+    result = soup(family, tmp_path / "soup")
+    assert ADDED in result.stderr and "--vocab union" in result.stderr  # the warning names the dropped token
+    base_vocab = AutoTokenizer.from_pretrained(family["base"]).get_vocab()
+    tokens = sorted(base_vocab, key=base_vocab.get)
+    written, vocab = rows_by_token(tmp_path / "soup")
+    assert vocab == base_vocab and written.shape[0] == len(tokens)
+    assert_within_one_ulp(written, expected_rows(family, tokens))
+    config = json.loads((tmp_path / "soup" / "config.json").read_text())
+    assert config["vocab_size"] == len(tokens) and config["tie_word_embeddings"] is True
+    manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert list(manifest["compatibility"]["vocab"]["dropped"].values()) == [[ADDED]]  # paths made relative
+
+
+def test_union_keeps_the_added_token_with_its_own_row(family, tmp_path):
+    soup(family, tmp_path / "union", "--vocab", "union")
+    written, vocab = rows_by_token(tmp_path / "union")
+    base_vocab = AutoTokenizer.from_pretrained(family["base"]).get_vocab()
+    assert vocab[ADDED] == len(base_vocab) and written.shape[0] == len(base_vocab) + 1
+    tokens = sorted(vocab, key=vocab.get)
+    assert_within_one_ulp(written, expected_rows(family, tokens))  # the added row: its one owner's row
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "union"
+    )  # plain transformers loads it, still tied
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert model.config.vocab_size == len(vocab)
+
+
+def test_a_tokenizer_that_is_not_the_bases_is_refused(family, tokenizer_dir, tmp_path):
+    other = tmp_path / "other"
+    LlamaForCausalLM.from_pretrained(family["same"]).save_pretrained(other)
+    tokenizer = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    for token in [t for t in vocab if t.isalpha()][:400]:  # 1.3% of the base's tokens renamed
+        vocab[f"zz{token}"] = vocab.pop(token)
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    for name in ("tokenizer_config.json",):
+        (other / name).write_text((family["base"] / name).read_text())
+    result = run_main("check", "--base", str(family["base"]), "--candidates", str(family["same"]), str(other),
+                      "--format", "json", "--quiet")  # fmt: skip
+    report = json.loads(result.stdout)
+    (rejected,) = report["rejected"]
+    assert rejected["id"] == str(other) and "lacks 400 of its 30522 tokens" in rejected["reason"]
