@@ -27,9 +27,27 @@ def template_path() -> Path:
     return packaged if packaged.is_file() else Path(__file__).parent.parent / "model_cards" / "soup_card.md"
 
 
-def _pipeline_tag(summary: SoupSummary) -> str:
+# The model class's suffix -> the Hub's pipeline tag (the widget and the task filter users search by).
+_PIPELINE_TAGS = {
+    "ForCausalLM": "text-generation",
+    "LMHeadModel": "text-generation",
+    "ForImageClassification": "image-classification",
+    "ForSequenceClassification": "text-classification",
+    "ForMaskedLM": "fill-mask",
+    "Model": "feature-extraction",
+}
+
+
+def _pipeline_tag(summary: SoupSummary) -> str | None:
+    """From the task scored, else from the soup's model class (`config.json`'s `architectures`)."""
     task = summary.task
-    return "image-classification" if task and task.name == "image-classification" else "text-classification"
+    if task:
+        return "image-classification" if task.name == "image-classification" else "text-classification"
+    for architecture in summary.compatibility.get("architectures") or []:
+        for suffix, tag in _PIPELINE_TAGS.items():
+            if architecture.endswith(suffix):
+                return tag
+    return None
 
 
 def _dataset_id(task: TaskInfo) -> str:

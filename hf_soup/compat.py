@@ -114,6 +114,7 @@ class CompatibilityReport:
             else None,
             "rejected": [{"id": r.candidate_id, "reason": r.reason} for r in self.rejected],
             "label_names": self.label_names,
+            "architectures": list(self.accepted[0].architectures) if self.accepted else [],
             "permuted": sorted(self.permutations),
             "lora": [c.id for c in self.accepted if c.kind == "lora"],
             "hub": [

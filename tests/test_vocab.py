@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_main
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -110,6 +111,8 @@ def test_by_default_the_soup_keeps_the_bases_vocabulary_and_names_the_dropped_to
     assert config["vocab_size"] == len(tokens) and config["tie_word_embeddings"] is True
     manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
     assert list(manifest["compatibility"]["vocab"]["dropped"].values()) == [[ADDED]]  # paths made relative
+    card = ModelCard.load(tmp_path / "soup" / "README.md")
+    assert card.data.pipeline_tag == "text-generation"  # from the model class: a causal LM soup
 
 
 def test_union_keeps_the_added_token_with_its_own_row(family, tmp_path):
