@@ -43,7 +43,7 @@ class HubBytes:
 
     The first request fetches the file's first `PREFIX_BYTES` (the header, for any ordinary checkpoint) and its size
     (`Content-Range`). Each later read is one request, retried with backoff on dropped connections, timeouts and
-    5xx answers (`http_backoff`); a read that still fails raises one `HubError`. `received` counts the bytes fetched.
+    5xx answers (`http_backoff`); a read that still fails, or an HTTP error, raises one `HubError`.
     """
 
     PREFIX_BYTES = 1 << 16
@@ -53,12 +53,12 @@ class HubBytes:
 
         self.name = f"{repo_id}@{revision[:12]}/{filename}"
         self._url = hf_hub_url(repo_id, filename, revision=revision)
-        self.received = 0
         self._prefix, self.size = self._get(0, self.PREFIX_BYTES - 1)
 
     def _get(self, first: int, last: int) -> tuple[bytes, int]:
         """Bytes `first..last` (inclusive; fewer at the end of the file) and the file's size."""
         import httpx2  # huggingface_hub's HTTP client
+        from huggingface_hub.errors import HfHubHTTPError
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
         try:
@@ -71,13 +71,18 @@ class HubBytes:
                 f"Reading bytes {first}-{last} of {self.name} failed after retries ({type(error).__name__}). "
                 "Check your connection and run again; nothing was written."
             ) from error
+        except HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else "?"
+            raise HubError(
+                f"Reading bytes {first}-{last} of {self.name}: the Hub answered HTTP {status}. Check HF_TOKEN and "
+                "run again; nothing was written."
+            ) from error
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", ""))
         if response.status_code != 206 or not match or int(match[1]) != first:
             raise HubError(
                 f"{self.name}: the server did not answer the byte range {first}-{last} (HTTP "
                 f"{response.status_code}); --stream needs Range requests. Drop --stream to download the files."
             )
-        self.received += len(response.content)
         return response.content, int(match[3])
 
     def read_into(self, offset: int, out: memoryview) -> None:
@@ -217,11 +222,6 @@ class HubTensorSource:
             self.files.append(source)
             spans, _ = read_layout(source)
             self._spans.update({tensor: (source, span) for tensor, span in spans.items()})
-
-    @property
-    def received(self) -> int:
-        """Bytes fetched so far, headers included."""
-        return sum(source.received for source in self.files)
 
     def keys(self) -> list[str]:
         return list(self._spans)

@@ -135,6 +135,14 @@ def test_a_connection_that_keeps_dropping_is_one_error_and_writes_nothing(hub, t
     assert not [p.name for p in (tmp_path / "failed-disk").iterdir() if p.name.startswith((".out", "out"))]
 
 
+def test_an_http_error_mid_stream_is_one_error_and_writes_nothing(hub, tmp_path):
+    hub.inject("GET", SHARD, 403, from_byte=1)  # after the header was read: while writing the soup
+    result, _ = soup(hub, tmp_path, "forbidden", "--stream")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("hf-soup: error:") == 1 and "HTTP 403" in result.stderr
+    assert not [p.name for p in (tmp_path / "forbidden-disk").iterdir() if p.name.startswith((".out", "out"))]
+
+
 def test_a_streamed_candidate_with_nan_is_refused_with_nothing_written(hub, tmp_path):
     folder = tmp_path / "seed" / "nan"
     model = llama(9)
