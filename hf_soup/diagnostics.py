@@ -114,29 +114,39 @@ class _DeltaBlocks:
         shape = sources.base.shape(base_name)
         for start, stop in _blocks(shape, self.block_elements):
             base = _read_block(sources.base, base_name, start, stop, not shape).to(torch.float64)
-            if base.numel() > self.block_elements:  # one row longer than a block
-                self._stack = torch.empty((len(ids), base.numel()), dtype=torch.float64)
-            deltas = self._stack[:, : base.numel()]
+            deltas = self._deltas(base.numel())
             for row, cid in zip(deltas, ids):  # converted and subtracted in place: no temporaries
                 row.copy_(_read_block(sources.candidates[cid], name, start, stop, not shape))
                 row.sub_(base)
             yield base, deltas
 
+    def _deltas(self, numel: int) -> torch.Tensor:
+        """The reused float64 stack, `numel` wide (grown once if one row is longer than a block)."""
+        if numel > self._stack.shape[1]:
+            self._stack = torch.empty((len(self.ids), numel), dtype=torch.float64)
+        return self._stack[:, :numel]
+
     def _vocabulary_deltas(self, name: str):
         """Embedding rows aligned by token (`vocab.py`): a row a candidate lacks counts as unchanged, and rows the
-        base lacks (`--vocab union`) have no task vector."""
+        base lacks (`--vocab union`) have no task vector. The aligned tables are held in their stored dtype and
+        streamed in float64 row blocks, as other tensors are."""
         sources = self.sources
-        base_id = sources.base_id
-        base = sources.read(base_id, name).to(torch.float64)
-        rows = sources.alignment.vocab.present(base_id)
-        deltas = []
+        rows = sources.alignment.vocab.present(sources.base_id)
+        base = sources.read(sources.base_id, name)[rows]
+        tables = []
         for cid in self.ids:
-            tensor = sources.read(cid, name).to(torch.float64)
+            table = sources.read(cid, name)
             missing = sources.missing_rows(cid, name)
             if missing is not None:
-                tensor[missing] = base[missing]
-            deltas.append((tensor - base)[rows].reshape(-1))
-        yield base[rows].reshape(-1), torch.stack(deltas)
+                table[missing] = sources.read(sources.base_id, name)[missing]
+            tables.append(table[rows])
+        for start, stop in _blocks(tuple(base.shape), self.block_elements):
+            block = base[start:stop].to(torch.float64).reshape(-1)
+            deltas = self._deltas(block.numel())
+            for row, table in zip(deltas, tables):
+                row.copy_(table[start:stop].reshape(-1))
+                row.sub_(block)
+            yield block, deltas
 
 
 def shared_tensors(sources: SoupSources) -> list[str]:

@@ -109,8 +109,8 @@ class TensorSpan:
         return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.stop - self.start
 
 
-def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, str]]:
-    """Each tensor's span, and the file's `__metadata__`, from its header: two small reads.
+def read_layout(source: ByteSource) -> dict[str, TensorSpan]:
+    """Each tensor's span, from the file's header: two small reads.
 
     Raises:
         CandidateFormatError: not a safetensors file, a dtype hf-soup cannot read, or bytes missing (truncated).
@@ -133,7 +133,7 @@ def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, st
         header = json.loads(raw)
     except ValueError as error:
         raise CandidateFormatError(f"{invalid} (header is not JSON: {error}).") from error
-    metadata = header.pop("__metadata__", None) or {}
+    header.pop("__metadata__", None)
     data_start = 8 + length
     spans = {}
     for name, entry in header.items():
@@ -156,7 +156,7 @@ def read_layout(source: ByteSource) -> tuple[dict[str, TensorSpan], dict[str, st
                 f"{source.name} is truncated ({source.size} bytes; {name} ends at {data_start + end}): fetch it again."
             )
         spans[name] = TensorSpan(dtype, shape, data_start + begin, data_start + end)
-    return spans, metadata
+    return spans
 
 
 def read_span(
@@ -220,7 +220,7 @@ class HubTensorSource:
         for name in names:
             source = HubBytes(repo_id, name, revision)
             self.files.append(source)
-            spans, _ = read_layout(source)
+            spans = read_layout(source)
             self._spans.update({tensor: (source, span) for tensor, span in spans.items()})
 
     def keys(self) -> list[str]:

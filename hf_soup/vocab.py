@@ -30,7 +30,9 @@ MAX_MISSING_BASE_TOKENS = 0.01
 
 
 @dataclass
-class AddedToken:
+class NewToken:
+    """A token the base lacks, kept by `--vocab union`."""
+
     content: str
     special: bool
 
@@ -43,14 +45,14 @@ class VocabAlignment:
         tensors (`list[str]`): the vocabulary tensors (candidate names).
         rows (`int`): the soup's vocabulary rows.
         row_maps (`dict[str, torch.Tensor]`): per ingredient id, a `rows`-long int64 index into its own rows.
-        added (`list[AddedToken]`): with `--vocab union`, the tokens appended after the base's.
+        added (`list[NewToken]`): with `--vocab union`, the tokens appended after the base's.
         dropped (`dict[str, list[str]]`): with `--vocab base`, each candidate's tokens the base lacks.
     """
 
     tensors: list[str]
     rows: int
     row_maps: dict[str, torch.Tensor]
-    added: list[AddedToken] = field(default_factory=list)
+    added: list[NewToken] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)
 
     def gather(self, cid: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -152,9 +154,7 @@ def align_vocabularies(
                 f"{cid}'s tokenizer has ids beyond its {candidates[cid][0]} embedding rows; save the tokenizer "
                 "that matches its weights."
             )
-    return VocabAlignment(
-        tensors, len(order), row_maps, [AddedToken(t, s) for t, s in added.items()], dropped
-    )
+    return VocabAlignment(tensors, len(order), row_maps, [NewToken(t, s) for t, s in added.items()], dropped)
 
 
 _TOKENIZER_FILES = (

@@ -93,6 +93,25 @@ def expected_rows(family, tokens: list[str]) -> torch.Tensor:
     ])  # fmt: skip
 
 
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            found.update({name: handle.get_tensor(name).double() for name in handle.keys()})
+    return found
+
+
+def distance_by_token(family, name: str) -> float:
+    """‖θ − θ_base‖ / ‖θ_base‖, each embedding row taken from the candidate's row for the same token."""
+    base, candidate = all_tensors(family["base"]), all_tensors(family[name])
+    base_vocab = AutoTokenizer.from_pretrained(family["base"]).get_vocab()
+    _, vocab = rows_by_token(family[name], family["base"] if name == "same" else None)
+    order = sorted(base_vocab, key=base_vocab.get)
+    candidate[EMBED] = candidate[EMBED][[vocab[t] for t in order]]
+    squared = sum(float(((candidate[k] - base[k]) ** 2).sum()) for k in base)
+    return (squared / sum(float((base[k] ** 2).sum()) for k in base)) ** 0.5
+
+
 def assert_within_one_ulp(written: torch.Tensor, reference: torch.Tensor) -> None:
     _, exponent = torch.frexp(reference)
     ulp = torch.ldexp(torch.ones_like(reference), exponent - 8)  # bf16: 8 significant bits
@@ -111,6 +130,9 @@ def test_by_default_the_soup_keeps_the_bases_vocabulary_and_names_the_dropped_to
     assert config["vocab_size"] == len(tokens) and config["tie_word_embeddings"] is True
     manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
     assert list(manifest["compatibility"]["vocab"]["dropped"].values()) == [[ADDED]]  # paths made relative
+    distances = {Path(cid).name: value for cid, value in manifest["diagnostics"]["relative_distance"].items()}
+    for name in ("same", "added", "padded"):  # distances to the base, embedding rows compared token by token
+        assert distances[name] == pytest.approx(distance_by_token(family, name), rel=1e-9), name
     card = ModelCard.load(tmp_path / "soup" / "README.md")
     assert card.data.pipeline_tag == "text-generation"  # from the model class: a causal LM soup
 
