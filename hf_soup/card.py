@@ -8,6 +8,7 @@ from pathlib import Path
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .metrics import LOWER_IS_BETTER
 from .recipes import recipe_class
 from .results import SoupManifest, SoupSummary, TaskInfo
 
@@ -42,7 +43,9 @@ def _pipeline_tag(summary: SoupSummary) -> str | None:
     """From the task scored, else from the soup's model class (`config.json`'s `architectures`)."""
     task = summary.task
     if task:
-        return "image-classification" if task.name == "image-classification" else "text-classification"
+        return {"image-classification": "image-classification", "causal-lm": "text-generation"}.get(
+            task.name, "text-classification"
+        )
     for architecture in summary.compatibility.get("architectures") or []:
         for suffix, tag in _PIPELINE_TAGS.items():
             if architecture.endswith(suffix):
@@ -134,6 +137,9 @@ def build_model_card(manifest: SoupManifest) -> ModelCard:
         reference_title=recipe_class(summary.recipe.name).reference_title(),
         recipe_section=recipe_section(summary),
         citation=CITATION,
+        lower_is_better=sorted(
+            LOWER_IS_BETTER | {"loss"}
+        ),  # shown as they are; trajectories store them negated
     )
 
 

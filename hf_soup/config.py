@@ -9,7 +9,7 @@ from .hub import check_repo_id
 from .recipes import RECIPES, recipe_class
 from .recipes.learned import GRANULARITIES, Granularity
 from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
-from .tasks import GLUE_TASKS, IMAGE_TASK, is_image_task
+from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
 
 
 def _opt(help: str, **cli) -> dict:
@@ -38,7 +38,9 @@ class SoupConfig:
     task: str | None = field(
         default=None,
         metadata=_opt(
-            f"A GLUE task, glue/<{'|'.join(GLUE_TASKS)}>, or {IMAGE_TASK} (with --dataset).", metavar="TASK"
+            f"A GLUE task, glue/<{'|'.join(GLUE_TASKS)}>, {IMAGE_TASK} or {CAUSAL_LM_TASK} (with --dataset; "
+            f"{CAUSAL_LM_TASK} selects by held-out mean token NLL and reports perplexity).",
+            metavar="TASK",
         ),
     )
     dataset: str | None = field(
@@ -120,7 +122,8 @@ class SoupConfig:
         default="loss",
         metadata=_opt(
             "What ranks candidates and accepts trials on the selection split: 'loss' (mean cross-entropy; MSE for "
-            "regression), 'accuracy', or any metric the task computes ('f1', 'matthews_correlation', 'pearson').",
+            "regression; mean token NLL for causal-lm), 'accuracy', or any metric the task computes ('f1', "
+            "'matthews_correlation', 'pearson', 'perplexity').",
             metavar="METRIC",
         ),
     )
@@ -173,7 +176,13 @@ class SoupConfig:
     bootstrap: int = field(
         default=1000, metadata=_opt("Paired bootstrap resamples for the report-split intervals.", metavar="N")
     )
-    max_length: int = field(default=128, metadata=_opt("Truncate inputs to this many tokens."))
+    max_length: int = field(
+        default=128,
+        metadata=_opt(
+            "Truncate inputs to this many tokens (causal-lm: longer documents are truncated, not packed, and the "
+            "report counts them)."
+        ),
+    )
     batch_size: int = field(default=64, metadata=_opt("Evaluation batch size."))
     output: str | None = field(default=None, metadata=_opt("Where to write the soup folder.", metavar="DIR"))
     overwrite: bool = field(
@@ -254,9 +263,17 @@ class SoupConfig:
     def __post_init__(self) -> None:
         recipe = recipe_class(self.recipe)  # refuses an unknown name
         image = self.image_task
-        if self.task and not image and self.task.lower().removeprefix("glue/") not in GLUE_TASKS:
+        causal = self.causal_lm_task
+        known = image or causal or (self.task or "").lower().removeprefix("glue/") in GLUE_TASKS
+        if self.task and not known:
             raise ConfigError(
-                f"Unknown task {self.task!r}: choose {IMAGE_TASK} or one of glue/{', glue/'.join(GLUE_TASKS)}."
+                f"Unknown task {self.task!r}: choose {IMAGE_TASK}, {CAUSAL_LM_TASK} or one of "
+                f"glue/{', glue/'.join(GLUE_TASKS)}."
+            )
+        if causal and not (self.dataset and self.text_column):
+            raise ConfigError(
+                f"--task {CAUSAL_LM_TASK} needs --dataset (a text file or Hub dataset id) and --text-column (the "
+                "documents to score)."
             )
         if image and not self.dataset:
             raise ConfigError(
@@ -300,6 +317,10 @@ class SoupConfig:
     @property
     def image_task(self) -> bool:
         return is_image_task(self.task)
+
+    @property
+    def causal_lm_task(self) -> bool:
+        return is_causal_lm_task(self.task)
 
     @property
     def scored(self) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .errors import DatasetError
-from .tasks import GLUE_TASKS, IMAGE_TASK, is_image_task
+from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class TaskSpec:
     """What to evaluate: which columns, which metrics, which splits to report on.
 
     Args:
-        name (`str`): `glue/<task>`, `custom` (text) or `image-classification`.
+        name (`str`): `glue/<task>`, `custom` (text), `image-classification` or `causal-lm`.
         text_column (`str`): the first text column (empty for images).
         label_column (`str`): the label column.
         text_pair_column (`str`, *optional*): the second text column, for sentence pairs.
@@ -63,6 +63,11 @@ class TaskSpec:
     @property
     def is_image(self) -> bool:
         return self.image_column is not None
+
+    @property
+    def causal_lm(self) -> bool:
+        """Causal language modeling: documents scored by token NLL (`language_modeling.py`), no labels."""
+        return self.name == CAUSAL_LM_TASK
 
     def with_top5(self, num_labels: int) -> TaskSpec:
         """Image classification reports top-5 accuracy too, when there are more than 5 classes."""
@@ -119,6 +124,10 @@ def task_spec(
         return TaskSpec(
             IMAGE_TASK, "", label_column or "label", dataset=dataset, image_column=image_column or "image"
         )
+    if is_causal_lm_task(task):
+        if not dataset or not text_column:
+            raise DatasetError(f"--task {CAUSAL_LM_TASK} needs --dataset and --text-column (the documents).")
+        return TaskSpec(CAUSAL_LM_TASK, text_column, "", metrics=("perplexity", "nll"), dataset=dataset)
     if task:
         key = task.lower().removeprefix("glue/")
         if key not in GLUE:

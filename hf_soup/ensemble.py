@@ -2,6 +2,7 @@
 
 A logit ensemble averages the logits of N models, so it costs N forward passes per input where a soup costs one.
 Every logit used here was already computed while scoring candidates: an ensemble never runs a model again.
+A causal-LM ensemble averages the members' next-token probabilities instead (`language_modeling.py`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .language_modeling import ensemble_token_nll
 from .scoring import SplitScore
 from .splits import EncodedSplit
 
@@ -34,17 +36,21 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     return float(total / len(labels))
 
 
-def ensemble_logits(members: list[SplitScore]) -> np.ndarray:
-    """The logit ensemble's logits: the plain mean of the members' (averaged in float64)."""
+def ensemble_logits(members: list[SplitScore], causal_lm: bool = False) -> np.ndarray:
+    """The logit ensemble's logits: the plain mean of the members' (averaged in float64). For causal LMs, the
+    per-token NLL of the mean of the members' probabilities."""
     if any(member.logits is None for member in members):
         raise ValueError("ensemble members must carry logits (score them with this version of hf-soup)")
+    if causal_lm:
+        return ensemble_token_nll([member.logits for member in members])
     return np.mean(np.stack([member.logits for member in members]), axis=0, dtype=np.float64).astype(
         np.float32
     )
 
 
-def calibration(score: SplitScore, split: EncodedSplit, regression: bool) -> float | None:
-    """ECE (15 bins) of a score's logits on `split`; `None` for regression, where it is not defined."""
-    if regression or score.logits is None:
+def calibration(score: SplitScore, split: EncodedSplit, classification: bool) -> float | None:
+    """ECE (15 bins) of a score's logits on `split`; `None` unless the task is a classification (regression,
+    causal LMs), where it is not defined."""
+    if not classification or score.logits is None:
         return None
     return expected_calibration_error(score.logits, split.labels)

@@ -215,7 +215,8 @@ class LoraSource:
 
 def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: dict[str, Any], layout: LoraLayout,
                   headers) -> dict[str, Any]:  # fmt: skip
-    """The merged model's `config.json`: the base's, with the task head's class and labels.
+    """The merged model's `config.json`: the base's, with the task head's class and labels (a causal LM's: the
+    base's, with its causal-LM class).
 
     Labels come from a `config.json` saved beside the adapter (`model.config.save_pretrained(dir)`), else from a
     base that is already a classifier, else they are generic (`LABEL_k`, trusted to follow the dataset's order),
@@ -227,6 +228,13 @@ def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: di
     model_type = config.get("model_type")
     architecture = next(iter(base_config.get("architectures") or []), "")
     base_is_classifier = architecture.endswith(("ForSequenceClassification", "ForImageClassification"))
+    if adapter.get("task_type") == "CAUSAL_LM" or architecture.endswith("ForCausalLM"):
+        # A language model: no head of its own to save, no labels.
+        if not architecture.endswith("ForCausalLM"):
+            if model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                raise CandidateFormatError(f"its base ({model_type}) has no causal-LM class in transformers")
+            architecture = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+        return {**config, "architectures": [architecture]}
     if not base_is_classifier:
         if adapter.get("task_type") == "SEQ_CLS":
             mapping = modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
@@ -235,7 +243,8 @@ def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: di
         if model_type not in mapping:
             raise CandidateFormatError(
                 f"its base ({model_type}) is not a classifier and the adapter's task_type is "
-                f"{adapter.get('task_type')}; hf-soup soups sequence (task_type SEQ_CLS) and image classifiers"
+                f"{adapter.get('task_type')}; hf-soup soups causal LMs (CAUSAL_LM), sequence (SEQ_CLS) and image "
+                "classifiers"
             )
         architecture = mapping[model_type]
     config["architectures"] = [architecture]

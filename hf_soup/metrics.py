@@ -21,6 +21,22 @@ MetricName = Literal[
 ]
 # Metrics computed from each example's scores (logits) rather than from one predicted label.
 SCORE_METRICS = {"top5_accuracy": 5}
+# Metrics where lower is better (causal LMs: `language_modeling.py`); every other metric is a fraction in [0, 1]
+# where higher is better, and its differences are shown in points (x 100).
+LOWER_IS_BETTER = frozenset({"perplexity", "nll"})
+
+
+def higher_is_better(metric: str, value: float) -> float:
+    """`value` in "higher is better" units: negated for losses and perplexity."""
+    return -value if metric in LOWER_IS_BETTER else value
+
+
+def describe_delta(metric: str, delta: float) -> str:
+    """A difference in a metric's own terms: `+0.80 points of accuracy`, `-0.412 perplexity (lower is better)`."""
+    if metric in LOWER_IS_BETTER:
+        return f"{delta:+.3f} {metric} (lower is better)"
+    return f"{delta * 100:+.2f} points of {metric}"
+
 
 _CITATION = "Wang et al. 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (arXiv 1804.07461)."
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .language_modeling import language_modeling_loss
 from .mixture import Ingredient, Mixture
 from .progress import progress_bar
 from .runtime import process_state
@@ -101,14 +102,15 @@ class MixingTrainer:
         workbench (`Workbench`): the live model and the candidates' open weights.
         split (`EncodedSplit`): the selection split (the training data of α).
         collator: pads batches.
-        regression (`bool`): mean squared error instead of cross-entropy (and no temperature).
+        spec (`TaskSpec`): the task: cross-entropy for classification, mean squared error for regression (where
+            the temperature has no effect), mean token NLL for causal LMs.
         options (`LearnedOptions`): granularity, epochs, learning rate, batch size, seed (declared by the learned
             recipe, `recipes/learned.py`).
     """
 
-    def __init__(self, workbench, split, collator, regression: bool, options, quiet: bool = False):
+    def __init__(self, workbench, split, collator, spec, options, quiet: bool = False):
         self.workbench, self.split, self.collator = workbench, split, collator
-        self.regression, self.options, self.quiet = regression, options, quiet
+        self.spec, self.options, self.quiet = spec, options, quiet
         parameters = dict(workbench.model.named_parameters(remove_duplicate=False))
         self.learnable = [name for name in workbench.names if name in parameters]
         self.groups = ["*"] if options.granularity == "model" else list(self.learnable)
@@ -129,8 +131,10 @@ class MixingTrainer:
         for start in range(0, len(order), self.options.batch_size):
             yield order[start : start + self.options.batch_size]
 
-    def _loss(self, logits: torch.Tensor, labels: np.ndarray, log_temperature: torch.Tensor) -> torch.Tensor:
-        if self.regression:
+    def _loss(self, logits: torch.Tensor, batch: dict, labels: np.ndarray, log_temperature: torch.Tensor):
+        if self.spec.causal_lm:
+            return language_modeling_loss(logits * log_temperature.exp(), batch)
+        if self.spec.regression:
             return torch.nn.functional.mse_loss(logits[:, 0], torch.as_tensor(labels, device=logits.device))
         target = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
         return torch.nn.functional.cross_entropy(logits * log_temperature.exp(), target)
@@ -145,8 +149,9 @@ class MixingTrainer:
         gradient.reset()
         batch = self.collator([self.split.features[i] for i in indices])
         with torch.enable_grad():
-            logits = self.workbench.model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-            loss = self._loss(logits, self.split.labels[indices], log_temperature)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = self.workbench.model(**batch).logits.float()
+            loss = self._loss(logits, batch, self.split.labels[indices], log_temperature)
             loss.backward()  # fills gradient.value (∂L/∂α) and ∂L/∂b
             alpha.backward(gradient.value)  # chain rule through the softmax, into z
         return loss.item()

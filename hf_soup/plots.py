@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 
+from .metrics import LOWER_IS_BETTER
 from .recipes import recipe_class
 from .results import Entry, SoupSummary
 
@@ -41,7 +42,9 @@ def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
 
 
 def _write_trajectory(path: Path, summary: SoupSummary, chosen_by: str) -> None:
-    sign = -1.0 if chosen_by == "loss" else 1.0  # trajectories hold "higher is better" values
+    sign = (
+        -1.0 if chosen_by == "loss" or chosen_by in LOWER_IS_BETTER else 1.0
+    )  # trajectories: higher is better
     trajectory = summary.trajectory
     fig, ax = plt.subplots(figsize=(6, 3.5))
     scored = [(t["step"], sign * t["score"]) for t in trajectory if t["score"] is not None]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -24,9 +25,10 @@ from .config import SoupConfig
 from .data import LabelBalance, SplitPlan, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
 from .errors import ConfigError, DatasetError
 from .images import encode_image_split
+from .language_modeling import encode_document_split, pad_documents
 from .materialize import Workbench
 from .preprocessors import load_image_processor
-from .scoring import Scorer, predict, score_logits
+from .scoring import Scorer, model_outputs, predict, score_logits
 from .text import encode_text_split
 from .trainer_scoring import TrainerScorer
 
@@ -96,6 +98,12 @@ def scoring_model(model_class, reference, trust_remote_code: bool, dtype: torch.
 
 def encoder(spec: TaskSpec, preprocessor, labels: list[str] | None, num_labels: int, config, quiet: bool):
     """`(encode(name, data) -> EncodedSplit, collator, model class)` for the task's inputs."""
+    if spec.causal_lm:
+
+        def encode(name, data):
+            return encode_document_split(name, data, spec, preprocessor, config.max_length)
+
+        return encode, pad_documents, AutoModelForCausalLM
     if spec.is_image:
 
         def encode(name, data):
@@ -147,6 +155,7 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
     for name, data in plan.reports.items():
         splits[name] = encode(name, data)
     plan.warnings += _blank_text_warnings(spec, splits, config.strict)
+    plan.notes += _truncation_notes(spec, splits, config.max_length)
     spec = _fit_metrics(config, spec, splits, compatibility, plan)
     model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
     if (
@@ -175,6 +184,8 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
 
 
 def _check_outputs(spec: TaskSpec, num_labels: int) -> None:
+    if spec.causal_lm:  # scored by their language-modeling head, whatever `num_labels` the config carries
+        return
     if spec.regression != (num_labels == 1):
         kind = "regression" if spec.regression else "classification"
         fix = "regression needs num_labels=1 models" if spec.regression else "pass --regression for them"
@@ -185,7 +196,12 @@ def _blank_text_warnings(spec: TaskSpec, splits: dict, strict: bool) -> list[str
     """Examples with a missing or blank text are scored as empty strings, and said so (fatal with --strict)."""
     warnings = []
     for split in splits.values():
-        if split.empty_inputs:
+        if split.empty_inputs and spec.causal_lm:
+            message = (
+                f"The {split.name} split has {split.empty_inputs} document(s) of fewer than two tokens in "
+                f"{spec.text_column!r}; they predict nothing and are left out."
+            )
+        elif split.empty_inputs:
             message = (
                 f"The {split.name} split has {split.empty_inputs} example(s) with a missing or blank text in "
                 f"{spec.text_column!r}{' or ' + repr(spec.text_pair_column) if spec.text_pair_column else ''}; "
@@ -196,6 +212,21 @@ def _blank_text_warnings(spec: TaskSpec, splits: dict, strict: bool) -> list[str
             logger.warning(message)
             warnings.append(message)
     return warnings
+
+
+def _truncation_notes(spec: TaskSpec, splits: dict, max_length: int) -> list[str]:
+    """Causal LMs: how many documents were truncated to `--max-length` (they are never packed)."""
+    if not spec.causal_lm:
+        return []
+    counts = ", ".join(
+        f"{split.truncated} of {len(split)} {split.name} documents" for split in splits.values()
+    )
+    note = (
+        f"Documents are truncated to --max-length {max_length} tokens, not packed: {counts} were cut. Scores are "
+        "the mean NLL of each document's first tokens."
+    )
+    logger.info(note)
+    return [note]
 
 
 def _fit_metrics(config: SoupConfig, spec: TaskSpec, splits: dict, compatibility, plan) -> TaskSpec:
@@ -254,7 +285,7 @@ def evaluate_model(model_dir: str, config: SoupConfig, quiet: bool = False) -> d
     for name, data in plan.reports.items():
         split = encode(name, data)
         split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
-        logits = predict(model, split, collator, config.batch_size, quiet)
+        logits = predict(model, split, collator, config.batch_size, quiet, model_outputs(spec, split))
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}
     return scores

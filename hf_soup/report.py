@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .metrics import LOWER_IS_BETTER, describe_delta
 from .recipes import recipe_class
 from .results import CandidateRow, Entry, SoupSummary
+from .tasks import CAUSAL_LM_TASK
 
 
-def format_delta(result: dict, scale: float = 100.0) -> str:
-    """`+0.8 [−0.2, +1.9]` (points, for metrics in [0, 1])."""
-    return f"{result['delta'] * scale:+.1f} [{result['low'] * scale:+.1f}, {result['high'] * scale:+.1f}]"
+def format_delta(result: dict, metric: str = "accuracy") -> str:
+    """`+0.8 [−0.2, +1.9] points` for metrics in [0, 1]; `-0.412 [-0.520, -0.301]` for perplexity and NLL."""
+    if metric in LOWER_IS_BETTER:
+        return f"{result['delta']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]"
+    return f"{result['delta'] * 100:+.1f} [{result['low'] * 100:+.1f}, {result['high'] * 100:+.1f}] points"
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -84,8 +88,9 @@ def soup_table(summary: SoupSummary) -> str:
         rows.append(columns.row(f"oracle on {oracle.split} ({oracle.id}; not a claim)", oracle))
     rows.append(columns.row("uniform soup", summary.uniform, ece=True))
     rows.append(columns.row(soup_label(summary), summary.soup, ece=True))
+    averaged = "probabilities" if summary.task.name == CAUSAL_LM_TASK else "logits"
     for ensemble in summary.ensembles or []:
-        rows.append(columns.row(f"{ensemble.name} (logits)", ensemble, ece=True))
+        rows.append(columns.row(f"{ensemble.name} ({averaged})", ensemble, ece=True))
     lines = [format_table(columns.headers(), rows), *_claims(summary, columns)]
     lines += _ties(summary.ties, columns.chosen_by)
     lines += [f"WARNING: {warning}" for warning in summary.warnings]
@@ -103,7 +108,7 @@ def _claims(summary: SoupSummary, columns: _Columns) -> list[str]:
         delta = soup.report[split][metric] - best.report[split][metric]
         lines.append(
             f"{soup.name} vs best individual ({best.id}, the best selection {metric}) on {split}: "
-            f"{delta * 100:+.2f} points of {metric}"
+            f"{describe_delta(metric, delta)}"
         )
     for split, comparisons in (summary.comparisons or {}).items():
         for name, by_metric in comparisons.items():
@@ -111,8 +116,8 @@ def _claims(summary: SoupSummary, columns: _Columns) -> list[str]:
                 verdict = "significant at 95%" if result.significant else "not significant at 95%"
                 extra = f", McNemar p={result.mcnemar['p_value']:.3f}" if result.mcnemar else ""
                 lines.append(
-                    f"  {name} − best individual, {split} {metric_name}: {format_delta(result.to_dict())} points "
-                    f"(paired bootstrap 95% CI{extra}; {verdict})"
+                    f"  {name} − best individual, {split} {metric_name}: "
+                    f"{format_delta(result.to_dict(), metric_name)} (paired bootstrap 95% CI{extra}; {verdict})"
                 )
     return lines
 

@@ -115,7 +115,7 @@ def scored_context(checked: Checked, scorer: Scorer, quiet: bool, config: SoupCo
 def _mixing_trainer(scorer: Scorer, split, quiet: bool):
     """`options -> MixingTrainer` on `split`: the learned soup's gradients through the live model."""
     return lambda options: MixingTrainer(
-        scorer.workbench, split, scorer.collator, scorer.spec.regression, options, quiet
+        scorer.workbench, split, scorer.collator, scorer.spec, options, quiet
     )
 
 

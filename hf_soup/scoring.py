@@ -1,5 +1,8 @@
 """Score mixtures on a split: tokenise once, length-sorted batches, dynamic padding, cached results.
 
+What a forward pass keeps per example is the class logits, or for a causal LM the NLL of each predicted token
+(`language_modeling.py`); everything else (caching, early rejection, ensembles) works on those arrays.
+
 Labels are mapped to the model's label ids **by name**, so a model whose `id2label` order differs from the
 dataset's is still scored correctly. Model labels named generically (`LABEL_k`) follow the dataset's order.
 """
@@ -19,8 +22,9 @@ from accelerate import Accelerator
 from .cache import JsonCache, cache_key
 from .data import TaskSpec
 from .errors import DatasetError
+from .language_modeling import TokenLosses, document_metrics, outputs_width
 from .materialize import Workbench
-from .metrics import compute_metrics
+from .metrics import compute_metrics, higher_is_better
 from .mixture import Mixture
 from .progress import progress_bar
 from .runtime import process_state
@@ -34,7 +38,8 @@ class SplitScore:
     """Metrics of one model or mixture on one split, its mean loss, and per-example predictions and logits.
 
     The logits are kept (and cached, as float32 bytes) so that ensembles and calibration are computed from the
-    forward passes already made for scoring, never from new ones.
+    forward passes already made for scoring, never from new ones. For a causal LM, `logits` holds each
+    document's per-token NLL (`language_modeling.py`) and `predictions` is empty.
     """
 
     metrics: dict[str, float]
@@ -83,11 +88,23 @@ def _loader(split: EncodedSplit, collator, batch_size: int):
     )  # pinned batches upload to a GPU asynchronously
 
 
+def class_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """A classifier's forward pass: its logits, in float32."""
+    return model(**batch).logits.float()
+
+
+def model_outputs(spec: TaskSpec, split: EncodedSplit):
+    """`(model, batch) -> (batch, k) tensor`: what scoring keeps per example of `split` for the task."""
+    return TokenLosses(outputs_width(split)) if spec.causal_lm else class_logits
+
+
 @torch.inference_mode()
 def iter_logits(
-    model: torch.nn.Module, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False
-):
-    """Yield `(example indices, logits)` batch by batch, longest examples first.
+    model: torch.nn.Module, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False,
+    outputs=class_logits,
+):  # fmt: skip
+    """Yield `(example indices, logits)` batch by batch, longest examples first (`outputs(model, batch)` gives
+    the per-example array: class logits by default, `model_outputs` for the task).
 
     Under `accelerate launch` (or `torchrun`), `accelerator.prepare` shards the batches across processes and each
     step's results are gathered back to every process, so all of them see every logit, in the same order, and
@@ -104,7 +121,7 @@ def iter_logits(
     with progress_bar(total=len(split), desc=f"Scoring {split.name}", unit="ex", quiet=quiet) as bar:
         for batch in loader:
             indices = batch.pop("example_index")
-            logits = model(**batch).logits.float()
+            logits = outputs(model, batch)
             if accelerator.num_processes > 1:
                 indices = accelerator.gather(accelerator.pad_across_processes(indices, pad_index=-1))
                 logits = accelerator.gather(accelerator.pad_across_processes(logits))
@@ -120,10 +137,11 @@ def iter_logits(
                 yield indices, logits
 
 
-def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False) -> np.ndarray:
-    """Logits of `model` on `split`, in the split's original order."""
+def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False,
+            outputs=class_logits) -> np.ndarray:  # fmt: skip
+    """Logits (or `outputs`) of `model` on `split`, in the split's original order."""
     logits = np.zeros((len(split), 1), dtype=np.float32)
-    for index, (indices, batch) in enumerate(iter_logits(model, split, collator, batch_size, quiet)):
+    for index, (indices, batch) in enumerate(iter_logits(model, split, collator, batch_size, quiet, outputs)):
         if index == 0:
             logits = np.zeros((len(split), batch.shape[1]), dtype=np.float32)
         logits[indices] = batch
@@ -139,7 +157,11 @@ def per_example_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -
 
 
 def score_logits(logits: np.ndarray, split: EncodedSplit, spec: TaskSpec) -> SplitScore:
-    """Task metrics and mean loss (cross-entropy, or MSE for regression) from logits."""
+    """Task metrics and mean loss (cross-entropy, MSE for regression, mean token NLL for causal LMs) from logits
+    (per-token NLL for causal LMs)."""
+    if spec.causal_lm:
+        metrics, loss = document_metrics(logits, split.labels)
+        return SplitScore(metrics, loss, len(split), [], logits)
     predictions = logits[:, 0] if spec.regression else logits.argmax(axis=1)
     # Summed in float64, as `RejectionBound` sums: early rejection then decides exactly as a full evaluation.
     loss = float(np.mean(per_example_loss(logits, split.labels, spec.regression), dtype=np.float64))
@@ -158,14 +180,16 @@ class RejectionBound:
     - accuracy (`update` gets 1/0 per example): correct so far + examples remaining < the count needed;
     - loss (`update` gets each example's loss, all >= 0): the running sum already exceeds the allowed total.
 
-    `must_reach` is in "higher is better" units (the negated mean loss for `loss`). Stopping never changes the
-    accept/reject decision of a full evaluation; a small tolerance errs on the side of evaluating in full.
+    `must_reach` is in "higher is better" units (the negated mean loss for `loss`). The loss is a mean over
+    `weight` units: the `n` examples by default, or a causal-LM split's predicted tokens (each document's outcome
+    is then its summed token NLL). Stopping never changes the accept/reject decision of a full evaluation; a small
+    tolerance errs on the side of evaluating in full.
     """
 
-    def __init__(self, metric: str, n: int, must_reach: float):
+    def __init__(self, metric: str, n: int, must_reach: float, weight: float | None = None):
         self.metric, self.n, self.seen, self.total = metric, n, 0, 0.0
         if metric == SELECTION_LOSS:
-            self.budget = -must_reach * n * (1 + 1e-9) + 1e-9
+            self.budget = -must_reach * (n if weight is None else weight) * (1 + 1e-9) + 1e-9
         else:
             self.needed = math.ceil(must_reach * n - 1e-9)
 
@@ -190,13 +214,16 @@ def logits_unless_hopeless(batches, split: EncodedSplit, spec: TaskSpec, metric:
     """
     n = len(split)
     logits = None
-    bound = RejectionBound(metric, n, must_reach)
+    weight = float(np.sum(split.labels, dtype=np.float64)) if spec.causal_lm else None  # predicted tokens
+    bound = RejectionBound(metric, n, must_reach, weight)
     for indices, batch in batches:
         if logits is None:
             logits = np.zeros((n, batch.shape[1]), dtype=np.float32)
         logits[indices] = batch
         labels = split.labels[indices]
-        if metric == SELECTION_LOSS:
+        if spec.causal_lm:
+            outcomes = np.sum(batch, axis=1, dtype=np.float64)  # each document's summed token NLL
+        elif metric == SELECTION_LOSS:
             outcomes = per_example_loss(batch, labels, spec.regression)
         else:
             outcomes = (batch.argmax(axis=1) == labels).astype(np.float64)
@@ -275,7 +302,8 @@ class Scorer:
         started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
-        logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet)
+        logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet,
+                         model_outputs(self.spec, split))  # fmt: skip
         self.evaluations += 1
         self.examples_forwarded += len(split)
         self._record(split_name, len(split), started, early=False)
@@ -287,9 +315,9 @@ class Scorer:
 
     def value(self, score: SplitScore) -> float:
         """The selection objective of a score, as "higher is better" (losses are negated)."""
-        return (
-            -score.loss if self.selection_metric == SELECTION_LOSS else score.metrics[self.selection_metric]
-        )
+        if self.selection_metric == SELECTION_LOSS:
+            return -score.loss
+        return higher_is_better(self.selection_metric, score.metrics[self.selection_metric])
 
     def score_logits(self, logits: np.ndarray, split_name: str) -> SplitScore:
         """Metrics and loss of logits computed elsewhere (a logit ensemble's) on one of the splits."""
@@ -305,8 +333,9 @@ class Scorer:
         return self.value(score_logits(full.logits[indices], part, self.spec))
 
     def primary_value(self, score: SplitScore) -> float:
-        """The task's primary metric (accuracy, MCC, Pearson, F1 on rare labels...): what "best individual" means."""
-        return score.metrics[self.spec.primary_metric]
+        """The task's primary metric (accuracy, MCC, Pearson, F1 on rare labels, perplexity...) as "higher is
+        better": what "best individual" means."""
+        return higher_is_better(self.spec.primary_metric, score.metrics[self.spec.primary_metric])
 
     def selection_value(self, mixture: Mixture, must_reach: float | None = None) -> float | None:
         """The selection objective of `mixture` (higher is better).
@@ -333,7 +362,8 @@ class Scorer:
         started = time.perf_counter()
         if self.workbench.loaded != mixture:
             self.workbench.load(mixture)
-        batches = iter_logits(self.workbench.model, split, self.collator, self.batch_size, True)
+        batches = iter_logits(self.workbench.model, split, self.collator, self.batch_size, True,
+                              model_outputs(self.spec, split))  # fmt: skip
         logits, seen = logits_unless_hopeless(batches, split, self.spec, self.selection_metric, must_reach)
         self.examples_forwarded += seen
         if logits is None:

@@ -25,6 +25,7 @@ class EncodedSplit:
     fingerprint: str
     pos_label: int = 1
     empty_inputs: int = 0  # examples whose text (or one of a pair) is missing or blank
+    truncated: int = 0  # causal LM: documents cut to --max-length tokens
 
     def __len__(self) -> int:
         return len(self.labels)

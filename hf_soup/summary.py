@@ -15,7 +15,7 @@ from .metrics import SCORE_METRICS
 from .mixture import Mixture
 from .results import Comparison, Comparisons, Entry
 from .scoring import Scorer, SplitScore
-from .stats import METRIC_FUNCTIONS, compare, small_split_warning, topk_hits
+from .stats import METRIC_FUNCTIONS, compare, compare_documents, small_split_warning, topk_hits
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class Summary:
         self._ensembles: dict[tuple[tuple[str, ...], str], SplitScore] = {}
 
     def _entry(self, name: str, ingredients: list[str], scores: dict[str, SplitScore], passes: int) -> Entry:
-        regression = self.scorer.spec.regression
+        spec = self.scorer.spec
+        classification = not (spec.regression or spec.causal_lm)
         selection = scores["selection"]
         reports = {split: scores[split] for split in self.report_names}
         return Entry(
@@ -46,7 +47,7 @@ class Summary:
             report={split: score.metrics for split, score in reports.items()},
             report_loss={split: score.loss for split, score in reports.items()},
             ece={
-                split: calibration(score, self.scorer.splits[split], regression)
+                split: calibration(score, self.scorer.splits[split], classification)
                 for split, score in reports.items()
             },
         )
@@ -68,7 +69,8 @@ class Summary:
         if key not in self._ensembles:
             members = [self.scorer.score(self.singles[cid], split) for cid in ids]
             # Scored by the scorer's own metrics (a Trainer's `compute_metrics`, or hf-soup's), like any model.
-            self._ensembles[key] = self.scorer.score_logits(ensemble_logits(members), split)
+            outputs = ensemble_logits(members, self.scorer.spec.causal_lm)
+            self._ensembles[key] = self.scorer.score_logits(outputs, split)
         return self._ensembles[key]
 
     def comparisons(
@@ -89,6 +91,11 @@ class Summary:
                     if isinstance(other, list)
                     else self.scorer.score(other, split)
                 )
+                if self.scorer.spec.causal_lm:  # documents resampled in pairs; NLL and perplexity per token
+                    out[split][name] = {metric: Comparison.from_dict(r) for metric, r in compare_documents(
+                        encoded.labels, score.logits.sum(axis=1, dtype=np.float64),
+                        reference.logits.sum(axis=1, dtype=np.float64), resamples=resamples, seed=seed).items()}  # fmt: skip
+                    continue
                 out[split][name] = compare(
                     bootstrappable(metrics, encoded.labels),
                     encoded.labels,

@@ -35,6 +35,7 @@ class TrainerTask:
     name: str = "trainer"
     dataset: str = "trainer.eval_dataset"
     dataset_config: str | None = None
+    causal_lm: bool = False  # a Trainer's compute_metrics scores classifiers here
 
 
 def trainer_label_names(trainer) -> list[str] | None:

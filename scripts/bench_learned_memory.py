@@ -85,6 +85,7 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
     from hf_soup.compat import check_compatibility
+    from hf_soup.data import task_spec
     from hf_soup.materialize import Workbench
     from hf_soup.mixing import MixingTrainer
     from hf_soup.recipes import LearnedOptions
@@ -100,7 +101,8 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(ids[0]))
         if kind == "streamed":
             options = LearnedOptions(epochs=1, batch_size=BATCH, lr=0.1)
-            trainer = MixingTrainer(Workbench(model, sources), split, collator, False, options, quiet=True)
+            spec = task_spec(None, "reviews.csv", text_column="review", label_column="score")
+            trainer = MixingTrainer(Workbench(model, sources), split, collator, spec, options, quiet=True)
             _, _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
             alpha = state.final_alpha[0].tolist()
         elif kind == "in_memory":

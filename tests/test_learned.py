@@ -70,7 +70,8 @@ def test_streamed_gradients_match_an_all_in_memory_reference(setup, zoo, granula
     report, sources, split, collator = setup
     model = AutoModelForSequenceClassification.from_pretrained(zoo["a"], dtype=torch.float32)
     options = LearnedOptions(granularity=granularity, epochs=2, lr=0.2, batch_size=16, seed=3)
-    trainer = MixingTrainer(Workbench(model, sources), split, collator, False, options, quiet=True)
+    spec = task_spec(None, "reviews.csv", text_column="review", label_column="score")
+    trainer = MixingTrainer(Workbench(model, sources), split, collator, spec, options, quiet=True)
     ids = [c.id for c in report.accepted]
     assert ids == [str(zoo[c]) for c in CANDIDATES]
     _, _, state = trainer.learn(ids, lambda mixture, bar: 0.0)
