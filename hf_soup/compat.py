@@ -3,6 +3,9 @@
 No tensor data is read here. A candidate is rejected, with its reason, when its architecture, tensor names,
 shapes or label set differ from the reference (the first readable candidate). Heads whose labels are the same
 names in another order are accepted and permuted to the reference order when read.
+
+A backbone soup (`soup="backbone"`) compares only the candidates' bodies (the tensors the base has, seen through
+`BodyView`): their tasks, label sets and heads may differ, and the heads are left out.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .candidates import Candidate, HubWeights, gather_candidates, resolve_base
 from .errors import IncompatibleCandidatesError, NoCandidatesError
 from .hub import TOKENIZER_PATTERNS, WEIGHT_PATTERNS, HubRef, download
-from .sources import HEAD_PARTS, Alignment, SoupSources, TensorReader
+from .sources import HEAD_PARTS, Alignment, BodyView, SoupSources, TensorReader
 from .vocab import (
     TokenizerCheck,
     VocabAlignment,
@@ -28,6 +32,8 @@ from .vocab import (
 from .weights import TensorSource, averaged
 
 logger = logging.getLogger(__name__)
+
+SoupKind = Literal["full", "backbone"]
 
 
 @dataclass
@@ -46,6 +52,10 @@ class CompatibilityReport:
     label_names: list[str] | None
     alignment: Alignment = field(default_factory=Alignment)  # shared with the `SoupSources`
     warnings: list[str] = field(default_factory=list)
+    soup: SoupKind = "full"
+    # Backbone soups: each candidate's tensors left out of the soup (its head), and its own label names.
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+    ingredient_labels: dict[str, list[str] | None] = field(default_factory=dict)
 
     @property
     def permutations(self) -> dict[str, list[int]]:
@@ -101,6 +111,10 @@ class CompatibilityReport:
                 details.append("labels permuted to reference order")
             if self.alignment.vocab is not None:
                 details.append("embedding rows aligned by token")
+            if self.left_out.get(candidate.id):
+                names = self.left_out[candidate.id]
+                details.append(f"backbone: {len(names)} head tensor(s) left out ({', '.join(names[:3])}"
+                               f"{', ...' if len(names) > 3 else ''}: not in the base)")  # fmt: skip
             rows.append((candidate.id, "accepted", "; ".join(details)))
         rows.extend((r.candidate_id, "rejected", r.reason) for r in self.rejected)
         return rows
@@ -123,11 +137,18 @@ class CompatibilityReport:
             "base_on_hub": self.base.source == "hub",
             "vocab": self.alignment.vocab.to_dict() if self.alignment.vocab else None,
             "warnings": self.warnings,
+            "soup": self.soup,
+            **(
+                {"left_out": self.left_out, "ingredient_labels": self.ingredient_labels}
+                if self.soup == "backbone"
+                else {}
+            ),
         }
 
 
-def _architecture(candidate: Candidate) -> tuple:
-    return (candidate.model_type, candidate.architectures)
+def _architecture(candidate: Candidate, backbone: bool = False) -> tuple:
+    """What must match: the model type and class; a backbone soup's candidates may have other task classes."""
+    return (candidate.model_type,) if backbone else (candidate.model_type, candidate.architectures)
 
 
 def _describe_names(missing: set[str], extra: set[str]) -> str:
@@ -164,8 +185,10 @@ def _ties_embeddings(candidate: Candidate) -> bool:
     return bool(candidate.config.get("tie_word_embeddings", True))
 
 
-def _signature(candidate: Candidate, source: TensorReader) -> tuple:
+def _signature(candidate: Candidate, source: TensorReader, backbone: bool = False) -> tuple:
     tensors = tuple(sorted((n, source.shape(n), averaged(source.dtype(n))) for n in source.keys()))
+    if backbone:  # bodies only: labels and heads may differ
+        return (_architecture(candidate, True), None, tensors, None)
     labels = tuple(sorted(candidate.label_names)) if candidate.label_names else None
     return (_architecture(candidate), candidate.num_labels, tensors, labels)
 
@@ -254,6 +277,7 @@ def check_compatibility(
     hub_weights: HubWeights = "download",
     trust_remote_code: bool = False,
     vocab: VocabMode = "base",
+    soup: SoupKind = "full",
 ) -> tuple[CompatibilityReport, SoupSources]:
     """Resolve `patterns`, then check every candidate against a reference and against the base.
 
@@ -265,6 +289,8 @@ def check_compatibility(
         label_order (`list[str]`, *optional*): force this label order (used by `reproduce`).
         vocab (`str`, *optional*, defaults to `"base"`): the soup's vocabulary when candidates' embedding rows
             differ from the base's: the base's (`"base"`), or with every added token (`"union"`); see `vocab.py`.
+        soup (`str`, *optional*, defaults to `"full"`): `"backbone"` compares and soups only the tensors the base
+            has; the candidates' tasks, labels and heads may differ.
 
     Returns:
         `(report, sources)`: the report, and the open weights of the base and of each accepted candidate.
@@ -276,7 +302,10 @@ def check_compatibility(
     found, refused = gather_candidates(
         list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
     )
-    screening = _Screening(found, label_order, base)
+    backbone = soup == "backbone"
+    if backbone:
+        found = [(candidate, body_of(base_source, source)) for candidate, source in found]
+    screening = _Screening(found, label_order, base, backbone)
     for candidate, source in found:
         screening.screen(candidate, source)
     report = CompatibilityReport(
@@ -286,10 +315,17 @@ def check_compatibility(
         label_names=screening.labels,
         alignment=Alignment(permutations=screening.permutations),
         warnings=screening.warnings,
+        soup=soup,
     )
     readers = {c.id: screening.readers[c.id] for c in report.accepted}
     if hub_weights != "headers":
         _fetch_hub_candidates(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)
+    if backbone:  # downloaded Hub candidates are opened anew: their bodies again
+        readers = {
+            cid: r if isinstance(r, BodyView) else body_of(base_source, r) for cid, r in readers.items()
+        }
+        report.left_out = {cid: reader.left_out() for cid, reader in readers.items()}
+        report.ingredient_labels = {c.id: c.label_names for c in report.accepted}
     if report.accepted:
         _align_with_base(report, base_source, readers[report.accepted[0].id], str(base_dir))
         report.alignment.vocab = _plan_vocabulary(report, base_source, readers, screening.tokenizers, vocab)
@@ -303,7 +339,9 @@ class _Screening:
     """Checks candidates one by one against the reference: the first candidate of the most common kind, so one
     odd folder cannot reject the rest."""
 
-    def __init__(self, found: list[tuple[Candidate, TensorReader]], label_order, base: Candidate):
+    def __init__(self, found: list[tuple[Candidate, TensorReader]], label_order, base: Candidate,
+                 backbone: bool = False):  # fmt: skip
+        self.backbone = backbone
         self.accepted: list[Candidate] = []
         self.rejected: list[Rejection] = []
         self.readers: dict[str, TensorReader] = {}
@@ -313,14 +351,17 @@ class _Screening:
         self.labels: list[str] | None = None
         if not found:
             return
-        kinds = Counter(_signature(c, s) for c, s in found)
+        kinds = Counter(_signature(c, s, backbone) for c, s in found)
         top = max(kinds.values())
         self.reference, self.reference_source = next(
-            (c, s) for c, s in found if kinds[_signature(c, s)] == top
+            (c, s) for c, s in found if kinds[_signature(c, s, backbone)] == top
         )
         shape = _signature(self.reference, self.reference_source)[:3]
         same_shape = (c.label_names for c, s in found if c.label_names and _signature(c, s)[:3] == shape)
-        self.labels = label_order or self.reference.label_names or next(same_shape, None)
+        # A backbone soup's labels are the target task's, set when its head is built.
+        self.labels = (
+            None if backbone else label_order or self.reference.label_names or next(same_shape, None)
+        )
         folder = base.local_dir if tokenizer_files(base.local_dir) else Path(self.reference.local_dir)
         self.tokenizers = TokenizerCheck(folder)
 
@@ -331,7 +372,7 @@ class _Screening:
             return
         if permutation is not None:
             self.permutations[candidate.id] = permutation
-        if candidate.label_names is None and self.labels is not None:
+        if candidate.label_names is None and self.labels is not None and not self.backbone:
             self.warnings.append(
                 f"{candidate.id} has generic LABEL_k names; its label order is assumed to be {self.labels}"
             )
@@ -341,15 +382,19 @@ class _Screening:
 
     def _problem(self, candidate: Candidate, source: TensorReader) -> tuple[str | None, list[int] | None]:
         reference = self.reference
-        if _architecture(candidate) != _architecture(reference):
+        if _architecture(candidate, self.backbone) != _architecture(reference, self.backbone):
             return (f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
                     f"{reference.model_type}/{','.join(reference.architectures)}"), None  # fmt: skip
-        if candidate.num_labels != reference.num_labels:
+        if self.backbone and not source.keys():
+            return "it shares no tensor with the base: it was not fine-tuned from it", None
+        if candidate.num_labels != reference.num_labels and not self.backbone:
             return f"{candidate.num_labels} labels, expected {reference.num_labels}", None
         vocabulary = set(vocabulary_tensors(self.reference_source, reference.config)) & set(
             vocabulary_tensors(source, candidate.config)
         )
         problem = candidate is not reference and _compare_tensors(self.reference_source, source, vocabulary)
+        if problem and self.backbone:
+            problem = f"its body differs from {reference.id}'s: {problem}"
         if problem and _ties_embeddings(candidate) != _ties_embeddings(reference):
             problem = (
                 f"tie_word_embeddings is {_ties_embeddings(candidate)} but {_ties_embeddings(reference)} for the "
@@ -360,6 +405,14 @@ class _Screening:
             return problem, None
         permutation, label_problem = _align_labels(self.labels, candidate)
         return label_problem, permutation
+
+
+def body_of(base: TensorReader, candidate: TensorReader) -> BodyView:
+    """The candidate's tensors that the base has too (allowing for the task model's prefix), minus any head."""
+    names = _base_name_map(base, candidate)
+    return BodyView(
+        candidate, [n for n in candidate.keys() if n in names and not HEAD_PARTS & set(n.split(".")[:-1])]
+    )
 
 
 def _align_with_base(

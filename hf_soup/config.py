@@ -11,6 +11,10 @@ from .recipes.learned import GRANULARITIES, Granularity
 from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
 from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
 
+# The recipes that soup backbones: each trial's body gets a head of its own (`probe.py`), so recipes that learn
+# weights or interpolate with the base's head do not apply.
+BACKBONE_RECIPES = ("uniform", "greedy", "pruned")
+
 
 def _opt(help: str, **cli) -> dict:
     return {"help": help, **cli}
@@ -230,6 +234,25 @@ class SoupConfig:
             choices=("base", "union"),
         ),
     )
+    soup: str = field(
+        default="full",
+        metadata=_opt(
+            "full: every tensor is souped (candidates of one task and label set). backbone: candidates may come "
+            "from different tasks and label sets; only the tensors the base has (the shared body) are souped, and "
+            "--head builds the target task's head (the paper's cross-dataset soups, section 3.5). Recipes: "
+            f"{', '.join(BACKBONE_RECIPES)}.",
+            choices=("full", "backbone"),
+        ),
+    )
+    head: str = field(
+        default="probe",
+        metadata=_opt(
+            "--soup backbone: the target task's head. probe: a logistic regression (scikit-learn, L2, C=1, lbfgs) "
+            "fitted on the selection split's frozen features of each souped body; or the id of a candidate trained "
+            "on the target task, whose head is kept.",
+            metavar="probe|CANDIDATE",
+        ),
+    )
     stream: bool = field(
         default=False,
         metadata=_opt(
@@ -311,8 +334,31 @@ class SoupConfig:
                 "a scored recipe reads every candidate again on each trial. Drop --stream (the candidates are "
                 "then downloaded once), or drop the data for a data-free soup."
             )
+        self._check_backbone()
         if isinstance(self.candidates, str):
             object.__setattr__(self, "candidates", [self.candidates])
+
+    def _check_backbone(self) -> None:
+        if self.soup != "backbone":
+            if self.head != "probe":
+                raise ConfigError(
+                    "--head builds the target task's head of a backbone soup: add --soup backbone."
+                )
+            return
+        problems = {
+            "needs the target task's data (--task or --dataset): its head is built on the selection split": not (
+                self.task or self.dataset
+            ),
+            "scores with hf-soup's own data pipeline, not a Trainer's": self.scored_by_trainer,
+            f"runs the recipes {', '.join(BACKBONE_RECIPES)}": self.recipe not in BACKBONE_RECIPES,
+            "is for classifiers (causal LMs share their output layer: soup them in full)": self.causal_lm_task,
+            "writes a merged model (--output-kind merged)": self.output_kind != "merged",
+            "reads downloaded candidates (drop --stream)": self.stream,
+            "does not recalibrate BatchNorm (drop --recalibrate-bn)": bool(self.recalibrate_bn),
+        }
+        for problem, found in problems.items():
+            if found:
+                raise ConfigError(f"--soup backbone {problem}.")
 
     @property
     def image_task(self) -> bool:

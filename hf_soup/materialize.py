@@ -134,11 +134,14 @@ def soup_dtype(sources: SoupSources, requested: str = "auto") -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def plan_output(sources: SoupSources, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The soup's tensors as `meta` tensors: names, shapes and output dtypes, with no data."""
+def plan_output(
+    sources: SoupSources, dtype: torch.dtype | None = None, extra: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The soup's tensors as `meta` tensors: names, shapes and output dtypes, with no data; `extra` tensors that
+    no candidate supplies (a backbone soup's head) come after them."""
     reference = sources.reference
     dtype = dtype or soup_dtype(sources)
-    return {
+    planned = {
         name: torch.empty(
             sources.output_shape(name),
             dtype=dtype if averaged(reference.dtype(name)) else reference.dtype(name),
@@ -146,6 +149,11 @@ def plan_output(sources: SoupSources, dtype: torch.dtype | None = None) -> dict[
         )
         for name in reference.keys()
     }
+    for name, tensor in (extra or {}).items():
+        if name not in planned:
+            planned[name] = torch.empty(tensor.shape, dtype=dtype if averaged(tensor.dtype) else tensor.dtype,
+                                        device="meta")  # fmt: skip
+    return planned
 
 
 def shard_plan(planned: dict[str, torch.Tensor], max_shard_size: int | str):
@@ -186,10 +194,10 @@ def materialize(
             candidates' common dtype, float32 when they disagree).
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`, the Hub's convention): the largest shard.
         overrides (`dict[str, torch.Tensor]`, *optional*): tensors written as given instead of mixed (BatchNorm
-            statistics re-estimated on data after averaging).
+            statistics re-estimated on data after averaging; a backbone soup's head, which no candidate has).
     """
     overrides = overrides or {}
-    planned = plan_output(sources, dtype)
+    planned = plan_output(sources, dtype, overrides)
     names = list(planned)
     split = shard_plan(planned, max_shard_size)
     stats = MaterializeStats()

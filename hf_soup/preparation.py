@@ -19,10 +19,18 @@ from transformers import (
     default_data_collator,
 )
 
+from .backbone import backbone_head, backbone_target, probe_model
 from .batchnorm import BatchNormRecalibrator
 from .candidates import load_candidate
 from .config import SoupConfig
-from .data import LabelBalance, SplitPlan, TaskSpec, fit_metrics_to_labels, plan_splits, task_spec
+from .data import (
+    LabelBalance,
+    SplitPlan,
+    TaskSpec,
+    fit_metrics_to_labels,
+    plan_splits,
+    task_spec,
+)
 from .errors import ConfigError, DatasetError
 from .images import encode_image_split
 from .language_modeling import encode_document_split, pad_documents
@@ -146,10 +154,13 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
     )
     for note in plan.notes:
         logger.warning(note)
-    _check_outputs(spec, reference.num_labels)
-    spec = spec.with_top5(reference.num_labels)
+    if config.soup == "backbone":  # the target task's labels; the head comes from --head
+        reference, compatibility.label_names = backbone_target(config, compatibility, spec, plan)
+    num_labels = len(compatibility.label_names) if config.soup == "backbone" else reference.num_labels
+    _check_outputs(spec, num_labels)
+    spec = spec.with_top5(num_labels)
     encode, collator, model_class = encoder(
-        spec, preprocessor, compatibility.label_names, reference.num_labels, config, quiet
+        spec, preprocessor, compatibility.label_names, num_labels, config, quiet
     )
     splits = {"selection": encode("selection", plan.selection)}
     for name, data in plan.reports.items():
@@ -157,7 +168,10 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
     plan.warnings += _blank_text_warnings(spec, splits, config.strict)
     plan.notes += _truncation_notes(spec, splits, config.max_length)
     spec = _fit_metrics(config, spec, splits, compatibility, plan)
-    model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
+    if config.soup == "backbone" and config.head == "probe":
+        model = probe_model(model_class, reference, compatibility.label_names, checked.dtype)
+    else:
+        model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
     if (
         compatibility.alignment.vocab is not None
     ):  # the soup's vocabulary rows, not the reference's (`vocab.py`)
@@ -179,6 +193,7 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
         selection_metric=config.selection_metric,
         early_rejection=not config.no_early_rejection,
         variant=recalibrate.describe() if recalibrate else "",
+        head=backbone_head(config, model, checked.sources, splits["selection"], collator, quiet),
     )
     return scorer, plan
 
@@ -236,8 +251,9 @@ def _fit_metrics(config: SoupConfig, spec: TaskSpec, splits: dict, compatibility
         *config.extra_metrics,
         *(m for m in [config.selection_metric] if m == "matthews_correlation"),
     )
+    labels = compatibility.label_names
     balance = fit_metrics_to_labels(
-        spec, splits["selection"].labels, compatibility.accepted[0].num_labels, compatibility.label_names,
+        spec, splits["selection"].labels, len(labels) if labels else compatibility.accepted[0].num_labels, labels,
         config.positive_label, requested,
     )  # fmt: skip
     for split in splits.values():

@@ -86,12 +86,14 @@ def soup_table(summary: SoupSummary) -> str:
     if summary.oracle and summary.oracle.id != best.id:
         oracle = summary.oracle
         rows.append(columns.row(f"oracle on {oracle.split} ({oracle.id}; not a claim)", oracle))
+    if summary.base_with_head:  # a backbone soup's start
+        rows.append(columns.row(summary.base_with_head.name, summary.base_with_head, ece=True))
     rows.append(columns.row("uniform soup", summary.uniform, ece=True))
     rows.append(columns.row(soup_label(summary), summary.soup, ece=True))
     averaged = "probabilities" if summary.task.name == CAUSAL_LM_TASK else "logits"
     for ensemble in summary.ensembles or []:
         rows.append(columns.row(f"{ensemble.name} ({averaged})", ensemble, ece=True))
-    lines = [format_table(columns.headers(), rows), *_claims(summary, columns)]
+    lines = [format_table(columns.headers(), rows), *_claims(summary, columns), *_backbone(summary)]
     lines += _ties(summary.ties, columns.chosen_by)
     lines += [f"WARNING: {warning}" for warning in summary.warnings]
     if summary.task.positive_label is not None:
@@ -120,6 +122,19 @@ def _claims(summary: SoupSummary, columns: _Columns) -> list[str]:
                     f"{format_delta(result.to_dict(), metric_name)} (paired bootstrap 95% CI{extra}; {verdict})"
                 )
     return lines
+
+
+def _backbone(summary: SoupSummary) -> list[str]:
+    """What a backbone soup souped, and where its head came from."""
+    if not summary.backbone:
+        return []
+    left_out = summary.compatibility.get("left_out") or {}
+    return [
+        f"BACKBONE SOUP: only the body shared with the base was souped; each ingredient's own head was left out "
+        f"({sum(map(len, left_out.values()))} tensors, listed in soup.json). Head for {summary.task.name}: "
+        f"{summary.backbone['described']} ({', '.join(summary.backbone['head_tensors'])}), part of every scored "
+        "trial."
+    ]
 
 
 def _ties(ties: list[dict], chosen_by: str) -> list[str]:

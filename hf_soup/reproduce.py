@@ -144,6 +144,7 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         allow_pickle=bool(options.get("allow_pickle")),
         label_order=summary.compatibility.get("label_names"),
         vocab=options.get("vocab") or "base",
+        soup=options.get("soup") or "full",
     )
     missing = sorted(set(mixture.ids()) - {c.id for c in report.accepted})
     if missing:
@@ -160,9 +161,13 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
     with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
         rebuilt = write(mixture, sources, kind, Path(scratch), settings=settings, candidates=report.accepted,
                         quiet=quiet)  # fmt: skip
-    # BatchNorm statistics re-estimated on data (--recalibrate-bn) are not a function of the weights alone: the
-    # published ones are checked against the manifest, the rebuild's averages are not compared.
-    recalibrated = set((summary.batchnorm or {}).get("tensors", []))
+    # BatchNorm statistics re-estimated on data (--recalibrate-bn) and a backbone soup's head (fitted on data, or
+    # one candidate's) are not a mixture of the weights: the published ones are checked against the manifest, and
+    # the rebuild (which writes the mixture) is not compared there.
+    recalibrated = {
+        *(summary.batchnorm or {}).get("tensors", []),
+        *(summary.backbone or {}).get("head_tensors", []),
+    }
     return _compare(
         target, manifest.tensor_sha256, rebuilt.tensor_sha256, published_hashes(target), recalibrated
     )

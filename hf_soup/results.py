@@ -144,8 +144,9 @@ class SplitsInfo:
 
 
 _NESTED = {"recipe": RecipeInfo, "task": TaskInfo, "splits": SplitsInfo}
-_ENTRIES = ("best_individual", "best_by_selection_metric", "oracle", "uniform", "soup")
-_WHEN_SET = ("best_by_selection_metric", "batchnorm", "lora")  # in soup.json only when they happened
+_ENTRIES = ("best_individual", "best_by_selection_metric", "oracle", "uniform", "soup", "base_with_head")
+# In soup.json only when they happened.
+_WHEN_SET = ("best_by_selection_metric", "batchnorm", "lora", "backbone", "base_with_head")
 _WHEN_SCORED = ("oracle", "trajectory", "comparisons", "ties")  # not in a plain merge's soup.json
 
 
@@ -185,6 +186,9 @@ class SoupSummary:
     cache: dict[str, Any] = field(default_factory=dict)
     processes: int = 1
     lora: dict[str, Any] | None = None  # --output-kind lora: the adapter's rank and truncation
+    # --soup backbone: the head (probe or a candidate's) and its tensors; the base's body with that head.
+    backbone: dict[str, Any] | None = None
+    base_with_head: Entry | None = None
 
     @property
     def scored(self) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbone import head_tensors
 from .config import SoupConfig
 from .integrations import INGREDIENT_FILE
 from .mixing import MixingTrainer
@@ -63,6 +64,11 @@ def scored_run(config: SoupConfig, checked: Checked, preprocessor, scoring, quie
     if config.recalibrate_bn:
         overrides = recalibrated_statistics(scorer, mixture)
         fields["batchnorm"] = {"recalibrated_batches": config.recalibrate_bn, "tensors": sorted(overrides)}
+    if scorer.head is not None:  # a backbone soup: its head, fitted (or kept) for the chosen body
+        scorer.load(mixture)
+        overrides = head_tensors(scorer)
+        fields["backbone"] = {"head": config.head, "described": scorer.head.describe, "head_tensors": sorted(overrides),
+                              "feature_passes": scorer.head.passes}  # fmt: skip
     lap("soup")
     return ScoredRun(fields, cooked.result, scorer, overrides)
 
@@ -170,6 +176,10 @@ def scored_fields(
     )
     fields = _entries(summary, cooked, checked, best_id)
     others = {"soup": mixture, "uniform": uniform, "ensemble": ranked}
+    if scorer.head is not None:  # a backbone soup's start: the base's body with the same kind of head
+        start = Mixture("base", (), base=replace(checked.base, weight=1.0))
+        fields["base_with_head"] = summary.entry(f"base + {scorer.head.describe}", start)
+        others["base"] = start
     fields.update(
         uniform=summary.entry("uniform soup", uniform),
         soup=summary.entry(f"{cooked.recipe.name()} soup", mixture),

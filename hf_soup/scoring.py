@@ -245,11 +245,14 @@ class Scorer:
         selection_metric (`str`, *optional*): `"loss"` or one of the task's metrics; defaults to the primary one.
         early_rejection (`bool`, *optional*, defaults to `True`): stop a trial as soon as it cannot reach the bar.
         variant (`str`, *optional*): what else changes a mixture's scores (BatchNorm recalibration), for cache keys.
+        head (*optional*): a backbone soup's head, given to each mixture after it is loaded (`probe.ProbeHead`:
+            fitted on the selection split, whose logits it then provides; `probe.CandidateHead`: kept as is).
     """
 
     def __init__(self, workbench, spec, splits, fingerprints, collator, *, cache=None, batch_size=64, quiet=False,
-                 selection_metric=None, early_rejection=True, variant=""):  # fmt: skip
-        self.variant = variant
+                 selection_metric=None, early_rejection=True, variant="", head=None):  # fmt: skip
+        self.head = head
+        self.variant = variant + (f"|{head.describe}" if head is not None else "")
         self.workbench: Workbench = workbench
         self.spec: TaskSpec = spec
         self.splits: dict[str, EncodedSplit] = splits
@@ -300,14 +303,29 @@ class Scorer:
         if (hit := self._cached(key)) is not None:
             return hit
         started = time.perf_counter()
-        if self.workbench.loaded != mixture:
-            self.workbench.load(mixture)
-        logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet,
-                         model_outputs(self.spec, split))  # fmt: skip
+        self.load(mixture)
+        logits = (
+            self.head.selection_logits(self._head_key(mixture))
+            if self.head and split_name == "selection"
+            else None
+        )
+        if logits is None:
+            logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet,
+                             model_outputs(self.spec, split))  # fmt: skip
         self.evaluations += 1
         self.examples_forwarded += len(split)
         self._record(split_name, len(split), started, early=False)
         return self._store(key, score_logits(logits, split, self.spec))
+
+    def _head_key(self, mixture: Mixture) -> str:
+        return mixture.content_key(self.fingerprints)
+
+    def load(self, mixture: Mixture) -> None:
+        """Put `mixture` in the live model (and, for a backbone soup, its head)."""
+        if self.workbench.loaded != mixture:
+            self.workbench.load(mixture)
+        if self.head is not None:
+            self.head.fit(self._head_key(mixture), self.workbench.model)
 
     def _record(self, split: str, examples: int, started: float, early: bool) -> None:
         self.log.append({"split": split, "examples": examples, "seconds": time.perf_counter() - started,
@@ -349,8 +367,9 @@ class Scorer:
         key = self._key(mixture, split)
         if (hit := self._cached(key)) is not None:
             return self.value(hit)
-        exact = self.selection_metric == SELECTION_LOSS or (
-            self.selection_metric == "accuracy" and not self.spec.regression
+        exact = self.head is None and (  # a probe sees every selection example before any logit exists
+            self.selection_metric == SELECTION_LOSS
+            or (self.selection_metric == "accuracy" and not self.spec.regression)
         )
         if must_reach is None or not self.early_rejection or not exact:
             return self.value(self.score(mixture, "selection"))
@@ -360,8 +379,7 @@ class Scorer:
         if self.cache is not None and self.cache.get(early_key) is not None:
             return None
         started = time.perf_counter()
-        if self.workbench.loaded != mixture:
-            self.workbench.load(mixture)
+        self.load(mixture)
         batches = iter_logits(self.workbench.model, split, self.collator, self.batch_size, True,
                               model_outputs(self.spec, split))  # fmt: skip
         logits, seen = logits_unless_hopeless(batches, split, self.spec, self.selection_metric, must_reach)

@@ -32,6 +32,39 @@ class TensorReader(Protocol):
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
 
+class BodyView:
+    """A candidate's shared body: its tensors that the base has too (`--soup backbone`), as a `TensorReader`.
+
+    Everything else the reader offers (its files, for fingerprints) is the whole candidate's.
+    """
+
+    def __init__(self, reader: TensorReader, names: list[str]):
+        self.reader, self.names = reader, names
+
+    def keys(self) -> list[str]:
+        return self.names
+
+    def left_out(self) -> list[str]:
+        """The candidate's tensors outside the body: its task head."""
+        body = set(self.names)
+        return [name for name in self.reader.keys() if name not in body]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.reader.rows(name, start, stop)
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
+
+
 @dataclass
 class Alignment:
     """How candidates' tensors line up: head rows in one label order, and candidate names → base names."""

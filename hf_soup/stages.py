@@ -78,6 +78,7 @@ def check_stage(
         label_order=label_order,
         hub_weights="stream" if config.stream else "download",
         vocab=config.vocab,
+        soup=config.soup,
     )
     compatibility.raise_if_unusable(strict=config.strict)
     if config.output_kind == "lora":

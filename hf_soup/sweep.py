@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -57,6 +56,7 @@ from transformers import (
 from .data import carve_selection, dataset_label_names, load_data
 from .errors import ConfigError, DatasetError
 from .integrations import INGREDIENT_FILE, SoupCallback
+from .probe import fit_probe, head_layer, set_head
 from .progress import progress_bar
 from .tasks import IMAGE_TASK, is_image_task
 
@@ -296,16 +296,6 @@ def _shared_start(
     return folder
 
 
-def head_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Linear:
-    """The head's last linear layer: the last `nn.Linear` with one output per label."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
-    if not layers:
-        raise ConfigError(
-            f"{type(model).__name__} has no linear layer with {num_labels} outputs to fit a probe into."
-        )
-    return layers[-1]
-
-
 @torch.no_grad()
 def probe_features(model, train, collator, batch_size: int) -> np.ndarray:
     """The input of the head's last linear layer for every training row, from the frozen model in eval mode."""
@@ -326,22 +316,13 @@ def probe_features(model, train, collator, batch_size: int) -> np.ndarray:
 
 
 def fit_linear_probe(model, train, collator, batch_size: int = 16) -> float:
-    """Set the head's last layer to a logistic regression on frozen features; return its training accuracy."""
+    """Set the head's last layer to a logistic regression on frozen features (`probe.fit_probe`); return its
+    training accuracy."""
     features = probe_features(model, train, collator, batch_size)
     targets = np.asarray(train["labels"])
-    probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, targets)
-    coef, intercept = probe.coef_, probe.intercept_
-    if coef.shape[0] == 1:  # binary: logits [-z/2, z/2] give the same probabilities as sigmoid(z)
-        coef, intercept = (
-            np.concatenate([-coef / 2, coef / 2]),
-            np.concatenate([-intercept / 2, intercept / 2]),
-        )
-    layer = head_layer(model, model.config.num_labels)
-    with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(coef, dtype=layer.weight.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(torch.as_tensor(intercept, dtype=layer.bias.dtype))
-    return float(probe.score(features, targets))
+    weight, bias = fit_probe(features, targets, model.config.num_labels)
+    set_head(head_layer(model, model.config.num_labels), weight, bias)
+    return float(np.mean((features @ weight.T + bias).argmax(axis=1) == targets))
 
 
 def _fine_tune(
