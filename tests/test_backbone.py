@@ -79,7 +79,10 @@ def test_uniform_backbone_soup_of_three_label_sets(zoo, tasks, reviews, tokenize
         assert torch.allclose(written[name].double(), expected, atol=1e-6), name
     # The head: a probe for the target's labels, not any candidate's head.
     config = json.loads((out / "config.json").read_text())
-    assert config["id2label"] == {"0": "great", "1": "other"} and written["classifier.weight"].shape == (2, 32)
+    assert config["id2label"] == {"0": "great", "1": "other"} and written["classifier.weight"].shape == (
+        2,
+        32,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(out)  # a plain transformers classifier
     assert model.config.num_labels == 2
     # The probe equals scikit-learn's, fitted here on features computed here (the pooled output, the head's input).
@@ -106,7 +109,9 @@ def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, n
     _, selection = carve_selection(data, 0.1, seed=0)
     assert len(selection) == summary["splits"]["selection"]["size"]
     with torch.no_grad():
-        encoded = tokenizer(list(selection["review"]), truncation=True, max_length=64, padding=True, return_tensors="pt")
+        encoded = tokenizer(
+            list(selection["review"]), truncation=True, max_length=64, padding=True, return_tensors="pt"
+        )
         features = model.bert(**encoded).pooler_output.double().numpy()
     labels = np.asarray([["great", "other"].index(s) for s in list(selection["score"])])
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
