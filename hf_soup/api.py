@@ -96,16 +96,18 @@ class _Stopwatch:
 
 
 def check(
-    base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False
-) -> CompatibilityReport:
+    base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False,
+    soup: str = "full",
+) -> CompatibilityReport:  # fmt: skip
     """Check candidates against each other and the base from configs and tensor headers only: no weight file
-    of a Hub candidate or base is downloaded."""
+    of a Hub candidate or base is downloaded. `soup="backbone"` compares their shared bodies only."""
     report, _ = check_compatibility(
         base,
         candidates,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         hub_weights="headers",
+        soup=soup,
     )
     return report
 
@@ -116,13 +118,14 @@ def check_with_diagnostics(
     allow_pickle: bool = False,
     quiet: bool = False,
     trust_remote_code: bool = False,
+    soup: str = "full",
 ) -> tuple[CompatibilityReport, Diagnostics]:
     """`check`, then each accepted candidate's distance to the base and the angles between their task vectors.
 
     Unlike `check`, this reads every weight (streamed, tensor by tensor).
     """
     report, sources = check_compatibility(
-        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        base, candidates, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, soup=soup
     )
     report.raise_if_unusable(minimum=1)
     return report, diagnose(sources, quiet=quiet)

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cook)
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
-    add_config_arguments(check, only=("base", "candidates", "strict", "allow_pickle", "trust_remote_code"))
+    add_config_arguments(
+        check, only=("base", "candidates", "strict", "allow_pickle", "trust_remote_code", "soup")
+    )
     check.add_argument(
         "--diagnostics",
         action="store_true",
@@ -307,7 +309,7 @@ def _check(args) -> int:
     from .report import compatibility_table, format_table
 
     if not args.diagnostics:
-        report = check(args.base, args.candidates, args.allow_pickle, args.trust_remote_code)
+        report = check(args.base, args.candidates, args.allow_pickle, args.trust_remote_code, soup=args.soup)
         _emit(args, report.to_dict(), compatibility_table(report.rows()))
         report.raise_if_unusable(strict=args.strict)
         return 0
@@ -315,7 +317,7 @@ def _check(args) -> int:
     from .plots import write_angle_heatmap
 
     report, diagnostics = check_with_diagnostics(
-        args.base, args.candidates, args.allow_pickle, args.quiet, args.trust_remote_code
+        args.base, args.candidates, args.allow_pickle, args.quiet, args.trust_remote_code, soup=args.soup
     )
     if args.heatmap:
         write_angle_heatmap(args.heatmap, diagnostics.to_dict())

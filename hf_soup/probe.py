@@ -5,8 +5,10 @@ pooled map). The probe is scikit-learn's `LogisticRegression` (L2, C = 1, lbfgs)
 coefficients become that layer's weight and bias, so the model with its probe is a plain transformers classifier.
 
 For a backbone soup (`ProbeHead`), every scored mixture gets its own probe, fitted on the selection split's
-features of its souped body. The features come from one forward pass, and the selection split's logits follow
-from them (features @ Wᵀ + b), so a trial costs one pass over the selection split, as for any soup.
+features of its souped body; that probe is the head written with the soup. The selection split's scores are
+**cross-fitted**, so that a mixture is not judged on the data its head was fitted to: two stratified halves
+(seeded), each scored by a probe fitted on the other (scikit-learn's `cross_val_predict`). The features come from
+one forward pass, and every logit follows from them, so a trial costs one pass over the selection split.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from .errors import ConfigError, DatasetError
 from .scoring import predict
@@ -45,10 +48,34 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int) -> tupl
             "larger --selection-fraction, or a selection split with every label."
         )
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(np.asarray(features, dtype=np.float64), labels)
-    weight, bias = probe.coef_, probe.intercept_
-    if weight.shape[0] == 1:
-        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
-    return weight, bias
+    if probe.coef_.shape[0] == 1:
+        return _as_logits(probe.coef_[0]).T, _as_logits(probe.intercept_)[0]
+    return probe.coef_, probe.intercept_
+
+
+def _as_logits(scores: np.ndarray) -> np.ndarray:
+    """Decision values as logits: a binary probe's single column z becomes [−z/2, z/2]."""
+    return np.stack([-scores / 2, scores / 2], axis=1) if scores.ndim == 1 else scores
+
+
+def cross_fitted_logits(
+    features: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0
+) -> np.ndarray:
+    """Out-of-fold logits of the probe: two stratified halves, each scored by a probe fitted on the other.
+
+    Raises:
+        DatasetError: a label has fewer than two examples, so it cannot be in both halves.
+    """
+    counts = np.bincount(labels, minlength=num_labels)
+    if counts.min() < 2:
+        raise DatasetError(
+            f"The selection split has {counts.min()} example(s) of label id {int(counts.argmin())}: the probe's "
+            "cross-fitted scores need two. Use a larger --selection-fraction."
+        )
+    folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed)
+    scores = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), np.asarray(features, dtype=np.float64),
+                               labels, cv=folds, method="decision_function")  # fmt: skip
+    return _as_logits(scores).astype(np.float32)
 
 
 def set_head(layer: torch.nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -108,15 +135,15 @@ class ProbeHead:
                 model, self.split, self.collator, self.batch_size, self.quiet, HeadInputs(self.layer)
             )
             self.passes += 1
-            weight, bias = fit_probe(features, self.split.labels, self.layer.out_features)
-            logits = (features.astype(np.float64) @ weight.T + bias).astype(np.float32)
-            self.fitted[key] = (weight, bias, logits)
+            labels, count = self.split.labels, self.layer.out_features
+            weight, bias = fit_probe(features, labels, count)
+            self.fitted[key] = (weight, bias, cross_fitted_logits(features, labels, count))
         if self.current != key:
             set_head(self.layer, *self.fitted[key][:2])
             self.current = key
 
     def selection_logits(self, key: str) -> np.ndarray:
-        """The selection split's logits under mixture `key`'s probe: from its features, with no forward pass."""
+        """The selection split's cross-fitted logits for mixture `key`: from its features, with no forward pass."""
         return self.fitted[key][2]
 
 

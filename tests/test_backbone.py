@@ -21,6 +21,7 @@ from conftest import fine_tune, run_main, tiny_config
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
 TASKS = {
@@ -87,9 +88,11 @@ def test_uniform_backbone_soup_of_three_label_sets(zoo, tasks, reviews, tokenize
     assert model.config.num_labels == 2
     # The probe equals scikit-learn's, fitted here on features computed here (the pooled output, the head's input).
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    weight, bias = independent_probe(model, tokenizer, reviews, summary)
+    weight, bias, cross_fitted = independent_probe(model, tokenizer, reviews, summary)
     np.testing.assert_allclose(written["classifier.weight"].numpy(), weight, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(written["classifier.bias"].numpy(), bias, rtol=1e-3, atol=1e-4)
+    # Selection scores are cross-fitted: each half scored by a probe fitted on the other.
+    assert summary["soup"]["selection_loss"] == pytest.approx(cross_fitted, rel=1e-3)
     # Baselines in the table: the base with a probe; the card says what was souped.
     assert summary["base_with_head"]["name"] == "base + probe"
     assert "base" in summary["comparisons"]["test.csv"]
@@ -100,9 +103,10 @@ def test_uniform_backbone_soup_of_three_label_sets(zoo, tasks, reviews, tokenize
     assert reproduced.returncode == 0, reproduced.stderr
 
 
-def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, np.ndarray]:
+def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, np.ndarray, float]:
     """LogisticRegression(C=1) on the soup body's pooled outputs of the selection rows (the same seeded carve-out
-    of train.csv that hf-soup selects on), labels as the soup's ids."""
+    of train.csv that hf-soup selects on), labels as the soup's ids; and the cross-entropy of out-of-fold logits
+    over two seeded stratified halves."""
     from hf_soup.data import carve_selection, load_data
 
     data = load_data(str(reviews["train"]), split="train")
@@ -116,7 +120,12 @@ def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, n
     labels = np.asarray([["great", "other"].index(s) for s in list(selection["score"])])
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
     z, b = probe.coef_[0], probe.intercept_[0]
-    return np.stack([-z / 2, z / 2]), np.asarray([-b / 2, b / 2])
+    folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=0)
+    out_of_fold = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), features, labels, cv=folds,
+                                    method="decision_function")  # fmt: skip
+    # Cross-entropy of the out-of-fold logits [-z/2, z/2]: log(1 + exp(-z)) for label 1, log(1 + exp(z)) for 0.
+    loss = np.mean(np.logaddexp(0, np.where(labels == 1, -out_of_fold, out_of_fold)))
+    return np.stack([-z / 2, z / 2]), np.asarray([-b / 2, b / 2]), float(loss)
 
 
 def test_greedy_backbone_soup_never_below_the_best_single_with_a_probe(zoo, tasks, reviews, tmp_path):
@@ -164,8 +173,13 @@ def test_different_bodies_are_rejected_with_nothing_written(zoo, tasks, reviews,
     assert not out.exists()
 
 
-def test_a_full_soup_still_rejects_other_label_sets(zoo, tasks):
+def test_check_compares_bodies_only_for_backbone_soups(zoo, tasks):
     result = run_main("check", "--base", str(zoo["base"]), "--candidates", str(tasks["shouts"]), str(tasks["length"]),
                       str(tasks["topic"]), "--format", "json")  # fmt: skip
     rejected = json.loads(result.stdout)["rejected"]
     assert len(rejected) == 2 and all("labels, expected" in r["reason"] for r in rejected)
+    backbone = run_main("check", "--base", str(zoo["base"]), "--candidates", *(str(p) for p in tasks.values()),
+                        "--soup", "backbone", "--format", "json")  # fmt: skip
+    report = json.loads(backbone.stdout)
+    assert backbone.returncode == 0 and not report["rejected"] and len(report["accepted"]) == 3
+    assert report["ingredient_labels"][str(tasks["topic"])] == ["coffee", "tea", "pet", "other"]
