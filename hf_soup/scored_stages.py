@@ -67,8 +67,12 @@ def scored_run(config: SoupConfig, checked: Checked, preprocessor, scoring, quie
     if scorer.head is not None:  # a backbone soup: its head, fitted (or kept) for the chosen body
         scorer.load(mixture)
         overrides = head_tensors(scorer)
-        fields["backbone"] = {"head": config.head, "described": scorer.head.describe, "head_tensors": sorted(overrides),
-                              "feature_passes": scorer.head.passes}  # fmt: skip
+        fields["backbone"] = {
+            "head": config.head,
+            "described": scorer.head.describe,
+            "head_tensors": sorted(overrides),
+            "feature_passes": scorer.head.passes,  # forward passes that fitted a probe
+        }
     lap("soup")
     return ScoredRun(fields, cooked.result, scorer, overrides)
 
