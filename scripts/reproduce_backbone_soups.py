@@ -223,7 +223,8 @@ def table(title: str, summaries: dict[str, dict], note: str) -> list[str]:
              f"Report split: `{split}` ({first['splits']['report'][split]['size']} examples); selection split: "
              f"{first['splits']['selection']['size']} examples (the probes' training data; selection scores "
              "cross-fitted). Differences in points against the best single fine-tune with a probe (the best "
-             "selection accuracy), with 95% paired bootstrap intervals; * marks an interval that excludes 0.", "",
+             f"selection {metric}), with 95% paired bootstrap intervals; * marks an interval that excludes 0. "
+             f"Recipes rank and accept by {first['task']['selection_metric']} on the selection split.", "",
              f"| model | ingredients | {split} {metric} | Δ vs best single + probe [95% CI] |", "|---|---|---|---|"]  # fmt: skip
     for candidate in first["candidates"]:
         lines.append(row(f"`{Path(candidate['id']).name}` + probe", candidate))
@@ -276,7 +277,11 @@ def main() -> int:
         seconds["text"] = time.perf_counter() - started
         lines += table("Text: VADER word polarity, from fine-tunes on review sentiment and word strength",
                        results["text"], "Start: MiniLM (all-MiniLM-L6-v2).")  # fmt: skip
-    lines.append("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
+    lines.append(
+        "Seconds of this invocation (trained candidates and cached scores are reused): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+        + "."
+    )
     text = "\n".join(lines) + "\n"
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "backbone_soups.md").write_text(text)

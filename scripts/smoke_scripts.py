@@ -33,8 +33,8 @@ SMALL = {
     "bench_mixing": "--candidates 2 --examples 16",
     "bench_soup": "--sizes 2 --repeats 1 --scratch {scratch}",
     "bench_vs_mergekit": "--sizes 2 --rounds 1 --scratch {scratch}",
-    "reproduce_backbone_soups": "--workdir {scratch}/work --results {scratch} --pool-rows 300 --pretrain-rows 300 "
-    "--test-rows 60 --digits-rows 100 --review-rows 32 --text-steps 1 --target-rows 200 --report-rows 48",
+    "reproduce_backbone_soups": "--workdir {scratch}/work --results {scratch} --pool-rows 600 --pretrain-rows 300 "
+    "--test-rows 60 --digits-rows 100 --review-rows 32 --text-steps 1 --target-rows 400 --report-rows 96",
     "compare_stock_mergekit": "--candidates 2",
     "reproduce_fashion_mnist": "--workdir {scratch}/work --results {scratch} --pool-rows 300 --pretrain-rows 300 "
     "--pretrain-epochs 1 --test-rows 200 --variants 2 --recalibrate-bn 2",
