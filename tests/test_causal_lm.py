@@ -226,3 +226,37 @@ def test_every_recipe_scores_causal_lms(family, tmp_path, recipe):
     if recipe == "learned":
         assert summary["learned"]["step_losses"]  # gradient steps on the token NLL were taken
     assert summary["soup"]["report"]["report.csv"]["perplexity"] > 1
+
+
+def test_a_candidate_with_an_added_token_is_scored_and_souped_in_the_union_vocabulary(
+    family, tokenizer_dir, tmp_path
+):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["<review>"])
+    grown = LlamaForCausalLM.from_pretrained(family["ft-c"], dtype=torch.bfloat16)
+    grown.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        grown.get_input_embeddings().weight[-1] = torch.linspace(-0.5, 0.5, 32)
+    grown.save_pretrained(tmp_path / "ft-grown", max_shard_size="1MB")
+    tokenizer.save_pretrained(tmp_path / "ft-grown")
+    out = tmp_path / "soup"
+    result = run_main(
+        "--base", str(family["base"]), "--candidates", str(family["ft-a"]), str(family["ft-b"]),
+        str(tmp_path / "ft-grown"), "--task", "causal-lm", "--dataset", str(family["selection"]), "--text-column",
+        "review", "--selection-split", str(family["selection"]), "--report-split", str(family["report"]),
+        "--max-length", str(MAX_LENGTH), "--recipe", "uniform", "--vocab", "union", "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tables = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16).get_input_embeddings().weight.double()
+              for p in (family["ft-a"], family["ft-b"], tmp_path / "ft-grown")]  # fmt: skip
+    soup = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    written = soup.get_input_embeddings().weight.double()
+    assert written.shape[0] == len(tokenizer) and soup.config.tie_word_embeddings
+    shared = torch.stack([tables[0], tables[1], tables[2][:-1]]).mean(0)  # tokens all three have
+    expected = torch.cat([shared, tables[2][-1:]])  # the added token: its only owner's row
+    _, exponent = torch.frexp(expected)
+    ulp = torch.ldexp(torch.ones_like(expected), exponent - 8)  # bf16: 8 significant bits
+    assert float(((written - expected).abs() / ulp).max()) <= 1.0  # the float64 per-token mean, in bf16
+    losses, tokens, _ = document_losses(out, family["report"], tokenizer_dir)
+    report = json.loads((out / "soup.json").read_text())["soup"]["report"]["report.csv"]
+    assert report["nll"] == pytest.approx(corpus_nll(losses, tokens), rel=2e-3)  # scored as written
