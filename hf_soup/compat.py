@@ -302,30 +302,19 @@ def check_compatibility(
     found, refused = gather_candidates(
         list(patterns), base, allow_pickle, api, trust_remote_code, base_source=base_source
     )
-    backbone = soup == "backbone"
-    if backbone:
-        found = [(candidate, body_of(base_source, source)) for candidate, source in found]
+    backbone = soup == "backbone"  # then bodies are what is compared and souped
+    found = [(c, body_of(base_source, s)) for c, s in found] if backbone else found
     screening = _Screening(found, label_order, base, backbone)
     for candidate, source in found:
         screening.screen(candidate, source)
-    report = CompatibilityReport(
-        accepted=screening.accepted,
-        rejected=[*(Rejection(cid, reason) for cid, reason in refused), *screening.rejected],
-        base=base,
-        label_names=screening.labels,
-        alignment=Alignment(permutations=screening.permutations),
-        warnings=screening.warnings,
-        soup=soup,
-    )
+    rejected = [*(Rejection(cid, reason) for cid, reason in refused), *screening.rejected]
+    alignment = Alignment(permutations=screening.permutations)
+    report = CompatibilityReport(screening.accepted, rejected, base, screening.labels, alignment,
+                                 warnings=screening.warnings, soup=soup)  # fmt: skip
     readers = {c.id: screening.readers[c.id] for c in report.accepted}
     if hub_weights != "headers":
         _fetch_hub_candidates(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)
-    if backbone:  # downloaded Hub candidates are opened anew: their bodies again
-        readers = {
-            cid: r if isinstance(r, BodyView) else body_of(base_source, r) for cid, r in readers.items()
-        }
-        report.left_out = {cid: reader.left_out() for cid, reader in readers.items()}
-        report.ingredient_labels = {c.id: c.label_names for c in report.accepted}
+    readers = _bodies(report, readers, base_source) if backbone else readers
     if report.accepted:
         _align_with_base(report, base_source, readers[report.accepted[0].id], str(base_dir))
         report.alignment.vocab = _plan_vocabulary(report, base_source, readers, screening.tokenizers, vocab)
@@ -405,6 +394,15 @@ class _Screening:
             return problem, None
         permutation, label_problem = _align_labels(self.labels, candidate)
         return label_problem, permutation
+
+
+def _bodies(report: CompatibilityReport, readers: dict[str, TensorReader], base: TensorReader):
+    """A backbone soup's readers, each candidate's body (downloaded Hub candidates were opened anew), and what the
+    report records: each one's left-out tensors and labels."""
+    readers = {cid: r if isinstance(r, BodyView) else body_of(base, r) for cid, r in readers.items()}
+    report.left_out = {cid: reader.left_out() for cid, reader in readers.items()}
+    report.ingredient_labels = {c.id: c.label_names for c in report.accepted}
+    return readers
 
 
 def body_of(base: TensorReader, candidate: TensorReader) -> BodyView:

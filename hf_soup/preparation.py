@@ -168,14 +168,7 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
     plan.warnings += _blank_text_warnings(spec, splits, config.strict)
     plan.notes += _truncation_notes(spec, splits, config.max_length)
     spec = _fit_metrics(config, spec, splits, compatibility, plan)
-    if config.soup == "backbone" and config.head == "probe":
-        model = probe_model(model_class, reference, compatibility.label_names, checked.dtype)
-    else:
-        model = scoring_model(model_class, reference, config.trust_remote_code, checked.dtype)
-    if (
-        compatibility.alignment.vocab is not None
-    ):  # the soup's vocabulary rows, not the reference's (`vocab.py`)
-        model.resize_token_embeddings(compatibility.alignment.vocab.rows, mean_resizing=False)
+    model = _live_model(config, model_class, reference, compatibility, checked.dtype)
     recalibrate = None
     if config.recalibrate_bn:
         recalibrate = BatchNormRecalibrator(
@@ -196,6 +189,18 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
         head=backbone_head(config, model, checked.sources, splits["selection"], collator, quiet),
     )
     return scorer, plan
+
+
+def _live_model(config: SoupConfig, model_class, reference, compatibility, dtype: torch.dtype):
+    """The model mixtures are loaded into: the reference's, or a backbone soup's classifier for the target labels;
+    with the soup's vocabulary rows, not the reference's (`vocab.py`)."""
+    if config.soup == "backbone" and config.head == "probe":
+        model = probe_model(model_class, reference, compatibility.label_names, dtype)
+    else:
+        model = scoring_model(model_class, reference, config.trust_remote_code, dtype)
+    if compatibility.alignment.vocab is not None:
+        model.resize_token_embeddings(compatibility.alignment.vocab.rows, mean_resizing=False)
+    return model
 
 
 def _check_outputs(spec: TaskSpec, num_labels: int) -> None:
