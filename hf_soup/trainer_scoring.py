@@ -80,6 +80,8 @@ class TrainerScorer:
         cache (`JsonCache`, *optional*): the score cache.
     """
 
+    head = None  # no backbone soups here: the Trainer's model keeps its own head
+
     def __init__(
         self, trainer, workbench, datasets: dict, fingerprints: dict[str, str], cache: JsonCache | None
     ):
