@@ -44,6 +44,10 @@ def main() -> int:
     parser.add_argument("--variants", type=int, default=4, help="fine-tunes to make when --runs is not given")
     parser.add_argument("--train-rows", type=int, default=128, help="rows each of those fine-tunes sees")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--max-eval-examples", type=int, default=None, help="examples per split (default: all)"
+    )
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per review")
     parser.add_argument("--gpu", action="store_true", help="one process per GPU instead of CPU processes")
     args = parser.parse_args()
     from bench_greedy import candidates_of
@@ -56,7 +60,10 @@ def main() -> int:
         start, candidates = candidates_of(args, str(data / "train.csv"), work)
         soup = ["--base", start, "--candidates", *candidates, "--dataset", str(data / "train.csv"),
                 "--report-split", str(data / "test.csv"), "--text-column", "review", "--label-column", "score",
-                "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet"]  # fmt: skip
+                "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet",
+                "--max-length", str(args.max_length)]  # fmt: skip
+        if args.max_eval_examples:
+            soup += ["--max-eval-examples", str(args.max_eval_examples)]
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-1"), "OMP_NUM_THREADS": str(threads)}
         one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.processes),

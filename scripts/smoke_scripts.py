@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Per script: its arguments at smoke size. `{scratch}` is a fresh folder per script.
 SMALL = {
-    "bench_distributed": "--variants 2 --train-rows 32",
+    "bench_distributed": "--variants 2 --train-rows 32 --max-eval-examples 64 --max-length 32",
     "bench_eval": "--examples 32",
     "bench_eval_images": "--examples 64",
     "bench_greedy": "--variants 2 --train-rows 32 --scratch {scratch}",
@@ -38,7 +38,8 @@ SMALL = {
     "compare_stock_mergekit": "--candidates 2",
     "reproduce_fashion_mnist": "--workdir {scratch}/work --results {scratch} --pool-rows 300 --pretrain-rows 300 "
     "--pretrain-epochs 1 --test-rows 200 --variants 2 --recalibrate-bn 2",
-    "reproduce_fine_foods": "--workdir {scratch}/runs --results {scratch} --variants 2 --train-rows 32",
+    "reproduce_fine_foods": "--workdir {scratch}/runs --results {scratch} --variants 2 --train-rows 32 "
+    "--max-length 32 --selection-fraction 0.05",
     "reproduce_llm_soup": "--workdir {scratch}/runs --results {scratch} --full 2 --lora 1 --steps 2 --train-docs 16 "
     "--selection-docs 8 --report-docs 8 --max-length 16",
     "trainer_sweep": "--trials 2 --steps 2 --workdir {scratch}",
