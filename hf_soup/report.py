@@ -11,10 +11,10 @@ from .tasks import CAUSAL_LM_TASK
 
 
 def format_delta(result: dict, metric: str = "accuracy") -> str:
-    """`+0.8 [−0.2, +1.9] points` for metrics in [0, 1]; `-0.412 [-0.520, -0.301]` for perplexity and NLL."""
+    """`+0.8 [−0.2, +1.9]` (points) for metrics in [0, 1]; `-0.412 [-0.520, -0.301]` for perplexity and NLL."""
     if metric in LOWER_IS_BETTER:
         return f"{result['delta']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]"
-    return f"{result['delta'] * 100:+.1f} [{result['low'] * 100:+.1f}, {result['high'] * 100:+.1f}] points"
+    return f"{result['delta'] * 100:+.1f} [{result['low'] * 100:+.1f}, {result['high'] * 100:+.1f}]"
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -117,9 +117,10 @@ def _claims(summary: SoupSummary, columns: _Columns) -> list[str]:
             for metric_name, result in by_metric.items():
                 verdict = "significant at 95%" if result.significant else "not significant at 95%"
                 extra = f", McNemar p={result.mcnemar['p_value']:.3f}" if result.mcnemar else ""
+                unit = "" if metric_name in LOWER_IS_BETTER else " points"
                 lines.append(
                     f"  {name} − best individual, {split} {metric_name}: "
-                    f"{format_delta(result.to_dict(), metric_name)} (paired bootstrap 95% CI{extra}; {verdict})"
+                    f"{format_delta(result.to_dict(), metric_name)}{unit} (paired bootstrap 95% CI{extra}; {verdict})"
                 )
     return lines
 
