@@ -28,7 +28,6 @@ from .data import TaskSpec
 from .errors import DatasetError
 from .splits import EncodedSplit
 
-METRICS = ("perplexity", "nll")
 # Logits of at most this many floats exist at once while scoring (a 49152-token vocabulary, 128-token documents:
 # 10 documents per pass), whatever the evaluation batch size.
 LOGIT_BUDGET = 1 << 26
