@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,20 +177,27 @@ def cook(
         config, output, api, trainer, report_dataset, command=command or " ".join(sys.argv), quiet=quiet
     )
     try:
-        return replace(_cook(run), requested_output=str(output) if config.output else None)
+        result = _cook(run)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+    if staging is not None:  # staged only for the push, and removed: nothing was written where the user looks
+        return replace(result, output=None, requested_output=None)
+    return replace(result, requested_output=str(output) if output is not None else None)
 
 
 def _config_of(config: SoupConfig | None, trainer, kwargs: dict) -> SoupConfig:
-    if trainer is not None:
-        config = (
-            replace(config, scored_by_trainer=True)
-            if config
-            else SoupConfig(**kwargs, scored_by_trainer=True)
+    """The run's options: `config`, with any keyword options applied over it (`cook(config, recipe="uniform")`),
+    or the keyword options alone."""
+    unknown = sorted(set(kwargs) - {f.name for f in fields(SoupConfig)})
+    if unknown:
+        raise ConfigError(
+            f"cook() got unknown option(s) {', '.join(unknown)}; the options are SoupConfig's fields "
+            "(`hf-soup --help` lists them as flags)."
         )
-    config = config or SoupConfig(**kwargs)
+    config = replace(config, **kwargs) if config is not None else SoupConfig(**kwargs)
+    if trainer is not None:
+        config = replace(config, scored_by_trainer=True)
     if trainer is not None and config.recalibrate_bn:
         raise ConfigError(
             "--recalibrate-bn runs batches of hf-soup's own encoding of the selection split; with "

@@ -6,6 +6,7 @@ sharing a cache never see a half-written entry.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +65,20 @@ class JsonCache:
         atomic_write_text(self._path(key), json.dumps(value, sort_keys=True))
 
 
+@functools.cache
+def code_fingerprint(package: Path = Path(__file__).parent) -> str:
+    """sha256 of hf-soup's own source files (their paths and bytes), with the version.
+
+    Scores depend on more than the version says: scoring, metrics, tokenisation and splits changed in several
+    commits of one release. Any change to the code makes new cache keys, so an older checkout's scores are never
+    served to a newer one (at the price of rescoring once after each change).
+    """
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def cache_key(*parts: Any) -> str:
-    """A stable key from JSON-serialisable parts and the code version (new code never reads old scores)."""
-    return json.dumps([__version__, *parts], sort_keys=True, default=str)
+    """A stable key from JSON-serialisable parts and the code's fingerprint (new code never reads old scores)."""
+    return json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from huggingface_hub.constants import CONFIG_NAME
 
-from .errors import CandidateFormatError, NoCandidatesError
+from .errors import CandidateFormatError, HubError, NoCandidatesError
 from .hub import (
     ADAPTER_PATTERNS,
     TOKENIZER_PATTERNS,
@@ -26,6 +26,7 @@ from .hub import (
     expand,
     fetch_config,
     is_hub_pattern,
+    not_a_folder_nor_a_repo,
     open_remote,
     pin,
     split_revision,
@@ -179,7 +180,7 @@ def gather_candidates(
     refs = [(repo_id, rev) for pattern in hub for repo_id, rev in expand(pattern, api)]
     refs = [(r, v) for r, v in dict.fromkeys(refs) if r != base.id]
     for repo_id, revision in refs:
-        ref = pin(repo_id, revision, api)
+        ref = _pinned(repo_id, revision, api, "--candidates", could_be_folder=repo_id in hub)
         try:
             folder = fetch_config(ref)
             if is_adapter_folder(folder):  # adapter_config.json only, so far: checked before any weights come
@@ -235,7 +236,7 @@ def resolve_base(
         candidate = _checked_base(load_candidate(base), trust_remote_code)
         return candidate, TensorSource(candidate.local_dir, allow_pickle=allow_pickle)
     repo_id, revision = split_revision(base)
-    ref = pin(repo_id, revision, api)
+    ref = _pinned(repo_id, revision, api, "--base", could_be_folder=revision is None)
     if hub_weights != "download":
         folder = (
             fetch_config(ref)
@@ -249,6 +250,17 @@ def resolve_base(
         Candidate(repo_id, folder, read_config(folder), source="hub", revision=ref.sha), trust_remote_code
     )
     return candidate, TensorSource(folder, allow_pickle=allow_pickle)
+
+
+def _pinned(repo_id: str, revision: str | None, api, flag: str, could_be_folder: bool):
+    """`hub.pin`, with an error that names the missing local folder too when `repo_id` was typed as one might
+    type a relative path."""
+    try:
+        return pin(repo_id, revision, api)
+    except HubError as error:
+        if could_be_folder:
+            raise not_a_folder_nor_a_repo(flag, repo_id, error) from error
+        raise
 
 
 def _checked_base(candidate: Candidate, trust_remote_code: bool) -> Candidate:

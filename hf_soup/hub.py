@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import CandidateFormatError, HubError
+from .errors import CandidateFormatError, HfSoupError, HubError
 from .ranged import HubTensorSource
 from .weights import TensorSource
 
@@ -75,6 +75,8 @@ def hub_errors(what: str) -> Iterator[None]:
     """Turn `huggingface_hub` errors into one clear `HubError` line."""
     try:
         yield
+    except HfSoupError:
+        raise
     except GatedRepoError as error:
         raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and set HF_TOKEN.") from error
     except RepositoryNotFoundError as error:
@@ -109,10 +111,19 @@ def hub_errors(what: str) -> Iterator[None]:
         status = error.response.status_code if error.response is not None else "?"
         hint = " Check HF_TOKEN: it must be allowed to write there." if status in (401, 403) else ""
         raise HubError(f"{what}: the Hub answered HTTP {status}.{hint}".rstrip()) from error
-    except OSError as error:
+    except Exception as error:
+        if not isinstance(error, OSError) and not _is_transport_error(error):
+            raise
         raise HubError(
-            f"{what}: {error}. Check your connection, or set HF_HUB_OFFLINE=1 to use the cache."
+            f"{what}: the Hub could not be reached ({error}). Check your connection, or set HF_HUB_OFFLINE=1 to "
+            "use the cache."
         ) from error
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """A connection failure raised by huggingface_hub's HTTP client (httpx in 1.x, httpx2 in 2.x; both name
+    their base class `TransportError`), matched by name so that neither is imported here."""
+    return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
 
 
 def _cached_repo_ids(namespace: str) -> list[str]:
@@ -142,27 +153,45 @@ def expand(pattern: str, api: HfApi) -> list[tuple[str, str | None]]:
 def pin(repo_id: str, revision: str | None, api: HfApi) -> HubRef:
     """Resolve `revision` (default `main`) to a commit SHA, and read the card metadata.
 
-    The SHA comes from downloading `config.json` (a PEFT adapter's `adapter_config.json`) at `revision`, which
-    also records the branch in the local cache, so the same command works later with `HF_HUB_OFFLINE=1`.
+    Online, one `model_info` request comes first: a repo that does not exist, or a Hub that cannot be reached,
+    fails at once instead of after `hf_hub_download`'s retries. `config.json` (a PEFT adapter's
+    `adapter_config.json`) is then downloaded at `revision`, which records the branch in the local cache, so the
+    same command works later with `HF_HUB_OFFLINE=1`.
     """
     what = f"{repo_id}@{revision}" if revision else repo_id
     with hub_errors(what):
+        info = None if constants.HF_HUB_OFFLINE else api.model_info(repo_id, revision=revision)
         sha = None
         for name in ("config.json", "adapter_config.json"):
-            with contextlib.suppress(EntryNotFoundError):
+            try:
                 sha = Path(hf_hub_download(repo_id, name, revision=revision)).parent.name
                 break
+            except LocalEntryNotFoundError:  # offline, and not cached: a subclass of EntryNotFoundError
+                raise
+            except EntryNotFoundError:
+                continue
         if sha is None:
             raise HubError(
                 f"{what} has neither config.json nor adapter_config.json; it is not a transformers model or PEFT "
                 "adapter repo."
             )
-        if constants.HF_HUB_OFFLINE:
+        if info is None:
             return HubRef(repo_id, sha, _cached_card_data(repo_id, sha))
-        info = api.model_info(repo_id, revision=sha)
+        if info.sha != sha:  # the branch moved between the two requests: describe the commit downloaded
+            info = api.model_info(repo_id, revision=sha)
         with contextlib.suppress(EntryNotFoundError):  # cached for offline reruns
             hf_hub_download(repo_id, "README.md", revision=sha)
-        return HubRef(repo_id, info.sha, info.card_data.to_dict() if info.card_data else None)
+        return HubRef(repo_id, sha, info.card_data.to_dict() if info.card_data else None)
+
+
+def not_a_folder_nor_a_repo(flag: str, name: str, error: HubError) -> HubError:
+    """`name` is no local folder and the Hub has no such repo (or could not be asked): say both, since
+    `inputs/base` is as much a relative path as a repo id."""
+    cause = str(error).removeprefix(f"{name}: ")
+    return HubError(
+        f"{flag} {name}: there is no folder {name} in {Path.cwd()}, and as a Hub repo id: {cause} Check the "
+        "path (relative paths start from the current folder), or the repo id."
+    )
 
 
 def _cached_card_data(repo_id: str, sha: str) -> dict | None:

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,19 +93,42 @@ def _apply_umask(folder: Path) -> None:
 _ABSOLUTE_PATH = re.compile(r"""(?<![^\s="'(,\[])/[\w.~-][^\s"']*""")
 
 
-def portable(value: Any, folder: Path) -> Any:
-    """`value` (a manifest) with every absolute path rewritten relative to the soup `folder`.
+def relative_to_folder(path: str | Path, folder: Path) -> str:
+    """`path` relative to the soup `folder`, always starting with `./` or `../`, so that it cannot be read as a
+    Hub repo id."""
+    relative = os.path.relpath(Path(path).absolute(), Path(folder).absolute())
+    return relative if relative == ".." or relative.startswith(("../", "./")) else f"./{relative}"
+
+
+def local_paths(compatibility: CompatibilityReport) -> list[str]:
+    """The local ingredients and base as they were named (paths as typed, maybe relative to the current folder)."""
+    named = [c for c in (compatibility.base, *compatibility.accepted) if c.source == "local"]
+    return [str(c.id) for c in named] + [
+        r.candidate_id for r in compatibility.rejected if Path(r.candidate_id).exists()
+    ]
+
+
+def portable(value: Any, folder: Path, local: Iterable[str] = ()) -> Any:
+    """`value` (a manifest) with every local path rewritten relative to the soup `folder`: absolute paths wherever
+    they occur, and the `local` names (paths as the user typed them) wherever a value or key is one.
 
     A soup folder is meant to be pushed: it must not carry the paths of the machine that made it (user names,
-    temp folders). Relative to the folder, local ingredients stay findable by `hf-soup reproduce` as long as the
-    soup and its ingredients keep their places.
+    temp folders). Relative to the folder, and marked as paths (`./`, `../`), local ingredients stay findable by
+    `hf-soup reproduce` from any working folder, as long as the soup and its ingredients keep their places.
     """
+    local = {name: relative_to_folder(name, folder) for name in local if not os.path.isabs(name)}
+    return _portable(value, folder, local)
+
+
+def _portable(value: Any, folder: Path, local: dict[str, str]) -> Any:
     if isinstance(value, str):
-        return _ABSOLUTE_PATH.sub(lambda match: os.path.relpath(match.group(0), folder), value)
+        if value in local:
+            return local[value]
+        return _ABSOLUTE_PATH.sub(lambda match: relative_to_folder(match.group(0), folder), value)
     if isinstance(value, dict):
-        return {portable(key, folder): portable(item, folder) for key, item in value.items()}
+        return {_portable(key, folder, local): _portable(item, folder, local) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [portable(item, folder) for item in value]
+        return [_portable(item, folder, local) for item in value]
     return value
 
 
@@ -169,13 +192,16 @@ def write_soup_folder(
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             tokenizer_from=str(preprocessor_dir) if preprocessor_dir else None,
         )
-        plots = _write_manifest_card_and_plots(staging, manifest, Path(output).absolute())
+        local = local_paths(checked.compatibility)
+        plots = _write_manifest_card_and_plots(staging, manifest, Path(output).absolute(), local)
     return WrittenFiles(weights.files, weights.tensor_sha256, plots, weights.lora)
 
 
-def _write_manifest_card_and_plots(staging: Path, manifest: SoupManifest, folder: Path) -> list[str]:
+def _write_manifest_card_and_plots(
+    staging: Path, manifest: SoupManifest, folder: Path, local: list[str]
+) -> list[str]:
     """Plots, soup.json and the card, all from the portable manifest: nothing in the folder names this machine."""
-    data = portable(json.loads(json.dumps(manifest.to_dict(), default=str)), folder)
+    data = portable(json.loads(json.dumps(manifest.to_dict(), default=str)), folder, local)
     written = SoupManifest.from_dict(data)
     written.plots = []
     if written.summary.scored:  # matplotlib is imported only here: a plain merge has nothing to plot

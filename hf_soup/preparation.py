@@ -227,10 +227,12 @@ def _blank_text_warnings(spec: TaskSpec, splits: dict, strict: bool) -> list[str
                 f"{spec.text_column!r}{' or ' + repr(spec.text_pair_column) if spec.text_pair_column else ''}; "
                 "they are scored as empty strings."
             )
-            if strict:
-                raise DatasetError(f"--strict: {message} Fill or drop them, or drop --strict.")
-            logger.warning(message)
-            warnings.append(message)
+        else:
+            continue
+        if strict:
+            raise DatasetError(f"--strict: {message} Fill or drop them, or drop --strict.")
+        logger.warning(message)
+        warnings.append(message)
     return warnings
 
 

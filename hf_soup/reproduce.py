@@ -98,10 +98,27 @@ def _pinned(ingredient) -> str:
 
 
 def _locator(target: str) -> Callable[[str], str]:
-    """Where a local ingredient is now: soup folders record local paths relative to themselves (or as typed)."""
+    """Where a local ingredient is now. Soup folders record local paths relative to themselves, starting with
+    `./` or `../`: those are looked up there, whatever the current folder, and never on the Hub. Manifests of
+    hf-soup 0.4.0 and earlier may hold paths as typed (relative to the folder the soup was made in): a path that
+    exists relative to the soup folder is used, anything else is taken as typed."""
     folder = Path(target) if Path(target).is_dir() else None
 
     def locate(cid: str) -> str:
+        if cid.startswith(("./", "../")):
+            if folder is None:
+                raise ReproduceMismatchError(
+                    f"{target}'s soup.json names a local folder, {cid}, relative to the soup folder it was made "
+                    "in; download the soup and run `hf-soup reproduce` on that folder, with its ingredients in "
+                    "the same places."
+                )
+            located = os.path.normpath(folder.absolute() / cid)
+            if not os.path.exists(located):
+                raise ReproduceMismatchError(
+                    f"The ingredient {cid} is not where soup.json says, relative to {target} ({located} does "
+                    "not exist). Put it back there, or rebuild the soup."
+                )
+            return located
         if folder is not None and not os.path.isabs(cid) and (folder / cid).exists():
             return os.path.normpath(folder.absolute() / cid)
         return cid

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from .cache import JsonCache, cache_key
 from .data import TaskSpec
-from .errors import DatasetError
+from .errors import ConfigError
 from .language_modeling import TokenLosses, document_metrics, outputs_width
 from .materialize import Workbench
 from .metrics import compute_metrics, higher_is_better
@@ -263,7 +263,7 @@ class Scorer:
         self.quiet = quiet
         self.selection_metric = selection_metric or spec.primary_metric
         if self.selection_metric not in (SELECTION_LOSS, *spec.metrics):
-            raise DatasetError(
+            raise ConfigError(
                 f"--selection-metric {self.selection_metric!r} is not computed for {spec.name}; choose "
                 f"{SELECTION_LOSS} or one of {', '.join(spec.metrics)}."
             )
