@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import installed_script
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 
@@ -16,7 +19,18 @@ from transformers import AutoModelForSequenceClassification
 def test_demo_quick_runs_offline(tmp_path):
     out = tmp_path / "soup-demo"
     run = subprocess.run(
-        [installed_script("hf-soup"), "demo", "--quick", "--output", str(out), "--format", "json", "--quiet"],
+        [
+            installed_script("hf-soup"),
+            "demo",
+            "--quick",
+            "--output",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--format",
+            "json",
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -26,7 +40,18 @@ def test_demo_quick_runs_offline(tmp_path):
     report = json.loads(run.stdout)  # stdout holds only the JSON report (Trainer logs go to stderr)
     assert len(report["candidates"]) == 3
     assert report["task"]["selection_metric"] == "loss"  # the default
-    assert report["soup"]["selection_loss"] <= report["best_individual"]["selection_loss"]
+    # The best individual is the paper's: the best selection accuracy, ties by selection loss, then by id.
+    rows = report["candidates"]
+    best = min(rows, key=lambda r: (-r["selection"]["accuracy"], r["selection_loss"], r["id"]))
+    assert report["best_individual"]["id"] == best["id"]
+    # The written weights are the mixture's weighted average of the run folders the sweep kept.
+    written = load_file(str(out / "model.safetensors"))
+    weights = {i["id"]: i["weight"] for i in report["mixture"]["ingredients"]}
+    states = {cid: load_file(str(Path(cid) / "model.safetensors")) for cid in weights}
+    for name, tensor in written.items():
+        if tensor.is_floating_point():
+            expected = sum(w * states[cid][name].double() for cid, w in weights.items())
+            torch.testing.assert_close(tensor.double(), expected, atol=1e-6, rtol=0)
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "great", 1: "other"}
     written = json.loads((out / "soup.json").read_text())["mixture"]

@@ -55,14 +55,19 @@ def test_non_uniform_weights(zoo, tmp_path):
         )
 
 
-def test_mixed_dtypes_accumulate_in_fp32_and_write_base_dtype(zoo, tmp_path):
-    half = copy_model(zoo["b"], tmp_path / "half")
-    state = load_file(str(half / "model.safetensors"))
+def halved(source, target):
+    folder = copy_model(source, target)
+    state = load_file(str(folder / "model.safetensors"))
     save_file(
         {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-        str(half / "model.safetensors"),
+        str(folder / "model.safetensors"),
         metadata={"format": "pt"},
     )
+    return folder, state
+
+
+def test_mixed_dtypes_accumulate_in_fp32_and_write_float32(zoo, tmp_path):
+    half, state = halved(zoo["b"], tmp_path / "half")
     report, sources = check_compatibility(zoo["base"], [str(zoo["a"]), str(half)])
     assert any("mix dtypes" in w for w in report.warnings)
     out = tmp_path / "out"
@@ -71,9 +76,24 @@ def test_mixed_dtypes_accumulate_in_fp32_and_write_base_dtype(zoo, tmp_path):
     written = load_file(str(out / "model.safetensors"))
     a = load_file(str(zoo["a"] / "model.safetensors"))
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    assert written[name].dtype == torch.float32
+    assert written[name].dtype == torch.float32  # the candidates disagree: float32
     expected = (a[name] + state[name].half().float()) / 2
     torch.testing.assert_close(written[name], expected, atol=1e-6, rtol=0)
+
+
+def test_candidates_common_dtype_is_written_whatever_the_base(zoo, tmp_path):
+    folders = [halved(zoo[k], tmp_path / k)[0] for k in "ab"]  # float16 candidates of a float32 base
+    _report, sources = check_compatibility(zoo["base"], [str(f) for f in folders])
+    out = tmp_path / "out"
+    out.mkdir()
+    materialize(Mixture.uniform("uniform", [str(f) for f in folders]), sources, out, quiet=True)
+    written = load_file(str(out / "model.safetensors"))
+    states = [load_file(str(f / "model.safetensors")) for f in folders]
+    for name, tensor in written.items():
+        if states[0][name].is_floating_point():
+            assert tensor.dtype == torch.float16  # theirs, not the base's float32
+            expected = ((states[0][name].double() + states[1][name].double()) / 2).half()
+            torch.testing.assert_close(tensor, expected, atol=0, rtol=0)  # the fp32 mean, rounded once
 
 
 def test_non_float_buffers_are_copied_and_shards_indexed(zoo, tmp_path):
