@@ -195,9 +195,9 @@ def _config_of(config: SoupConfig | None, trainer, kwargs: dict) -> SoupConfig:
             f"cook() got unknown option(s) {', '.join(unknown)}; the options are SoupConfig's fields "
             "(`hf-soup --help` lists them as flags)."
         )
-    config = replace(config, **kwargs) if config is not None else SoupConfig(**kwargs)
     if trainer is not None:
-        config = replace(config, scored_by_trainer=True)
+        kwargs = {**kwargs, "scored_by_trainer": True}
+    config = replace(config, **kwargs) if config is not None else SoupConfig(**kwargs)
     if trainer is not None and config.recalibrate_bn:
         raise ConfigError(
             "--recalibrate-bn runs batches of hf-soup's own encoding of the selection split; with "

@@ -187,10 +187,9 @@ def pin(repo_id: str, revision: str | None, api: HfApi) -> HubRef:
 def not_a_folder_nor_a_repo(flag: str, name: str, error: HubError) -> HubError:
     """`name` is no local folder and the Hub has no such repo (or could not be asked): say both, since
     `inputs/base` is as much a relative path as a repo id."""
-    cause = str(error).removeprefix(f"{name}: ")
     return HubError(
-        f"{flag} {name}: there is no folder {name} in {Path.cwd()}, and as a Hub repo id: {cause} Check the "
-        "path (relative paths start from the current folder), or the repo id."
+        f"{error} Nor is there a folder {name} in {Path.cwd()} (as a path, {flag} is relative to the current "
+        "folder): check the path or the repo id."
     )
 
 

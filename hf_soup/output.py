@@ -97,7 +97,7 @@ def relative_to_folder(path: str | Path, folder: Path) -> str:
     """`path` relative to the soup `folder`, always starting with `./` or `../`, so that it cannot be read as a
     Hub repo id."""
     relative = os.path.relpath(Path(path).absolute(), Path(folder).absolute())
-    return relative if relative == ".." or relative.startswith(("../", "./")) else f"./{relative}"
+    return relative if relative in (".", "..") or relative.startswith("../") else f"./{relative}"
 
 
 def local_paths(compatibility: CompatibilityReport) -> list[str]:
