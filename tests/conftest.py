@@ -25,6 +25,17 @@ BUNDLED_DATA = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_
 LABELS = ["great", "other"]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`), the cores are shared out between the workers, so that two workers on two cores
+    do not each run two torch threads (and the `hf-soup` subprocesses they start inherit the same share).
+    An explicit OMP_NUM_THREADS wins."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def isolated_hf_home(tmp_path, monkeypatch):
     """Every test gets its own HF_HOME and score cache; nothing touches the network."""

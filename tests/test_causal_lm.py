@@ -224,6 +224,7 @@ def test_greedy_causal_lm_soup_end_to_end(family, tokenizer_dir, tmp_path):
     assert reproduced.returncode == 0, reproduced.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["pruned", "learned", "wise", "stock", "auto"])
 def test_every_recipe_scores_causal_lms(family, tokenizer_dir, tmp_path, recipe):
     out = tmp_path / recipe

@@ -34,6 +34,7 @@ def data_args(reviews):
     ]
 
 
+@pytest.mark.slow
 def test_entry_point_cook_json_and_check(zoo, reviews, tmp_path):
     assert HF_SOUP, "the hf-soup console script is not installed"
     out = tmp_path / "soup"

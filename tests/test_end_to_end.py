@@ -55,6 +55,7 @@ def sharded(source, target):
     return target
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_local_and_from_the_hub(zoo, tmp_path):
     runs = [sharded(zoo[k], tmp_path / "runs" / k) for k in "ab"]
     local = cli("--base", str(zoo["base"]), "--candidates", *map(str, runs), "--recipe", "uniform", "--output",
@@ -124,6 +125,7 @@ def predictions(folder, frame: pd.DataFrame, tokenizer_folder=None) -> np.ndarra
         return model(**batch).logits.numpy()
 
 
+@pytest.mark.slow
 def test_stsb_regression_selects_on_mse_and_reports_pearson_with_intervals(stsb, zoo, tmp_path):
     out = tmp_path / "soup"
     report = cli("--base", str(zoo["base"]), "--candidates", str(stsb / "runs" / "*"), "--task", "glue/stsb",
@@ -221,6 +223,7 @@ def simulate_pruned(offsets: dict[str, float], q: float, passes: int) -> list[st
     return soup
 
 
+@pytest.mark.slow
 def test_a_second_pruned_pass_removes_what_the_first_kept(zoo, reviews, tmp_path):
     # Candidates whose heads ignore the input: logits (0, d). On a selection split with exactly 35% 'other', the
     # first pass removes one of them, and only then does removing two more lower the loss.

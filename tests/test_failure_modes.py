@@ -336,6 +336,7 @@ def _interrupt(command, cache: Path, after_entries: int, sig: int) -> tuple[subp
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), len(_entries(cache))
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_greedy_soup_then_rerun_reuses_every_cached_score(zoo, reviews, tmp_path):
     reference = subprocess.run(_cook_command(zoo, reviews, tmp_path / "reference"), env=_env(tmp_path / "cache-ref"),
                                capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -361,6 +362,7 @@ def test_kill_9_during_a_greedy_soup_then_rerun_reuses_every_cached_score(zoo, r
     assert resumed["tensor_sha256"] == expected["tensor_sha256"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_nothing_was_written(zoo, reviews, tmp_path):
     out = tmp_path / "soup"
     interrupted, _ = _interrupt(_cook_command(zoo, reviews, out), tmp_path / "cache", 10, signal.SIGINT)
@@ -399,6 +401,7 @@ def test_ctrl_c_that_a_c_extension_turns_into_another_error_is_still_an_interrup
         main(["check", "--base", "b", "--candidates", "c"])
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_a_cache_at_the_same_time(zoo, reviews, tmp_path):
     cache = tmp_path / "cache"
     commands = [[*_cook_command(zoo, reviews, tmp_path / f"soup-{i}"), "--batch-size", "8"] for i in range(2)]
@@ -435,6 +438,7 @@ def fifty(zoo, tmp_path_factory) -> list[str]:
     return folders
 
 
+@pytest.mark.slow
 def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fifty, tmp_path, capsys):
     from hf_soup.compat import check_compatibility
     from hf_soup.materialize import materialize

@@ -43,6 +43,8 @@ def answer(model, tokenizer, question: str) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.real_model
+@pytest.mark.slow
 def test_the_converted_folder_is_a_plain_model_with_the_gguf_weights(converted, reference):
     config = json.loads((converted / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
@@ -59,6 +61,8 @@ def test_the_converted_folder_is_a_plain_model_with_the_gguf_weights(converted, 
     assert "Paris" in answer(model, tokenizer, "What is the capital of France?")
 
 
+@pytest.mark.real_model
+@pytest.mark.slow
 def test_bfloat16_storage_rounds_the_same_weights(converted, reference, tmp_path):
     out = convert_gguf(smollm2_gguf(), tmp_path / "bf16", dtype="bfloat16")
     expected = reference.state_dict()

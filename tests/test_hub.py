@@ -17,6 +17,7 @@ from transformers import BertForSequenceClassification
 
 HF_SOUP = installed_script("hf-soup")
 TOKEN = "hf_test_token_org"
+NO_BACKOFF = Path(__file__).parent / "no_backoff"
 
 
 def card(base: str) -> str:
@@ -55,6 +56,8 @@ def hub_env(server, tmp_path, token=TOKEN, offline=False) -> dict[str, str]:
         HF_HUB_OFFLINE="1" if offline else "0",
         HF_DATASETS_OFFLINE="1",
     )
+    # The retries run, without their backoff waits (tests/no_backoff/sitecustomize.py).
+    env["PYTHONPATH"] = os.pathsep.join([str(NO_BACKOFF), *filter(None, [os.environ.get("PYTHONPATH")])])
     if token:
         env["HF_TOKEN"] = token
     return env
@@ -70,6 +73,7 @@ def data_args(reviews):
             "--max-eval-examples", "60"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_full_hub_session(hub, tmp_path, reviews):
     env = hub_env(hub, tmp_path)
     commits_before = len(hub.store.repos["org/ft-a"].commits)
@@ -143,6 +147,7 @@ def test_full_hub_session(hub, tmp_path, reviews):
     assert "classifier" in failed.stdout and "FAIL" in failed.stdout and "MISMATCH" in failed.stdout
 
 
+@pytest.mark.slow
 def test_offline_with_a_warm_cache(hub, tmp_path):
     args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b@main", "--recipe", "uniform",
             "--format", "json", "--quiet"]  # fmt: skip
@@ -158,6 +163,7 @@ def test_offline_with_a_warm_cache(hub, tmp_path):
     assert globbed.returncode == 0 and "org/ft-a" in globbed.stdout and "org/ft-b" in globbed.stdout
 
 
+@pytest.mark.slow
 def test_private_repo_without_token(hub, tmp_path):
     hub.upload_folder("org/secret-ft", tmp_path / "seed" / "a", private=True)
     result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", "org/secret-ft"],
@@ -187,6 +193,7 @@ def test_server_error_mid_download_leaves_nothing(hub, tmp_path):
     assert not (tmp_path / "out").exists() and "org/soup" not in hub.store.repos
 
 
+@pytest.mark.slow
 def test_push_errors_are_clear_and_commit_nothing(hub, tmp_path):
     args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform"]
     denied = run([*args, "--push-to", "someone-else/soup"], hub_env(hub, tmp_path))
@@ -234,6 +241,7 @@ def test_bad_token_on_push_is_refused_and_commits_nothing(hub, tmp_path):
     assert "org/soup" not in hub.store.repos
 
 
+@pytest.mark.slow
 def test_interrupted_upload_commits_nothing_and_removes_the_new_repo(hub, tmp_path):
     hub.inject("PUT", r"^/_lfs/", 0)  # the server drops the connection halfway through every LFS upload
     args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform"]
@@ -272,6 +280,7 @@ def test_a_dataset_repo_is_not_a_candidate(hub, tmp_path):
     assert "org/reviews-dataset: repository not found" in result.stderr and "model repo" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
     """Grep every byte hf-soup produced (streams, output folder, plots, caches, pushed files) for the token."""
     out = tmp_path / "out"
@@ -295,6 +304,7 @@ def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
     assert all(token not in hub.store.blob(digest) for digest in pushed.values())
 
 
+@pytest.mark.slow
 def test_a_soup_of_local_candidates_pushes_no_local_path(hub, zoo, reviews, tmp_path):
     """The Hub accepts the card (validated like the real one) and no pushed byte names this machine's paths."""
     env = hub_env(hub, tmp_path)
@@ -364,6 +374,7 @@ def test_the_test_hub_rejects_metadata_the_hub_rejects(hub, tmp_path):
     assert "README.md" in hub.store.repos["org/cards"].commits[hub.store.repos["org/cards"].main].files
 
 
+@pytest.mark.slow
 def test_a_card_the_hub_would_reject_is_refused_before_any_upload(hub, zoo, tmp_path):
     env = hub_env(hub, tmp_path)
     folder = tmp_path / "soup"

@@ -281,6 +281,7 @@ def test_recalibrate_bn_without_batchnorm_is_refused(zoo):
         recalibrate(model)
 
 
+@pytest.mark.slow
 def test_image_cli_and_evaluate_agree(image_zoo, image_run, tmp_path):
     """`hf-soup evaluate` on the written soup gives plain transformers' numbers, and the ones `cook` reported."""
     result, output = image_run

@@ -158,6 +158,7 @@ def test_greedy_scored_by_the_trainer_matches_greedy_scored_by_hf_soup(zoo, revi
     assert "trainer" in card and (tmp_path / "by-trainer" / "soup.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_path):
     """`accelerate launch --num_processes 2 --cpu` (gloo) shards evaluation; results match one process."""
     args = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset",
@@ -189,6 +190,7 @@ def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_pa
     assert (tmp_path / "two" / "soup.json").is_file() and not list(tmp_path.glob(".two.*"))
 
 
+@pytest.mark.slow
 def test_an_error_under_two_processes_is_reported_once_and_writes_nothing(zoo, reviews, tmp_path):
     out = tmp_path / "soup"
     args = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset",

@@ -62,6 +62,7 @@ def test_reproduce_names_a_moved_local_ingredient_without_asking_the_hub(project
     assert time.perf_counter() - started < 20  # no retries against a Hub
 
 
+@pytest.mark.slow
 def test_a_missing_local_path_says_so_and_names_the_hub_too(zoo, tmp_path, monkeypatch):
     hub = HubServer(tmp_path / "hub").start()
     try:

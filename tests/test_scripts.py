@@ -24,6 +24,7 @@ def test_every_script_has_a_smoke_size():
     assert sorted(SMALL) == scripts()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_script_runs_from_a_plain_clone(name, clone, tmp_path):
     result = run(clone, name, tmp_path)

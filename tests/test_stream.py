@@ -92,6 +92,7 @@ def soup(hub, tmp_path, name: str, *extra: str) -> tuple[subprocess.CompletedPro
     return result, peak[0]
 
 
+@pytest.mark.slow
 def test_streamed_soup_equals_the_downloaded_one_and_stores_no_weights(hub, tmp_path):
     one_model = model_bytes(tmp_path / "seed" / "0")
     downloaded, downloaded_peak = soup(hub, tmp_path, "downloaded")
@@ -117,6 +118,7 @@ def test_streamed_soup_equals_the_downloaded_one_and_stores_no_weights(hub, tmp_
     assert downloaded_peak > 4 * one_model, (downloaded_peak, one_model)
 
 
+@pytest.mark.slow
 def test_a_connection_dropped_mid_tensor_is_retried(hub, tmp_path):
     hub.inject("GET", SHARD, TRUNCATE, times=1, from_byte=1)  # a tensor read, not the header
     result, _ = soup(hub, tmp_path, "retried", "--stream")
@@ -125,6 +127,7 @@ def test_a_connection_dropped_mid_tensor_is_retried(hub, tmp_path):
     assert len(cut) == 1 and (tmp_path / "retried-disk" / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_connection_that_keeps_dropping_is_one_error_and_writes_nothing(hub, tmp_path):
     hub.inject("GET", SHARD, TRUNCATE, from_byte=1)
     result, _ = soup(hub, tmp_path, "failed", "--stream")
@@ -143,6 +146,7 @@ def test_an_http_error_mid_stream_is_one_error_and_writes_nothing(hub, tmp_path)
     assert not [p.name for p in (tmp_path / "forbidden-disk").iterdir() if p.name.startswith((".out", "out"))]
 
 
+@pytest.mark.slow
 def test_a_streamed_candidate_with_nan_is_refused_with_nothing_written(hub, tmp_path):
     folder = tmp_path / "seed" / "nan"
     model = llama(9)
