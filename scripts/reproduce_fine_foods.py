@@ -43,6 +43,12 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head", choices=("probe", "random"), default="probe", help="the shared head")
+    parser.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=None,
+        help="score at most N reviews per split (seeded subsample)",
+    )
     args = parser.parse_args()
 
     from hf_soup import SoupConfig, carve_selection, cook
@@ -71,6 +77,7 @@ def main() -> int:
         selection_fraction=args.selection_fraction,
         seed=args.seed,
         max_length=args.max_length,
+        max_eval_examples=args.max_eval_examples,
     )
     rows, reports = [], {}
     for label, options in recipes():

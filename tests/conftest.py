@@ -36,6 +36,11 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, so that two workers finish together rather than one waiting on a long last test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def isolated_hf_home(tmp_path, monkeypatch):
     """Every test gets its own HF_HOME and score cache; nothing touches the network."""
