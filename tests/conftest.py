@@ -29,6 +29,11 @@ def pytest_configure(config):
     """Under pytest-xdist (`-n 2`), the cores are shared out between the workers, so that two workers on two cores
     do not each run two torch threads (and the `hf-soup` subprocesses they start inherit the same share).
     An explicit OMP_NUM_THREADS wins."""
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # torch's bf16 flash-attention CPU kernel packs with AVX-512 whenever the hardware has it, which fails
+        # ("pack_vnni2 is only supported when avx512 is supported") once its kernels are forced down to the
+        # plain ones: the math attention then runs instead. Only this forced setting reaches that kernel mix.
+        torch.backends.cuda.enable_flash_sdp(False)
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // int(workers))

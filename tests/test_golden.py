@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -40,22 +41,35 @@ SCENARIOS = {
 }  # fmt: skip
 
 
+def seeded_normal(shape, seed: int, std: float) -> torch.Tensor:
+    """Gaussian values from numpy's seeded generator, rounded once to float32: the same bits on every CPU (torch's
+    own `randn` and weight init take other paths, with other values, under `ATEN_CPU_CAPABILITY=default`)."""
+    return torch.from_numpy((np.random.default_rng(seed).standard_normal(shape) * std).astype(np.float32))
+
+
 def build_fixtures(root: Path, tokenizer_dir: Path) -> None:
-    """A seeded tiny base, four candidates = base + seeded noise (one shared head start), and two small CSVs."""
+    """A seeded tiny base, four candidates = base + seeded noise (one shared head start), and two small CSVs.
+    Every float is drawn by numpy and computed in float64 before one rounding, so the fixtures are bit-identical
+    on any CPU and kernel set."""
     config = tiny_config()
-    torch.manual_seed(0)
     base = BertModel(config, add_pooling_layer=True)
+    drawn = {key: seeded_normal(t.shape, index, 0.02) for index, (key, t) in enumerate(base.state_dict().items())
+             if key.endswith("weight") and "LayerNorm" not in key}  # fmt: skip
+    base.load_state_dict({**base.state_dict(), **drawn})  # LayerNorm ones and zero biases: exact constants
     base.save_pretrained(root / "base")
     shutil.copytree(tokenizer_dir, root / "base", dirs_exist_ok=True)
-    torch.manual_seed(1)
     start = BertForSequenceClassification(config)
     start.bert.load_state_dict(base.state_dict())
+    start.classifier.weight.data = seeded_normal(start.classifier.weight.shape, 1000, 0.02)
+    start.classifier.bias.data.zero_()
     for seed, name in enumerate("abcd", start=10):
-        generator = torch.Generator().manual_seed(seed)
         state = {}
-        for key, tensor in start.state_dict().items():
-            noise = torch.randn(tensor.shape, generator=generator) if tensor.is_floating_point() else None
-            state[key] = tensor + noise * 0.02 if noise is not None else tensor.clone()
+        for index, (key, tensor) in enumerate(start.state_dict().items()):
+            if tensor.is_floating_point():
+                noise = np.random.default_rng([seed, index]).standard_normal(tuple(tensor.shape)) * 0.02
+                state[key] = torch.from_numpy((tensor.double().numpy() + noise).astype(np.float32))
+            else:
+                state[key] = tensor.clone()
         model = BertForSequenceClassification(config)
         model.load_state_dict(state)
         model.save_pretrained(root / "runs" / name)
