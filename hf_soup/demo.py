@@ -21,7 +21,6 @@ from .sweep import SweepVariant, sweep
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data" / "fine_foods"
-LABELS = ["great", "other"]
 SELECTION_FRACTION = 0.15
 MAX_LENGTH = 96
 TRAIN_ROWS = 512  # keeps the whole demo within about 3 minutes on 2 CPU cores

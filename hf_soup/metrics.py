@@ -8,17 +8,12 @@ names and the same math (scikit-learn and scipy, as the Hub scripts use). Image 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import datasets
 import evaluate
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, top_k_accuracy_score
 
-MetricName = Literal[
-    "accuracy", "f1", "macro_f1", "matthews_correlation", "pearson", "spearmanr", "top5_accuracy"
-]
 # Metrics computed from each example's scores (logits) rather than from one predicted label.
 SCORE_METRICS = {"top5_accuracy": 5}
 # Metrics where lower is better (causal LMs: `language_modeling.py`); every other metric is a fraction in [0, 1]

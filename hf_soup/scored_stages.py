@@ -24,7 +24,7 @@ from .mixture import Mixture
 from .preparation import prepare_scorer, prepare_trainer_scorer, task_spec_of
 from .recipes import Fold, RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank, recipe_class
 from .results import CandidateRow, Entry, SplitsInfo, TaskInfo
-from .scoring import Scorer
+from .scoring import MixtureScorer
 from .stages import Checked, recipe_context, recipe_info
 from .summary import Summary, ties
 from .trainer_scoring import trainer_label_names
@@ -45,7 +45,7 @@ class ScoredRun:
 
     fields: dict[str, Any]
     recipe_result: RecipeResult
-    scorer: Scorer
+    scorer: MixtureScorer
     overrides: dict[str, torch.Tensor]
 
 
@@ -97,7 +97,7 @@ class Cooked:
     losses: dict[str, float]  # selection losses
 
 
-def recipe_stage(config: SoupConfig, checked: Checked, scorer: Scorer, quiet: bool) -> Cooked:
+def recipe_stage(config: SoupConfig, checked: Checked, scorer: MixtureScorer, quiet: bool) -> Cooked:
     """Score every candidate on the selection split, then let the recipe choose the mixture."""
     singles = {cid: Mixture.uniform("single", [cid], checked.revisions) for cid in checked.ids}
     individual = {cid: scorer.selection_value(m) for cid, m in singles.items()}
@@ -110,7 +110,7 @@ def recipe_stage(config: SoupConfig, checked: Checked, scorer: Scorer, quiet: bo
     return Cooked(recipe, result, singles, rank(checked.ids, individual, losses), losses)
 
 
-def scored_context(checked: Checked, scorer: Scorer, quiet: bool, config: SoupConfig) -> RecipeContext:
+def scored_context(checked: Checked, scorer: MixtureScorer, quiet: bool, config: SoupConfig) -> RecipeContext:
     """`recipe_context`, plus (with hf-soup's own encoding of the data) the live model's trainer and the
     confirmation folds."""
     context = recipe_context(checked, quiet)
@@ -122,7 +122,7 @@ def scored_context(checked: Checked, scorer: Scorer, quiet: bool, config: SoupCo
     return context
 
 
-def _mixing_trainer(scorer: Scorer, split, quiet: bool):
+def _mixing_trainer(scorer: MixtureScorer, split, quiet: bool):
     """`options -> MixingTrainer` on `split`: the learned soup's gradients through the live model."""
     return lambda options: MixingTrainer(
         scorer.workbench, split, scorer.collator, scorer.spec, options, quiet
@@ -130,7 +130,7 @@ def _mixing_trainer(scorer: Scorer, split, quiet: bool):
 
 
 def confirmation_folds(
-    scorer: Scorer, checked: Checked, config: SoupConfig, context: RecipeContext
+    scorer: MixtureScorer, checked: Checked, config: SoupConfig, context: RecipeContext
 ) -> list[Fold]:
     """The selection split in two seeded, disjoint halves, each with the candidates' scores on it, an objective on
     it (computed from the full selection logits, so a fold costs no forward pass of its own), and recipes built to
@@ -156,7 +156,7 @@ def confirmation_folds(
     return folds
 
 
-def recalibrated_statistics(scorer: Scorer, mixture: Mixture) -> dict[str, torch.Tensor]:
+def recalibrated_statistics(scorer: MixtureScorer, mixture: Mixture) -> dict[str, torch.Tensor]:
     """The soup's BatchNorm statistics re-estimated on the selection split, to be written instead of averages."""
     workbench = scorer.workbench
     workbench.load(mixture)  # `after_load` recalibrates
@@ -166,7 +166,7 @@ def recalibrated_statistics(scorer: Scorer, mixture: Mixture) -> dict[str, torch
 
 
 def scored_fields(
-    config: SoupConfig, checked: Checked, scorer: Scorer, plan, cooked: Cooked
+    config: SoupConfig, checked: Checked, scorer: MixtureScorer, plan, cooked: Cooked
 ) -> dict[str, Any]:
     """The scored fields of the `SoupSummary`: every candidate, the best individual (the paper's: the best
     primary metric on the selection split; ties by selection loss, then id), the soup, the baselines, the paired
@@ -228,7 +228,7 @@ def _ensembles(summary: Summary, ranked: list[str], mixture: Mixture) -> list[En
     return ensembles
 
 
-def _splits_info(scorer: Scorer, plan, report_names: list[str]) -> SplitsInfo:
+def _splits_info(scorer: MixtureScorer, plan, report_names: list[str]) -> SplitsInfo:
     return SplitsInfo(
         selection={"name": plan.selection_name, "size": len(scorer.splits["selection"])},
         report={name: {"size": len(scorer.splits[name])} for name in report_names},
@@ -237,7 +237,7 @@ def _splits_info(scorer: Scorer, plan, report_names: list[str]) -> SplitsInfo:
     )
 
 
-def _task_info(scorer: Scorer) -> TaskInfo:
+def _task_info(scorer: MixtureScorer) -> TaskInfo:
     spec = scorer.spec
     return TaskInfo(
         name=spec.name,
@@ -250,7 +250,7 @@ def _task_info(scorer: Scorer) -> TaskInfo:
     )
 
 
-def _ties(scorer: Scorer, ranked, selection, losses, best_id: str) -> list[dict]:
+def _ties(scorer: MixtureScorer, ranked, selection, losses, best_id: str) -> list[dict]:
     """Ties on the selection metric, and the tie (if any) that decided the best individual's primary metric."""
     found = ties(
         ranked, {cid: scorer.value(s) for cid, s in selection.items()}, losses, scorer.selection_metric

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -230,6 +231,44 @@ def logits_unless_hopeless(batches, split: EncodedSplit, spec: TaskSpec, metric:
         if bound.update(outcomes):
             return None, bound.seen
     return logits, bound.seen
+
+
+@runtime_checkable
+class MixtureScorer(Protocol):
+    """What the stages, the recipes' objectives and the reports use of a scorer. hf-soup's own `Scorer` and
+    `trainer_scoring.TrainerScorer` both implement it (`tests/test_integrations.py` checks that they do)."""
+
+    spec: Any  # `data.TaskSpec`, or `trainer_scoring.TrainerTask`
+    splits: dict[str, EncodedSplit]
+    workbench: Workbench
+    collator: Any
+    selection_metric: str
+    head: Any  # a backbone soup's head, or None
+    evaluations: int
+    examples_forwarded: int
+    early_stops: int
+    log: list[dict]
+
+    def load(self, mixture: Mixture) -> None:
+        """Put `mixture` into the live model."""
+
+    def score(self, mixture: Mixture, split_name: str) -> SplitScore:
+        """Metrics, loss and logits of `mixture` on one split (cached)."""
+
+    def value(self, score: SplitScore) -> float:
+        """The selection objective of a score, as "higher is better"."""
+
+    def primary_value(self, score: SplitScore) -> float:
+        """The task's primary metric, as "higher is better": what "best individual" means."""
+
+    def score_logits(self, logits: np.ndarray, split_name: str) -> SplitScore:
+        """Metrics and loss of logits computed elsewhere (an ensemble's)."""
+
+    def subset_value(self, mixture: Mixture, indices: np.ndarray) -> float:
+        """The selection objective on a subset of the selection split (an `auto` confirmation fold)."""
+
+    def selection_value(self, mixture: Mixture, must_reach: float | None = None) -> float | None:
+        """The selection objective of `mixture`; `None` when it provably cannot reach `must_reach`."""
 
 
 class Scorer:

@@ -129,8 +129,7 @@ class TrainerScorer:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return SplitScore.from_dict(hit)
         started = time.perf_counter()
-        if self.workbench.loaded != mixture:
-            self.workbench.load(mixture)
+        self.load(mixture)
         output = self.trainer.predict(self.datasets[split_name], metric_key_prefix="eval")
         logits = np.asarray(
             output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
@@ -156,9 +155,11 @@ class TrainerScorer:
     def score_logits(self, logits: np.ndarray, split_name: str) -> SplitScore:
         """Metrics of logits computed elsewhere (a logit ensemble's) through the trainer's own `compute_metrics`,
         and the mean loss the model's head would give them (cross-entropy, or squared error for regression)."""
+        return self._metrics_of(logits, self.splits[split_name].labels)
+
+    def _metrics_of(self, logits: np.ndarray, labels: np.ndarray) -> SplitScore:
         from transformers import EvalPrediction
 
-        labels = self.splits[split_name].labels
         computed = {}
         if self.trainer.compute_metrics is not None:
             computed = self.trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
@@ -168,6 +169,16 @@ class TrainerScorer:
         loss = float(np.mean(per_example_loss(logits, labels, self.spec.regression), dtype=np.float64))
         predictions = logits[:, 0] if self.spec.regression else logits.argmax(axis=1)
         return SplitScore(metrics, loss, len(labels), predictions.tolist(), logits.astype(np.float32))
+
+    def load(self, mixture: Mixture) -> None:
+        if self.workbench.loaded != mixture:
+            self.workbench.load(mixture)
+
+    def subset_value(self, mixture: Mixture, indices: np.ndarray) -> float:
+        """The selection objective on a subset of the selection split (an `auto` confirmation fold), from the
+        logits of the mixture's full selection score (cached), through the trainer's own `compute_metrics`."""
+        logits = self.score(mixture, "selection").logits[indices]
+        return self.value(self._metrics_of(logits, self.splits["selection"].labels[indices]))
 
     def primary_value(self, score: SplitScore) -> float:
         """The primary metric as "higher is better": `metric_for_best_model` (with `greater_is_better`) when it is

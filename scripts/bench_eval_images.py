@@ -1,6 +1,6 @@
 """Benchmark: hf-soup's image scoring against `transformers.Trainer.evaluate` and the machine's matmul roofline.
 
-The model is the small ResNet that `scripts/reproduce_fashion_mnist.py` soups (`hf_soup.fashion_mnist`), seeded;
+The model is the small ResNet that `scripts/reproduce_fashion_mnist.py` soups (`scripts/fashion_mnist.py`), seeded;
 the data are Fashion-MNIST test images (`apt-get install dataset-fashion-mnist`), through the same image processor.
 Both paths must give the same accuracy. Printed, all measured in this run:
 - images/s and achieved GFLOP/s of each (hf-soup's also for one evaluation pass alone), FLOPs counted from the
@@ -30,10 +30,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="hf-soup's evaluation batch (its default)")
     args = parser.parse_args()
 
+    import fashion_mnist as fm  # scripts/fashion_mnist.py, beside this script
     import torch
     from transformers import ResNetForImageClassification, Trainer, TrainingArguments, default_data_collator
 
-    from hf_soup import fashion_mnist as fm
     from hf_soup.data import task_spec
     from hf_soup.images import encode_image_split
     from hf_soup.scoring import predict, score_logits

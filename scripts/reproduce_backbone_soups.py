@@ -80,10 +80,9 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 def image_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
     """`(start, fine-tunes, target dataset folder)`."""
+    import fashion_mnist as fm  # scripts/fashion_mnist.py, beside this script
     import torch
     from transformers import ResNetForImageClassification
-
-    from hf_soup import fashion_mnist as fm
 
     images, labels = fm.read_split("train")
     start = work / "start"

@@ -52,9 +52,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import datasets
+    import fashion_mnist as fm  # scripts/fashion_mnist.py, beside this script
 
     from hf_soup import SoupConfig, cook
-    from hf_soup import fashion_mnist as fm
     from hf_soup.sweep import SweepGrid, sample_variants, sweep
 
     workdir, results = Path(args.workdir), Path(args.results)

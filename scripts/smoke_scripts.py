@@ -68,7 +68,12 @@ def run(clone: Path, name: str, scratch: Path) -> subprocess.CompletedProcess:
 
 
 def scripts() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem != Path(__file__).stem)
+    """Every script under `scripts/` (a file that runs as `__main__`; `fashion_mnist.py` is a helper they import)."""
+    found = []
+    for path in (ROOT / "scripts").glob("*.py"):
+        if path.stem != Path(__file__).stem and 'if __name__ == "__main__"' in path.read_text():
+            found.append(path.stem)
+    return sorted(found)
 
 
 def main() -> int:

@@ -19,6 +19,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
+# Helpers the scripts and the tests share (`scripts/fashion_mnist.py`), importable from the tests as from a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 # The reviews bundled in the package (1000 train, 400 test rows of ../shared's fine-food set): tests read nothing
 # outside the repository.
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import fashion_mnist as fm  # scripts/fashion_mnist.py (conftest puts scripts/ on sys.path)
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hf_soup import SoupConfig, cook
-from hf_soup import fashion_mnist as fm
 from hf_soup.batchnorm import BatchNormRecalibrator
 from hf_soup.data import carve_selection
 from hf_soup.errors import ConfigError

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -203,3 +204,43 @@ def test_an_error_under_two_processes_is_reported_once_and_writes_nothing(zoo, r
     assert two.stderr.count("hf-soup: error:") == 1 and "no column 'no-such-column'" in two.stderr
     assert "Traceback" not in two.stderr.split("hf-soup: error:")[0]  # no rank crashed before reporting
     assert not out.exists() and not list(tmp_path.glob(".soup.*"))
+
+
+def test_both_scorers_implement_the_scorer_protocol(zoo, reviews, tmp_path, monkeypatch):
+    """`scoring.MixtureScorer` is what the stages use: hf-soup's `Scorer` and `TrainerScorer` both implement all of
+    it (TrainerScorer lacked `load` and `subset_value`), and a trainer's `subset_value` is the metric of that
+    subset of its eval dataset, counted here from the trainer's own predictions."""
+    from hf_soup import cook, scored_stages
+    from hf_soup.mixture import Mixture
+    from hf_soup.scoring import MixtureScorer, Scorer
+    from hf_soup.trainer_scoring import TrainerScorer
+
+    scorers = []
+    recipe_stage = scored_stages.recipe_stage
+
+    def recording(config, checked, scorer, quiet):
+        scorers.append(scorer)
+        return recipe_stage(config, checked, scorer, quiet)
+
+    monkeypatch.setattr(scored_stages, "recipe_stage", recording)
+    candidates = [str(zoo["a"]), str(zoo["b"])]
+    cook(base=str(zoo["base"]), candidates=candidates, dataset=str(reviews["train"]), text_column="review",
+         label_column="score", recipe="uniform", max_eval_examples=16, quiet=True)  # fmt: skip
+    selection = pd.read_csv(reviews["train"]).head(60)
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=64, report_to="none",
+                             metric_for_best_model="accuracy", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=AutoModelForSequenceClassification.from_pretrained(zoo["a"]), args=args,
+                      eval_dataset=_tokenized(tokenizer, selection), processing_class=tokenizer,
+                      compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})  # fmt: skip
+    cook(base=str(zoo["base"]), candidates=candidates, trainer=trainer, recipe="greedy", quiet=True)
+    assert [type(scorer) for scorer in scorers] == [Scorer, TrainerScorer]
+    assert all(isinstance(scorer, MixtureScorer) for scorer in scorers)  # every member of the protocol
+    by_trainer = scorers[1]
+    labels = np.asarray([LABELS.index(s) for s in selection["score"]])
+    rows = np.arange(0, len(labels), 3)
+    single = Mixture.uniform("single", [str(zoo["b"])])
+    value = by_trainer.subset_value(single, rows)
+    by_trainer.load(single)
+    predicted = trainer.predict(trainer.eval_dataset).predictions.argmax(-1)
+    assert value == pytest.approx(float(np.mean(predicted[rows] == labels[rows])))

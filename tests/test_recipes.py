@@ -6,7 +6,7 @@ import pytest
 
 from hf_soup.errors import ConfigError
 from hf_soup.mixture import Mixture
-from hf_soup.recipes import GreedySoup, PrunedSoup, UniformSoup, get_recipe, rank
+from hf_soup.recipes import GreedySoup, PrunedSoup, UniformSoup, rank, recipe_class
 
 
 def scripted(table: dict[frozenset, float], calls: list):
@@ -82,8 +82,8 @@ def test_uniform_weights_all_equally():
 
 
 def test_unknown_recipe_is_a_clear_error():
-    with pytest.raises(ConfigError, match="choose one of uniform, greedy, pruned"):
-        get_recipe("stew")
+    with pytest.raises(ConfigError, match="Unknown recipe 'stew': choose one of uniform, greedy, pruned"):
+        recipe_class("stew")
 
 
 def test_mixture_round_trips_and_cache_key_ignores_order():

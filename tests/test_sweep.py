@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import fashion_mnist as fm  # scripts/fashion_mnist.py (conftest puts scripts/ on sys.path)
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,6 @@ from transformers import (
     default_data_collator,
 )
 
-from hf_soup import fashion_mnist as fm
 from hf_soup.data import carve_selection, load_data
 from hf_soup.integrations import INGREDIENT_FILE
 from hf_soup.sweep import SweepGrid, augmenting, sample_variants, sweep

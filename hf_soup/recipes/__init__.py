@@ -47,15 +47,6 @@ def build_recipe(config, context: RecipeContext) -> SoupRecipe:
     return recipe_class(config.recipe).from_config(config, context)
 
 
-def get_recipe(name: str, passes: int = 1) -> SoupRecipe:
-    """A recipe that needs only scores, e.g. `get_recipe("greedy")` (`wise` and `learned` need a context)."""
-    if name == "pruned":
-        return PrunedSoup(passes)
-    if name not in ("uniform", "greedy"):
-        raise ConfigError(f"Unknown recipe {name!r} here: choose one of uniform, greedy, pruned.")
-    return RECIPES[name]()
-
-
 __all__ = [
     "RECIPES",
     "CurvePoint",
@@ -72,7 +63,6 @@ __all__ = [
     "UniformSoup",
     "WiseSoup",
     "build_recipe",
-    "get_recipe",
     "parse_alphas",
     "rank",
     "recipe_class",

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DemoError
-from .progress import progress_bar
+from hf_soup.errors import DemoError
+from hf_soup.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
