@@ -61,3 +61,27 @@ def test_demo_quick_runs_offline(tmp_path):
     assert [os.path.normpath(out.absolute() / i["id"]) for i in written["ingredients"]] == [
         i["id"] for i in report["mixture"]["ingredients"]
     ]  # named relative to the soup folder: no absolute path of this machine in what is pushed
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    """In the fast tier: the demo's guard runs before any model is loaded or trained."""
+    from conftest import run_main
+
+    taken = tmp_path / "mine"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    result = run_main("demo", "--quick", "--output", str(taken))
+    assert result.returncode == 2
+    assert f"{taken} exists and is not an earlier demo soup; choose another --output." in result.stderr
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_python_dash_m_runs_the_cli():
+    import sys
+
+    from hf_soup import __version__
+
+    run = subprocess.run(
+        [sys.executable, "-m", "hf_soup", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.strip() == f"hf-soup {__version__}"
