@@ -22,18 +22,18 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from .compat import CompatibilityReport, check_compatibility
+from .candidates.compat import CompatibilityReport, check_compatibility
+from .candidates.diagnostics import Diagnostics, diagnose
+from .candidates.hub import check_push_target, push
 from .config import SoupConfig
-from .diagnostics import Diagnostics, diagnose
 from .errors import ConfigError, OutputExistsError
-from .hub import check_push_target, push
+from .evaluation.preprocessors import load_preprocessor
 from .mixture import Mixture
-from .output import write_soup_folder
-from .preprocessors import load_preprocessor
+from .pipeline.output import write_soup_folder
+from .pipeline.stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
 from .recipes import RecipeResult
 from .results import SoupSummary, WrittenFiles
 from .runtime import process_state
-from .stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _cook(run: _Run) -> SoupResult:
 def _scored_stages():
     """The scored stages, imported only when data is scored: evaluation's imports (`evaluate`, `datasets`, the
     models' classes) take seconds that a plain merge never needs."""
-    from . import scored_stages
+    from .pipeline import scored_stages
 
     return scored_stages
 

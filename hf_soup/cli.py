@@ -218,7 +218,7 @@ def _run(args, argv: list[str]) -> int:
 
 def _cook(args, argv: list[str]) -> int:
     from .api import cook
-    from .report import compatibility_table, lora_summary, soup_table
+    from .reporting.tables import compatibility_table, lora_summary, soup_table
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
@@ -241,7 +241,7 @@ def _cook(args, argv: list[str]) -> int:
 
 
 def _evaluate(args) -> int:
-    from .preparation import evaluate_model
+    from .scoring.preparation import evaluate_model
 
     scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
     human = "\n".join(
@@ -255,8 +255,8 @@ def _evaluate(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .report import format_table
-    from .reproduce import reproduce
+    from .pipeline.reproduce import reproduce
+    from .reporting.tables import format_table
 
     result = reproduce(args.target, quiet=args.quiet)
     rows = [
@@ -270,7 +270,7 @@ def _reproduce(args) -> int:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    from .report import soup_table
+    from .reporting.tables import soup_table
 
     result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
     _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
@@ -278,8 +278,8 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import sweep
-    from .tasks import is_image_task
+    from .evaluation.tasks import is_image_task
+    from .training.sweep import sweep
 
     folder = sweep(args.base, args.dataset, text_column=args.text_column, label_column=args.label_column,
                    text_pair_column=args.text_pair_column, task=args.task, image_column=args.image_column,
@@ -306,15 +306,15 @@ def _sweep(args) -> int:
 def _check(args) -> int:
     from .api import check, check_with_diagnostics
     from .errors import IncompatibleCandidatesError
-    from .report import compatibility_table, format_table
+    from .reporting.tables import compatibility_table, format_table
 
     if not args.diagnostics:
         report = check(args.base, args.candidates, args.allow_pickle, args.trust_remote_code, soup=args.soup)
         _emit(args, report.to_dict(), compatibility_table(report.rows()))
         report.raise_if_unusable(strict=args.strict)
         return 0
-    from .diagnostics import diagnostics_table
-    from .plots import write_angle_heatmap
+    from .candidates.diagnostics import diagnostics_table
+    from .reporting.plots import write_angle_heatmap
 
     report, diagnostics = check_with_diagnostics(
         args.base, args.candidates, args.allow_pickle, args.quiet, args.trust_remote_code, soup=args.soup
@@ -340,8 +340,8 @@ def _push(args) -> int:
 
     from huggingface_hub import HfApi
 
+    from .candidates.hub import check_push_target, push
     from .errors import HubError
-    from .hub import check_push_target, push
 
     folder = Path(args.folder)
     if not (folder / "soup.json").is_file():
@@ -356,7 +356,7 @@ def _push(args) -> int:
 
 
 def _convert_gguf(args) -> int:
-    from .gguf import convert_gguf
+    from .checkpoints.gguf import convert_gguf
 
     output = convert_gguf(args.gguf, args.output, dtype=args.dtype, overwrite=args.overwrite)
     _emit(args, {"output": str(output), "dtype": args.dtype}, f"Wrote {output}")

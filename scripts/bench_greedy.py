@@ -1,7 +1,7 @@
 """Benchmark: a greedy soup end to end, hf-soup against the plain-transformers loop a user writes by hand.
 
 On N fine-tuned MiniLM candidates (`--runs`, e.g. `results/runs` from `scripts/reproduce_fine_foods.py`; without
-them, the script fine-tunes its own with `hf_soup.sweep` on the fine-food reviews: ../shared if present, else the
+them, the script fine-tunes its own with `hf_soup.training.sweep` on the fine-food reviews: ../shared if present, else the
 bundled 1000), the same selection split (the sweep's held-out carve-out, written to one CSV file) and the same
 selection metric (loss: continuous, so no float-level ties decide the order), measured in the same run:
 - the hand-written greedy soup (as in the paper's code): per trial, load the ingredients' state dicts and average
@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from hf_soup import SoupConfig, carve_selection, cook
-    from hf_soup.data import load_data
+    from hf_soup.evaluation.data import load_data
 
     scratch = Path(tempfile.mkdtemp(prefix="hf-soup-bench-greedy-", dir=args.scratch))
     train = str(Path(args.data) / "train.csv")
@@ -103,7 +103,7 @@ def candidates_of(args, train: str, scratch: Path) -> tuple[str, list[str]]:
             raise SystemExit(f"{runs} holds fewer than 2 candidates (v*/model.safetensors).")
         return str(runs / "start"), candidates
     from hf_soup.demo import pretrained_path
-    from hf_soup.sweep import SweepGrid, sweep
+    from hf_soup.training.sweep import SweepGrid, sweep
 
     workdir = scratch / "sweep"
     grid = SweepGrid(epochs=(1,))  # a short budget: this benchmark times souping, not training

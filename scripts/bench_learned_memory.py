@@ -61,8 +61,8 @@ def _split(folder: Path, steps: int):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from hf_soup.data import task_spec
-    from hf_soup.text import encode_text_split
+    from hf_soup.evaluation.data import task_spec
+    from hf_soup.evaluation.text import encode_text_split
 
     reviews = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods" / "train.csv"
     frame = pd.read_csv(reviews).head(BATCH * steps)
@@ -84,11 +84,11 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    from hf_soup.compat import check_compatibility
-    from hf_soup.data import task_spec
-    from hf_soup.materialize import Workbench
-    from hf_soup.mixing import MixingTrainer
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.evaluation.data import task_spec
+    from hf_soup.merge.materialize import Workbench
     from hf_soup.recipes import LearnedOptions
+    from hf_soup.scoring.mixing import MixingTrainer
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]
     split, tokenizer = _split(folder, steps)

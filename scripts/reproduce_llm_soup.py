@@ -162,7 +162,7 @@ def main() -> int:
     import pandas as pd
 
     from hf_soup import cook
-    from hf_soup.gguf import convert_gguf
+    from hf_soup.checkpoints.gguf import convert_gguf
 
     workdir, data = Path(args.workdir), Path(args.data)
     workdir.mkdir(parents=True, exist_ok=True)

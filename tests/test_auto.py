@@ -12,10 +12,10 @@ import pytest
 from test_golden import build_fixtures
 
 from hf_soup import cook
+from hf_soup.evaluation.splits import EncodedSplit
 from hf_soup.mixture import Mixture
 from hf_soup.recipes import Fold, GreedySoup, RecipeResult, SoupRecipe, UniformSoup
 from hf_soup.recipes.auto import BEST_INDIVIDUAL, AutoSoup
-from hf_soup.splits import EncodedSplit
 
 SCORES = {"a": 0.9, "b": 0.8, "c": 0.1}
 

@@ -107,7 +107,7 @@ def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, n
     """LogisticRegression(C=1) on the soup body's pooled outputs of the selection rows (the same seeded carve-out
     of train.csv that hf-soup selects on), labels as the soup's ids; and the cross-entropy of out-of-fold logits
     over two seeded stratified halves."""
-    from hf_soup.data import carve_selection, load_data
+    from hf_soup.evaluation.data import carve_selection, load_data
 
     data = load_data(str(reviews["train"]), split="train")
     _, selection = carve_selection(data, 0.1, seed=0)

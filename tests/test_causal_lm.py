@@ -20,10 +20,16 @@ from conftest import run_main
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_soup.data import task_spec
-from hf_soup.language_modeling import encode_document_split, ensemble_token_nll, pad_documents
-from hf_soup.scoring import RejectionBound, logits_unless_hopeless, model_outputs, predict, score_logits
-from hf_soup.stats import bootstrap_indices, compare_documents
+from hf_soup.evaluation.data import task_spec
+from hf_soup.evaluation.language_modeling import encode_document_split, ensemble_token_nll, pad_documents
+from hf_soup.evaluation.stats import bootstrap_indices, compare_documents
+from hf_soup.scoring.scorer import (
+    RejectionBound,
+    logits_unless_hopeless,
+    model_outputs,
+    predict,
+    score_logits,
+)
 
 MAX_LENGTH = 24
 # The candidates: one real fine-tune of the base, plus seeded Gaussian noise of this many times each weight
@@ -160,7 +166,7 @@ def test_early_rejection_on_loss_decides_as_a_full_evaluation():
     token_losses = np.zeros((64, 30), dtype=np.float32)
     for row, count in enumerate(tokens):
         token_losses[row, :count] = generator.gamma(2.0, 2.0, count)
-    from hf_soup.splits import EncodedSplit
+    from hf_soup.evaluation.splits import EncodedSplit
 
     split = EncodedSplit("selection", [{}] * 64, tokens, np.argsort(-tokens), "")
     full = score_logits(token_losses, split, spec).loss

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_soup.report import soup_table
+from hf_soup.reporting.tables import soup_table
 from hf_soup.results import SoupSummary
 
 HF_SOUP = installed_script("hf-soup")

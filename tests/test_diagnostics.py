@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_soup.api import check_with_diagnostics
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.candidates.diagnostics import diagnose
 from hf_soup.cli import main
-from hf_soup.compat import check_compatibility
-from hf_soup.diagnostics import diagnose
 
 
 def task_vector(folder, base) -> torch.Tensor:

@@ -282,7 +282,9 @@ def test_a_text_base_without_tokenizer_files(zoo, reviews, tmp_path, capsys):
 
 def test_not_enough_disk_space_is_caught_before_writing(zoo, tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hf_soup.output.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        "hf_soup.pipeline.output.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000)
+    )
     out = tmp_path / "soup"
     argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
     err = fails(argv, "Not enough disk space", capsys, out)
@@ -296,7 +298,7 @@ def test_disk_filling_up_while_writing_leaves_nothing(zoo, tmp_path, capsys, mon
             shard.write(b"\0" * 1024)  # part of a tensor, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
 
-    monkeypatch.setattr("hf_soup.stream_writer.SafetensorsStreamWriter.write", full_disk)
+    monkeypatch.setattr("hf_soup.checkpoints.stream_writer.SafetensorsStreamWriter.write", full_disk)
     out = tmp_path / "soup"
     argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
     err = fails(argv, "The disk filled up while writing", capsys, out)
@@ -440,8 +442,8 @@ def fifty(zoo, tmp_path_factory) -> list[str]:
 
 @pytest.mark.slow
 def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fifty, tmp_path, capsys):
-    from hf_soup.compat import check_compatibility
-    from hf_soup.materialize import materialize
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.merge.materialize import materialize
     from hf_soup.mixture import Mixture
 
     peaks = {}

@@ -13,7 +13,7 @@ from conftest import run_main
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_soup.gguf import convert_gguf
+from hf_soup.checkpoints.gguf import convert_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

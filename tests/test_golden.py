@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import BUNDLED_DATA, LABELS, tiny_config
 
 from hf_soup import SoupConfig, cook
-from hf_soup.reproduce import reproduce
+from hf_soup.pipeline.reproduce import reproduce
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VOLATILE = {"versions", "timings", "created"}

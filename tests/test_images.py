@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hf_soup import SoupConfig, cook
-from hf_soup.batchnorm import BatchNormRecalibrator
-from hf_soup.data import carve_selection
 from hf_soup.errors import ConfigError
-from hf_soup.metrics import compute_metrics
-from hf_soup.sweep import SweepVariant, sweep
+from hf_soup.evaluation.data import carve_selection
+from hf_soup.evaluation.metrics import compute_metrics
+from hf_soup.scoring.batchnorm import BatchNormRecalibrator
+from hf_soup.training.sweep import SweepVariant, sweep
 
 POOL_ROWS, TEST_ROWS = 2000, 600
 # Three fine-tunes with a seeded random head (constant learning rates, as a short budget wants).
@@ -324,7 +324,7 @@ def test_image_input_errors_are_one_clear_message(image_zoo, tmp_path):
 
 
 def test_large_splits_are_processed_on_access_with_the_same_pixels(image_zoo, monkeypatch):
-    from hf_soup import images
+    from hf_soup.evaluation import images
 
     data = datasets.load_dataset(str(image_zoo["data"]), split="test").select(range(50))
     processor = AutoImageProcessor.from_pretrained(image_zoo["base"])

@@ -18,7 +18,7 @@ from test_compat import Payload
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_soup.cli import main
-from hf_soup.integrations import INGREDIENT_FILE, SoupCallback
+from hf_soup.training.integrations import INGREDIENT_FILE, SoupCallback
 
 LABELS = ["great", "other"]
 # Two CPU processes in one gloo group. (`accelerate launch --cpu` starts a single process unless given an MPI
@@ -130,7 +130,7 @@ def _tokenized(tokenizer, frame, max_length=64):
 
 def test_greedy_scored_by_the_trainer_matches_greedy_scored_by_hf_soup(zoo, reviews, tmp_path):
     from hf_soup import SoupConfig, cook
-    from hf_soup.data import carve_selection, load_data
+    from hf_soup.evaluation.data import carve_selection, load_data
 
     _, selection = carve_selection(load_data(str(reviews["train"]), split="train"), 0.25, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
@@ -210,10 +210,11 @@ def test_both_scorers_implement_the_scorer_protocol(zoo, reviews, tmp_path, monk
     """`scoring.MixtureScorer` is what the stages use: hf-soup's `Scorer` and `TrainerScorer` both implement all of
     it (TrainerScorer lacked `load` and `subset_value`), and a trainer's `subset_value` is the metric of that
     subset of its eval dataset, counted here from the trainer's own predictions."""
-    from hf_soup import cook, scored_stages
+    from hf_soup import cook
     from hf_soup.mixture import Mixture
-    from hf_soup.scoring import MixtureScorer, Scorer
-    from hf_soup.trainer_scoring import TrainerScorer
+    from hf_soup.pipeline import scored_stages
+    from hf_soup.scoring.scorer import MixtureScorer, Scorer
+    from hf_soup.scoring.trainer import TrainerScorer
 
     scorers = []
     recipe_stage = scored_stages.recipe_stage

@@ -12,12 +12,12 @@ from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_soup import cook
-from hf_soup.compat import check_compatibility
-from hf_soup.data import load_data, task_spec
-from hf_soup.materialize import Workbench
-from hf_soup.mixing import MixingTrainer
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.evaluation.data import load_data, task_spec
+from hf_soup.evaluation.text import encode_text_split
+from hf_soup.merge.materialize import Workbench
 from hf_soup.recipes import LearnedOptions
-from hf_soup.text import encode_text_split
+from hf_soup.scoring.mixing import MixingTrainer
 
 CANDIDATES = ["a", "b", "c", "d"]
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_soup import SoupConfig, cook
 from hf_soup.errors import ConfigError
-from hf_soup.reproduce import reproduce
+from hf_soup.pipeline.reproduce import reproduce
 
 PEFT = "base_model.model."
 

@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
-from hf_soup import materialize as materialize_module
-from hf_soup.compat import check_compatibility
-from hf_soup.materialize import Workbench, materialize
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.checkpoints.stream_writer import SafetensorsStreamWriter
+from hf_soup.merge import materialize as materialize_module
+from hf_soup.merge.materialize import Workbench, materialize
 from hf_soup.mixture import Ingredient, Mixture
-from hf_soup.stream_writer import SafetensorsStreamWriter
 
 
 def independent_average(folders, weights=None):

@@ -16,7 +16,7 @@ from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup import SoupConfig, cook
-from hf_soup.data import carve_selection, load_data, plan_splits, task_spec
+from hf_soup.evaluation.data import carve_selection, load_data, plan_splits, task_spec
 
 
 def config_for(zoo, reviews, tmp_path, **overrides):
@@ -159,7 +159,7 @@ def test_manifest_card_and_plots(greedy_run):
     assert manifest["splits"]["same_split"] is False
     assert set(manifest["versions"]) >= {"hf-soup", "torch", "transformers", "safetensors"}
     written = load_file(str(folder / "model.safetensors"))
-    from hf_soup.materialize import tensor_sha256
+    from hf_soup.merge.materialize import tensor_sha256
 
     assert {k: tensor_sha256(v) for k, v in written.items()} == manifest["tensor_sha256"]
     card = ModelCard.load(folder / "README.md")
@@ -295,7 +295,7 @@ def test_glue_task_on_a_local_copy(zoo, reviews, tmp_path):
 
 def test_metrics_match_their_textbook_definitions():
     """Each metric against its formula from confusion counts or ranks, not against the library call it wraps."""
-    from hf_soup.metrics import compute_metrics
+    from hf_soup.evaluation.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)

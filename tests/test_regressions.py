@@ -127,9 +127,9 @@ def test_an_unknown_selection_metric_is_a_config_error(zoo, reviews, tmp_path):
 
 
 def test_causal_lm_documents_left_out_are_said(monkeypatch):
-    from hf_soup import preparation
-    from hf_soup.data import task_spec
     from hf_soup.errors import DatasetError
+    from hf_soup.evaluation.data import task_spec
+    from hf_soup.scoring import preparation
 
     logged = []  # the module logger's own calls: whatever handlers or propagation earlier tests left configured
     monkeypatch.setattr(preparation.logger, "warning", lambda message, *args: logged.append(message % args))
@@ -152,6 +152,6 @@ def test_the_score_cache_key_changes_with_the_code(tmp_path):
     assert json.loads(cache_key("score", 1))[0] == code_fingerprint()
     copy = tmp_path / "hf_soup"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "data"))
-    scoring = copy / "scoring.py"
+    scoring = copy / "scoring" / "scorer.py"
     scoring.write_text(scoring.read_text() + "\n# a change to how scores are computed\n")
     assert code_fingerprint(copy) != code_fingerprint()  # the same version, other code: other keys

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from hf_soup.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
+from hf_soup.evaluation.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
 
 
 @pytest.fixture
@@ -89,8 +89,8 @@ def test_small_split_warning():
 def test_intervals_only_for_metrics_hf_soup_can_recompute():
     """A Trainer's own metric names get no interval (never a KeyError), nor does F1 on more than two labels, whose
     averaging hf-soup cannot know; the paired bootstrap then runs on multiclass labels without crashing."""
-    from hf_soup.stats import compare
-    from hf_soup.summary import bootstrappable
+    from hf_soup.evaluation.stats import compare
+    from hf_soup.pipeline.summary import bootstrappable
 
     binary, multiclass = np.array([0, 1, 1, 0]), np.array([0, 1, 2, 2])
     assert bootstrappable(("accuracy", "f1", "precision", "auc"), binary) == ("accuracy", "f1")

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification, BertModel
 
 from hf_soup import cook
+from hf_soup.pipeline.reproduce import reproduce
 from hf_soup.recipes.stock import interpolation_ratio
-from hf_soup.reproduce import reproduce
 
 
 @pytest.fixture(scope="module")

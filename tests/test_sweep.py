@@ -1,4 +1,4 @@
-"""`hf_soup.sweep`: a shared linear-probe head (equal to scikit-learn's fit on the frozen features, computed here
+"""`hf_soup.training.sweep`: a shared linear-probe head (equal to scikit-learn's fit on the frozen features, computed here
 independently), variants drawn from the documented grid, the selection carve-out never trained on, and pots that
 `cook` soups directly."""
 
@@ -20,9 +20,9 @@ from transformers import (
     default_data_collator,
 )
 
-from hf_soup.data import carve_selection, load_data
-from hf_soup.integrations import INGREDIENT_FILE
-from hf_soup.sweep import SweepGrid, augmenting, sample_variants, sweep
+from hf_soup.evaluation.data import carve_selection, load_data
+from hf_soup.training.integrations import INGREDIENT_FILE
+from hf_soup.training.sweep import SweepGrid, augmenting, sample_variants, sweep
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup import cook
-from hf_soup.ensemble import expected_calibration_error
 from hf_soup.errors import ConfigError
 from hf_soup.recipes import parse_alphas
+from hf_soup.scoring.ensemble import expected_calibration_error
 
 LABELS = ["great", "other"]
 

@@ -60,7 +60,7 @@ class LearnedOptions:
 
 class LearnedSoup(SoupRecipe):
     """Args:
-    trainer (`MixingTrainer`): learns the weights through the live model (`hf_soup.mixing`).
+    trainer (`MixingTrainer`): learns the weights through the live model (`hf_soup.scoring.mixing`).
     """
 
     card_section = CARD_SECTION
