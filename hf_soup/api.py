@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from huggingface_hub import HfApi
 from .candidates.compat import CompatibilityReport, check_compatibility
 from .candidates.diagnostics import Diagnostics, diagnose
 from .candidates.hub import check_push_target, push
-from .config import SoupConfig
+from .config import SoupConfig, split_options
 from .errors import ConfigError, OutputExistsError
 from .evaluation.preprocessors import load_preprocessor
 from .mixture import Mixture
@@ -189,12 +189,7 @@ def cook(
 def _config_of(config: SoupConfig | None, trainer, kwargs: dict) -> SoupConfig:
     """The run's options: `config`, with any keyword options applied over it (`cook(config, recipe="uniform")`),
     or the keyword options alone."""
-    unknown = sorted(set(kwargs) - {f.name for f in fields(SoupConfig)})
-    if unknown:
-        raise ConfigError(
-            f"cook() got unknown option(s) {', '.join(unknown)}; the options are SoupConfig's fields "
-            "(`hf-soup --help` lists them as flags)."
-        )
+    kwargs = split_options(kwargs, config.recipe_options if config is not None else {})
     if trainer is not None:
         kwargs = {**kwargs, "scored_by_trainer": True}
     config = replace(config, **kwargs) if config is not None else SoupConfig(**kwargs)
@@ -239,9 +234,7 @@ def _cook(run: _Run) -> SoupResult:
         clock.lap("write")
     pushed = None
     if config.push_to and main_process:
-        mixture = summary.mixture
-        message = f"hf-soup: {mixture.recipe} soup of {len(mixture.ingredients)} ingredients"
-        pushed = push(output, config.push_to, config.private, message, api)
+        pushed = push(output, config.push_to, config.private, api)
         logger.info("Pushed to %s", pushed["commit_url"])
     return SoupResult(summary, output, checked.compatibility, recipe_result, written=written, push=pushed,
                       timings=clock.timings)  # fmt: skip

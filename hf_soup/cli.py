@@ -15,10 +15,12 @@ import shlex
 import signal
 import sys
 import threading
+import typing
 from typing import Any
 
-from .config import SoupConfig
+from .config import SoupConfig, split_options
 from .errors import EXIT_CODE, HfSoupError
+from .recipes import RECIPES
 from .version import __version__
 
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep", "convert-gguf")
@@ -36,25 +38,50 @@ def _flag(name: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """Add one flag per `SoupConfig` field, so the CLI and the Python API cannot drift apart."""
-    for item in dataclasses.fields(SoupConfig):
-        if only is not None and item.name not in only:
-            continue
+    _add_fields(parser, SoupConfig, only)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add each recipe's own options (its `Options` fields), one group per recipe, from the registry. A flag
+    that is not given is left out of the namespace, so the recipe's default applies (and is recorded)."""
+    seen: set[str] = set()
+    for name, cls in RECIPES.items():
+        fields = [item.name for item in dataclasses.fields(cls.Options) if item.name not in seen]
+        if fields:
+            group = parser.add_argument_group(f"{cls.pretty_name()} options (--recipe {name})")
+            _add_fields(group, cls.Options, tuple(fields), suppress=True)
+            seen.update(fields)
+
+
+def _add_fields(parser, cls, only: tuple[str, ...] | None = None, suppress: bool = False) -> None:
+    """One flag per field of the dataclass `cls`: the type and choices from its annotation (a `Literal` gives the
+    choices), the help and argparse settings from its metadata."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
         meta = dict(item.metadata)
-        if not meta.pop("cli", True):
+        if (only is not None and item.name not in only) or not meta.pop("cli", True):
             continue
-        kwargs: dict[str, Any] = {"help": meta.pop("help")}
-        if item.default is not dataclasses.MISSING:
-            kwargs["default"] = item.default
-        if item.type in ("bool",) or isinstance(item.default, bool):
-            kwargs["action"] = "store_true"
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(item.type))
-            if kind:
-                kwargs["type"] = kind
-        kwargs.update(meta)
-        if kwargs.get("default") not in (None, False, dataclasses.MISSING) and "action" not in kwargs:
-            kwargs["help"] += f" (default: {kwargs['default']})"
-        parser.add_argument(_flag(item.name), dest=item.name, **kwargs)
+        kwargs: dict[str, Any] = {"help": meta.pop("help"), **_argument_type(hints[item.name])}
+        default = item.default
+        if default not in (None, False, dataclasses.MISSING) and kwargs.get("action") != "store_true":
+            kwargs["help"] += f" (default: {default})"
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
+        elif default is not dataclasses.MISSING:
+            kwargs["default"] = default
+        parser.add_argument(_flag(item.name), dest=item.name, **{**kwargs, **meta})
+
+
+def _argument_type(hint) -> dict[str, Any]:
+    """argparse settings for a field annotated `hint`: a switch, a typed value, or a choice of a `Literal`."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is bool:
+        return {"action": "store_true"}
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": typing.get_args(hint)}
+    if hint in (int, float) or (len(args) == 1 and args[0] in (int, float)):
+        return {"type": hint if hint in (int, float) else args[0]}
+    return {}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cook = verbs.add_parser("cook", help="check, score, soup, evaluate and write a soup (the default verb)")
     add_config_arguments(cook)
+    add_recipe_arguments(cook)
     _common(cook)
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
@@ -204,8 +232,10 @@ def _emit(args, payload: dict, human: str) -> None:
 
 
 def _config_from(args) -> SoupConfig:
-    names = {item.name for item in dataclasses.fields(SoupConfig)}
-    return SoupConfig(**{k: v for k, v in vars(args).items() if k in names})
+    names = set(SoupConfig.__dataclass_fields__) | {
+        item.name for cls in RECIPES.values() for item in dataclasses.fields(cls.Options)
+    }
+    return SoupConfig(**split_options({k: v for k, v in vars(args).items() if k in names}, {}))
 
 
 def _run(args, argv: list[str]) -> int:
@@ -335,22 +365,17 @@ def _check(args) -> int:
 
 
 def _push(args) -> int:
-    import json as _json
     from pathlib import Path
 
     from huggingface_hub import HfApi
 
-    from .candidates.hub import check_push_target, push
-    from .errors import HubError
+    from .candidates.hub import check_push_target, commit_message, push
 
     folder = Path(args.folder)
-    if not (folder / "soup.json").is_file():
-        raise HubError(f"{folder} has no soup.json; push folders written by `hf-soup cook --output`.")
-    manifest = _json.loads((folder / "soup.json").read_text())
+    commit_message(folder)  # refuses a folder without soup.json, before any Hub call
     api = HfApi()
     check_push_target(args.push_to, args.overwrite, api)
-    recipe, count = manifest["mixture"]["recipe"], len(manifest["mixture"]["ingredients"])
-    pushed = push(folder, args.push_to, args.private, f"hf-soup: {recipe} soup of {count} ingredients", api)
+    pushed = push(folder, args.push_to, args.private, api)
     _emit(args, pushed, f"Pushed: {pushed['commit_url']}")
     return 0
 

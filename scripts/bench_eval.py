@@ -50,7 +50,8 @@ def main() -> int:
     )
 
     from hf_soup.demo import pretrained_path
-    from hf_soup.evaluation.data import load_data, task_spec
+    from hf_soup.evaluation.data import load_data
+    from hf_soup.evaluation.tasks import task_spec
     from hf_soup.evaluation.text import encode_text_split
     from hf_soup.scoring.scorer import predict, score_logits
 

@@ -34,8 +34,8 @@ def main() -> int:
     import torch
     from transformers import ResNetForImageClassification, Trainer, TrainingArguments, default_data_collator
 
-    from hf_soup.evaluation.data import task_spec
     from hf_soup.evaluation.images import encode_image_split
+    from hf_soup.evaluation.tasks import task_spec
     from hf_soup.scoring.scorer import predict, score_logits
 
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ def _split(folder: Path, steps: int):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from hf_soup.evaluation.data import task_spec
+    from hf_soup.evaluation.tasks import task_spec
     from hf_soup.evaluation.text import encode_text_split
 
     reviews = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods" / "train.csv"
@@ -85,7 +85,7 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
     from hf_soup.candidates.compat import check_compatibility
-    from hf_soup.evaluation.data import task_spec
+    from hf_soup.evaluation.tasks import task_spec
     from hf_soup.merge.materialize import Workbench
     from hf_soup.recipes import LearnedOptions
     from hf_soup.scoring.mixing import MixingTrainer

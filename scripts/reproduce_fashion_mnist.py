@@ -76,10 +76,10 @@ def main() -> int:
     reports = {}
     for label, options in RECIPES:
         print(f"cooking: {label}", file=sys.stderr, flush=True)
-        reports[label] = cook(SoupConfig(**common, **options), quiet=True).report
+        reports[label] = cook(quiet=True, **common, **options).report
     if args.recalibrate_bn:
         for label, options in RECIPES[:3]:
-            config = SoupConfig(**common, **options, recalibrate_bn=args.recalibrate_bn)
+            config = SoupConfig.from_options(**common, **options, recalibrate_bn=args.recalibrate_bn)
             reports[f"{label} + BN recalibrated ({args.recalibrate_bn} batches)"] = cook(
                 config, quiet=True
             ).report

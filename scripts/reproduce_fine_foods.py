@@ -51,7 +51,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from hf_soup import SoupConfig, carve_selection, cook
+    from hf_soup import carve_selection, cook
     from hf_soup.demo import pretrained_path
     from hf_soup.evaluation.data import load_data
     from hf_soup.training.sweep import sample_variants, sweep
@@ -81,7 +81,7 @@ def main() -> int:
     )
     rows, reports = [], {}
     for label, options in recipes():
-        result = cook(SoupConfig(**common, **options), quiet=True)
+        result = cook(quiet=True, **common, **options)
         reports[label] = result.report
     first = next(iter(reports.values()))
     metric = first["task"]["primary_metric"]

@@ -20,9 +20,9 @@ from conftest import run_main
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_soup.evaluation.data import task_spec
 from hf_soup.evaluation.language_modeling import encode_document_split, ensemble_token_nll, pad_documents
 from hf_soup.evaluation.stats import bootstrap_indices, compare_documents
+from hf_soup.evaluation.tasks import task_spec
 from hf_soup.scoring.scorer import (
     RejectionBound,
     logits_unless_hopeless,

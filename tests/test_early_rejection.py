@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_soup.evaluation.data import TaskSpec
 from hf_soup.evaluation.splits import EncodedSplit
+from hf_soup.evaluation.tasks import TaskSpec
 from hf_soup.scoring.scorer import logits_unless_hopeless, score_logits
 
 SPEC = TaskSpec("custom", "text", metrics=("accuracy",))

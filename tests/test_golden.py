@@ -87,7 +87,7 @@ def run_scenario(root: Path, name: str) -> Path:
                 "label_column": "score", "batch_size": 16}  # fmt: skip
         options = {**options, "selection_split": str(root / options["selection_split"]),
                    "report_split": str(root / options["report_split"])}  # fmt: skip
-    config = SoupConfig(base=str(root / "base"), candidates=[str(root / "runs" / "*")], output=str(root / name),
+    config = SoupConfig.from_options(base=str(root / "base"), candidates=[str(root / "runs" / "*")], output=str(root / name),
                         bootstrap=200, **data, **options)  # fmt: skip
     cook(config, command=f"hf-soup golden {name}", quiet=True)
     return root / name

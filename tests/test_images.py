@@ -67,7 +67,7 @@ def image_config(zoo, output: Path, **overrides) -> SoupConfig:
         output=str(output),
     )
     values.update(overrides)
-    return SoupConfig(**values)
+    return SoupConfig.from_options(**values)
 
 
 def logits_of(model_dir: Path, images) -> np.ndarray:

@@ -13,7 +13,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from hf_soup import cook
 from hf_soup.candidates.compat import check_compatibility
-from hf_soup.evaluation.data import load_data, task_spec
+from hf_soup.evaluation.data import load_data
+from hf_soup.evaluation.tasks import task_spec
 from hf_soup.evaluation.text import encode_text_split
 from hf_soup.merge.materialize import Workbench
 from hf_soup.recipes import LearnedOptions

@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup import SoupConfig, cook
-from hf_soup.evaluation.data import carve_selection, load_data, plan_splits, task_spec
+from hf_soup.evaluation.data import carve_selection, load_data, plan_splits
+from hf_soup.evaluation.tasks import task_spec
 
 
 def config_for(zoo, reviews, tmp_path, **overrides):
@@ -34,7 +35,7 @@ def config_for(zoo, reviews, tmp_path, **overrides):
         output=str(tmp_path / "soup"),
     )
     values.update(overrides)
-    return SoupConfig(**values)
+    return SoupConfig.from_options(**values)
 
 
 def manual_accuracy(state: dict, model_dir, texts, labels, tokenizer) -> float:

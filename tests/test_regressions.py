@@ -115,7 +115,7 @@ def test_cook_applies_keyword_options_over_a_config(zoo, tmp_path):
     config = SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"])], recipe="uniform")
     result = cook(config, output=str(tmp_path / "soup"), quiet=True)
     assert result.output == tmp_path / "soup" and (tmp_path / "soup" / "soup.json").is_file()
-    with pytest.raises(ConfigError, match="unknown option"):
+    with pytest.raises(ConfigError, match="Unknown option"):
         cook(config, outptu=str(tmp_path / "typo"), quiet=True)
 
 
@@ -128,7 +128,7 @@ def test_an_unknown_selection_metric_is_a_config_error(zoo, reviews, tmp_path):
 
 def test_causal_lm_documents_left_out_are_said(monkeypatch):
     from hf_soup.errors import DatasetError
-    from hf_soup.evaluation.data import task_spec
+    from hf_soup.evaluation.tasks import task_spec
     from hf_soup.scoring import preparation
 
     logged = []  # the module logger's own calls: whatever handlers or propagation earlier tests left configured

@@ -288,12 +288,30 @@ def validate_card(readme: Path) -> None:
             ) from error
 
 
-def push(folder: Path, repo_id: str, private: bool, message: str, api: HfApi) -> dict[str, str]:
-    """Create the repo if needed and upload the soup folder as **one** commit (stale files are deleted in it).
+def commit_message(folder: Path) -> str:
+    """The push's commit message, from the soup folder's `soup.json`.
+
+    Raises:
+        HubError: the folder has no `soup.json` (it was not written by `hf-soup cook --output`).
+    """
+    manifest = Path(folder) / "soup.json"
+    if not manifest.is_file():
+        raise HubError(f"{folder} has no soup.json; push folders written by `hf-soup cook --output`.")
+    mixture = json.loads(manifest.read_text())["mixture"]
+    return f"hf-soup: {mixture['recipe']} soup of {len(mixture['ingredients'])} ingredients"
+
+
+def push(folder: Path, repo_id: str, private: bool, api: HfApi) -> dict[str, str]:
+    """Create the repo if needed and upload the soup folder as **one** commit (stale files are deleted in it),
+    with the message `hf-soup: <recipe> soup of <N> ingredients` from its `soup.json`.
 
     The commit is atomic on the Hub: if an upload fails, nothing is committed, and a repo created by this push is
     deleted again, so a failed push leaves no trace.
+
+    Raises:
+        HubError: the folder has no `soup.json`, its card's metadata would be rejected, or the upload failed.
     """
+    message = commit_message(folder)
     validate_card(folder / "README.md")
     with hub_errors(f"Pushing to {repo_id}"):
         existed = api.repo_exists(repo_id)

@@ -1,4 +1,4 @@
-"""Evaluation data: task definitions, dataset loading and the selection / report split policy.
+"""Evaluation data: dataset loading and the selection / report split policy (tasks are defined in `tasks.py`).
 
 Selection (greedy order, acceptance) and the numbers we claim must come from different data. By default:
 select on a seeded carve-out of `train`, report on `validation` for GLUE (both MNLI validation sets), or on the
@@ -16,142 +16,13 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from ..errors import DatasetError
-from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
+from .tasks import TaskSpec, check_selection_fraction
 
 logger = logging.getLogger(__name__)
 
-TOP5 = "top5_accuracy"
 # A class holding less than this share of a uniform split (1/K each) is rare: 20% of the examples for binary labels.
 RARE_SHARE_OF_UNIFORM = 0.4
 _DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What to evaluate: which columns, which metrics, which splits to report on.
-
-    Args:
-        name (`str`): `glue/<task>`, `custom` (text), `image-classification` or `causal-lm`.
-        text_column (`str`): the first text column (empty for images).
-        label_column (`str`): the label column.
-        text_pair_column (`str`, *optional*): the second text column, for sentence pairs.
-        metrics (`tuple[str, ...]`): metric names; the first one drives selection.
-        regression (`bool`): a single-output regression task (STS-B).
-        report_splits (`tuple[str, ...]`): default report splits of the dataset.
-        dataset (`str`, *optional*): where the data comes from (a Hub id, file or folder).
-        dataset_config (`str`, *optional*): the dataset's config name (the GLUE task).
-        image_column (`str`, *optional*): the image column, for image classification.
-        positive_label (`str`, *optional*): the label that F1 treats as positive (custom binary tasks).
-    """
-
-    name: str
-    text_column: str
-    label_column: str = "label"
-    text_pair_column: str | None = None
-    metrics: tuple[str, ...] = ("accuracy",)
-    regression: bool = False
-    report_splits: tuple[str, ...] = ()
-    dataset: str | None = None
-    dataset_config: str | None = None
-    image_column: str | None = None
-    positive_label: str | None = None
-
-    @property
-    def primary_metric(self) -> str:
-        return self.metrics[0]
-
-    @property
-    def is_image(self) -> bool:
-        return self.image_column is not None
-
-    @property
-    def causal_lm(self) -> bool:
-        """Causal language modeling: documents scored by token NLL (`language_modeling.py`), no labels."""
-        return self.name == CAUSAL_LM_TASK
-
-    def with_top5(self, num_labels: int) -> TaskSpec:
-        """Image classification reports top-5 accuracy too, when there are more than 5 classes."""
-        if self.is_image and num_labels > 5 and TOP5 not in self.metrics:
-            return replace(self, metrics=(*self.metrics, TOP5))
-        return self
-
-
-def _glue(task, text, pair=None, metrics=("accuracy",), regression=False, report=("validation",)) -> TaskSpec:
-    return TaskSpec(
-        name=f"glue/{task}",
-        text_column=text,
-        text_pair_column=pair,
-        metrics=metrics,
-        regression=regression,
-        report_splits=report,
-        dataset="nyu-mll/glue",
-        dataset_config=task,
-    )
-
-
-GLUE: dict[str, TaskSpec] = {
-    "cola": _glue("cola", "sentence", metrics=("matthews_correlation",)),
-    "sst2": _glue("sst2", "sentence"),
-    "mrpc": _glue("mrpc", "sentence1", "sentence2", metrics=("accuracy", "f1")),
-    "qqp": _glue("qqp", "question1", "question2", metrics=("accuracy", "f1")),
-    "stsb": _glue("stsb", "sentence1", "sentence2", metrics=("pearson", "spearmanr"), regression=True),
-    "mnli": _glue("mnli", "premise", "hypothesis", report=("validation_matched", "validation_mismatched")),
-    "qnli": _glue("qnli", "question", "sentence"),
-    "rte": _glue("rte", "sentence1", "sentence2"),
-    "wnli": _glue("wnli", "sentence1", "sentence2"),
-}
-
-
-def task_spec(
-    task: str | None = None,
-    dataset: str | None = None,
-    *,
-    text_column: str | None = None,
-    text_pair_column: str | None = None,
-    label_column: str | None = None,
-    regression: bool = False,
-    image_column: str | None = None,
-) -> TaskSpec:
-    """Build the `TaskSpec` for `--task glue/<name>`, `--task image-classification`, or `--dataset` with columns.
-
-    `--task glue/sst2 --dataset ./copy` evaluates a local copy of GLUE data with GLUE's columns and metrics.
-    """
-    if is_image_task(task):
-        if not dataset:
-            raise DatasetError(
-                "--task image-classification needs --dataset: an imagefolder, parquet files or a Hub dataset id."
-            )
-        return TaskSpec(
-            IMAGE_TASK, "", label_column or "label", dataset=dataset, image_column=image_column or "image"
-        )
-    if is_causal_lm_task(task):
-        if not dataset or not text_column:
-            raise DatasetError(f"--task {CAUSAL_LM_TASK} needs --dataset and --text-column (the documents).")
-        return TaskSpec(CAUSAL_LM_TASK, text_column, "", metrics=("perplexity", "nll"), dataset=dataset)
-    if task:
-        key = task.lower().removeprefix("glue/")
-        if key not in GLUE:
-            raise DatasetError(
-                f"Unknown task {task!r}: choose {IMAGE_TASK} or one of {', '.join('glue/' + t for t in GLUE_TASKS)}."
-            )
-        spec = GLUE[key]
-        overrides = {
-            "text_column": text_column,
-            "text_pair_column": text_pair_column,
-            "label_column": label_column,
-        }
-        spec = replace(spec, **{k: v for k, v in overrides.items() if v})
-        return replace(spec, dataset=dataset, dataset_config=None) if dataset else spec
-    if not dataset:
-        raise DatasetError("Give --task glue/<name>, or --dataset with --text-column and --label-column.")
-    if not text_column or not label_column:
-        raise DatasetError(
-            "--dataset needs --text-column and --label-column (and --text-pair-column for pairs)."
-        )
-    metrics = ("pearson", "spearmanr") if regression else ("accuracy",)
-    return TaskSpec(
-        "custom", text_column, label_column, text_pair_column, metrics, regression=regression, dataset=dataset
-    )
 
 
 @dataclass(frozen=True)
@@ -281,8 +152,7 @@ def carve_selection(train: Dataset, fraction: float, seed: int = 0) -> tuple[Dat
     >>> rest, selection = carve_selection(train, 0.1, seed=0)
     ```
     """
-    if not 0 < fraction < 1:
-        raise DatasetError(f"--selection-fraction must be between 0 and 1, got {fraction}.")
+    check_selection_fraction(fraction)
     size = max(1, round(len(train) * fraction))
     if size >= len(train):
         raise DatasetError(f"The train split has {len(train)} rows: too few to carve a selection split from.")

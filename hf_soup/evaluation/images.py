@@ -17,8 +17,9 @@ from datasets import Dataset
 
 from ..errors import ConfigError
 from ..progress import progress_bar
-from .data import TaskSpec, check_columns
+from .data import check_columns
 from .splits import EncodedSplit, label_ids
+from .tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DatasetError
-from .data import TaskSpec
 from .splits import EncodedSplit
+from .tasks import TaskSpec
 
 # Logits of at most this many floats exist at once while scoring (a 49152-token vocabulary, 128-token documents:
 # 10 documents per pass), whatever the evaluation batch size.

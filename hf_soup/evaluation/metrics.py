@@ -12,13 +12,34 @@ import datasets
 import evaluate
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, top_k_accuracy_score
+from sklearn.metrics import f1_score, matthews_corrcoef, top_k_accuracy_score
 
 # Metrics computed from each example's scores (logits) rather than from one predicted label.
 SCORE_METRICS = {"top5_accuracy": 5}
 # Metrics where lower is better (causal LMs: `language_modeling.py`); every other metric is a fraction in [0, 1]
 # where higher is better, and its differences are shown in points (x 100).
 LOWER_IS_BETTER = frozenset({"perplexity", "nll"})
+
+
+def _correlation(function):
+    """A correlation of references and predictions; 0 when either is constant (undefined there)."""
+    return lambda y, p: float(function(y, p)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0
+
+
+# The metrics' math, once: the `evaluate` metrics below call it, and so does the bootstrap (`stats.py`), which calls
+# each one a thousand times, where an `evaluate.Metric` costs ~10 ms per call in bookkeeping alone.
+METRIC_FUNCTIONS = {
+    "accuracy": lambda y, p: float(np.mean(np.asarray(y) == np.asarray(p))),
+    "f1": lambda y, p, pos_label=1: float(
+        f1_score(y, p, pos_label=pos_label, average="binary", zero_division=0.0)
+    ),
+    "macro_f1": lambda y, p: float(
+        f1_score(y, p, average="macro", zero_division=0.0)
+    ),  # the mean per-class F1
+    "matthews_correlation": lambda y, p: float(matthews_corrcoef(y, p)),
+    "pearson": _correlation(pearsonr),
+    "spearmanr": _correlation(spearmanr),
+}
 
 
 def higher_is_better(metric: str, value: float) -> float:
@@ -56,20 +77,10 @@ class TaskMetric(evaluate.Metric):
 
     def _compute(self, predictions, references, pos_label: int = 1):
         name = self.config_name
-        if name == "accuracy":
-            value = accuracy_score(references, predictions)
-        elif name == "f1":
-            value = f1_score(
-                references, predictions, pos_label=pos_label, average="binary", zero_division=0.0
-            )
-        elif name == "macro_f1":  # multiclass: the unweighted mean of per-class F1
-            value = f1_score(references, predictions, average="macro", zero_division=0.0)
-        elif name == "matthews_correlation":
-            value = matthews_corrcoef(references, predictions)
-        elif name == "pearson":
-            value = pearsonr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
-        elif name == "spearmanr":
-            value = spearmanr(references, predictions)[0] if np.std(predictions) > 0 else 0.0
+        if name == "f1":
+            value = METRIC_FUNCTIONS[name](references, predictions, pos_label=pos_label)
+        elif name in METRIC_FUNCTIONS:
+            value = METRIC_FUNCTIONS[name](references, predictions)
         elif name in SCORE_METRICS:
             scores = np.asarray(predictions)
             value = top_k_accuracy_score(

@@ -11,7 +11,8 @@ import numpy as np
 from datasets import Dataset
 
 from ..errors import DatasetError
-from .data import TaskSpec, dataset_label_names
+from .data import dataset_label_names
+from .tasks import TaskSpec
 
 
 @dataclass

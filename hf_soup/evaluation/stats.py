@@ -13,19 +13,9 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy.stats import binom, pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
+from scipy.stats import binom
 
-# The same math as the `evaluate` metrics in `metrics.py`, called directly: a bootstrap calls each one a thousand
-# times, and an `evaluate.Metric` costs ~10 ms per call in bookkeeping alone.
-METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": lambda y, p: float(np.mean(y == p)),
-    "f1": lambda y, p, pos_label=1: float(f1_score(y, p, pos_label=pos_label, zero_division=0.0)),
-    "macro_f1": lambda y, p: float(f1_score(y, p, average="macro", zero_division=0.0)),
-    "matthews_correlation": lambda y, p: float(matthews_corrcoef(y, p)),
-    "pearson": lambda y, p: float(pearsonr(y, p)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0,
-    "spearmanr": lambda y, p: float(spearmanr(y, p)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0,
-}
+from .metrics import METRIC_FUNCTIONS  # the metrics' math, called directly (no `evaluate` bookkeeping)
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -8,8 +8,9 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .data import TaskSpec, check_columns
+from .data import check_columns
 from .splits import EncodedSplit, label_ids
+from .tasks import TaskSpec
 
 
 def encode_text_split(

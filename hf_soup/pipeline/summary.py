@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 
-from ..evaluation.metrics import SCORE_METRICS
-from ..evaluation.stats import METRIC_FUNCTIONS, compare, compare_documents, small_split_warning, topk_hits
+from ..evaluation.metrics import METRIC_FUNCTIONS, SCORE_METRICS
+from ..evaluation.stats import compare, compare_documents, small_split_warning, topk_hits
 from ..mixture import Mixture
 from ..results import Comparison, Comparisons, Entry
 from ..scoring.ensemble import calibration, ensemble_logits

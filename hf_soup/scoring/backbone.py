@@ -15,7 +15,8 @@ import torch
 
 from ..config import SoupConfig
 from ..errors import ConfigError
-from ..evaluation.data import SplitPlan, TaskSpec, dataset_label_names
+from ..evaluation.data import SplitPlan, dataset_label_names
+from ..evaluation.tasks import TaskSpec
 from .probe import CandidateHead, ProbeHead
 
 

@@ -22,17 +22,11 @@ from transformers import (
 from ..candidates.discovery import load_candidate
 from ..config import SoupConfig
 from ..errors import ConfigError, DatasetError
-from ..evaluation.data import (
-    LabelBalance,
-    SplitPlan,
-    TaskSpec,
-    fit_metrics_to_labels,
-    plan_splits,
-    task_spec,
-)
+from ..evaluation.data import LabelBalance, SplitPlan, fit_metrics_to_labels, plan_splits
 from ..evaluation.images import encode_image_split
 from ..evaluation.language_modeling import encode_document_split, pad_documents
 from ..evaluation.preprocessors import load_image_processor
+from ..evaluation.tasks import TaskSpec, task_spec
 from ..evaluation.text import encode_text_split
 from ..merge.materialize import Workbench
 from .backbone import backbone_head, backbone_target, probe_model
@@ -144,14 +138,7 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
             f"Neither the base {config.base} nor {reference.id} has tokenizer files; "
             "save the tokenizer next to the base model (`tokenizer.save_pretrained(base_dir)`)."
         )
-    plan = plan_splits(
-        spec,
-        selection_split=config.selection_split,
-        report_split=config.report_split,
-        selection_fraction=config.selection_fraction,
-        seed=config.seed,
-        max_eval_examples=config.max_eval_examples,
-    )
+    plan = _plan(config, spec)
     for note in plan.notes:
         logger.warning(note)
     if config.soup == "backbone":  # the target task's labels; the head comes from --head
@@ -167,7 +154,14 @@ def prepare_scorer(config: SoupConfig, spec: TaskSpec, checked, preprocessor, qu
         splits[name] = encode(name, data)
     plan.warnings += _blank_text_warnings(spec, splits, config.strict)
     plan.notes += _truncation_notes(spec, splits, config.max_length)
-    spec = _fit_metrics(config, spec, splits, compatibility, plan)
+    labels = compatibility.label_names
+    balance = _fit_metrics(
+        config, spec, splits, len(labels) if labels else compatibility.accepted[0].num_labels, labels
+    )
+    if balance.warning:
+        logger.warning(balance.warning)
+        plan.warnings.append(balance.warning)
+    spec = balance.spec
     model = _live_model(config, model_class, reference, compatibility, checked.dtype)
     recalibrate = None
     if config.recalibrate_bn:
@@ -251,24 +245,39 @@ def _truncation_notes(spec: TaskSpec, splits: dict, max_length: int) -> list[str
     return [note]
 
 
-def _fit_metrics(config: SoupConfig, spec: TaskSpec, splits: dict, compatibility, plan) -> TaskSpec:
-    """The task's metrics fitted to the selection split's labels (F1 of the positive label, macro-F1, extras);
-    each split learns which label id is positive."""
+def _plan(config: SoupConfig, spec: TaskSpec) -> SplitPlan:
+    """The selection and report splits of `config`'s data."""
+    return plan_splits(
+        spec,
+        selection_split=config.selection_split,
+        report_split=config.report_split,
+        selection_fraction=config.selection_fraction,
+        seed=config.seed,
+        max_eval_examples=config.max_eval_examples,
+    )
+
+
+def _fit_metrics(
+    config: SoupConfig, spec: TaskSpec, splits: dict, num_labels: int, label_names: list[str] | None
+) -> LabelBalance:
+    """The task's metrics fitted to the selection split's labels (F1 of the positive label, macro-F1, extras),
+    as `cook` and `evaluate` both report them; each split learns which label id is positive."""
     requested = (
         *config.extra_metrics,
         *(m for m in [config.selection_metric] if m == "matthews_correlation"),
     )
-    labels = compatibility.label_names
+    selection = splits.get("selection")  # None: a task whose metrics do not depend on the labels
     balance = fit_metrics_to_labels(
-        spec, splits["selection"].labels, len(labels) if labels else compatibility.accepted[0].num_labels, labels,
-        config.positive_label, requested,
-    )  # fmt: skip
+        spec,
+        selection.labels if selection else None,
+        num_labels,
+        label_names,
+        config.positive_label,
+        requested,
+    )
     for split in splits.values():
         split.pos_label = balance.pos_label if balance.spec.positive_label is not None else split.pos_label
-    if balance.warning:
-        logger.warning(balance.warning)
-        plan.warnings.append(balance.warning)
-    return balance.spec
+    return balance
 
 
 def evaluate_model(model_dir: str, config: SoupConfig, quiet: bool = False) -> dict[str, dict]:
@@ -281,33 +290,21 @@ def evaluate_model(model_dir: str, config: SoupConfig, quiet: bool = False) -> d
     """
     candidate = load_candidate(model_dir)
     spec = task_spec_of(config).with_top5(candidate.num_labels)
-    plan = plan_splits(
-        spec,
-        selection_split=config.selection_split,
-        report_split=config.report_split,
-        selection_fraction=config.selection_fraction,
-        seed=config.seed,
-        max_eval_examples=config.max_eval_examples,
-    )
+    plan = _plan(config, spec)
     preprocessor = _own_preprocessor(model_dir, spec)
     encode, collator, model_class = encoder(
         spec, preprocessor, candidate.label_names, candidate.num_labels, config, quiet
     )
+    splits = {name: encode(name, data) for name, data in plan.reports.items()}
     # The same metrics as `cook` reports for this data (F1 of the rarer label, macro-F1, ...), decided from the
-    # selection split's labels; and the folder's own dtype, as it was scored when it was made.
+    # selection split's labels (encoded only for the custom classification tasks that need them).
     if spec.name == "custom" and not spec.regression:
-        balance = fit_metrics_to_labels(
-            spec, encode("selection", plan.selection).labels, candidate.num_labels, candidate.label_names,
-            config.positive_label, tuple(config.extra_metrics),
-        )  # fmt: skip
-    else:
-        balance = LabelBalance(spec)
-    spec = balance.spec
-    model = model_class.from_pretrained(model_dir, dtype="auto")
+        splits["selection"] = encode("selection", plan.selection)
+    spec = _fit_metrics(config, spec, splits, candidate.num_labels, candidate.label_names).spec
+    splits.pop("selection", None)
+    model = model_class.from_pretrained(model_dir, dtype="auto")  # its own dtype, as it was scored when made
     scores = {}
-    for name, data in plan.reports.items():
-        split = encode(name, data)
-        split.pos_label = balance.pos_label if spec.positive_label is not None else split.pos_label
+    for name, split in splits.items():
         logits = predict(model, split, collator, config.batch_size, quiet, model_outputs(spec, split))
         result = score_logits(logits, split, spec)
         scores[name] = {"metrics": result.metrics, "loss": result.loss, "n": result.n}

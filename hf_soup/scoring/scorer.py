@@ -22,10 +22,10 @@ from accelerate import Accelerator
 
 from ..cache import JsonCache, cache_key
 from ..errors import ConfigError
-from ..evaluation.data import TaskSpec
 from ..evaluation.language_modeling import TokenLosses, document_metrics, outputs_width
 from ..evaluation.metrics import compute_metrics, higher_is_better
 from ..evaluation.splits import EncodedSplit
+from ..evaluation.tasks import TaskSpec
 from ..merge.materialize import Workbench
 from ..mixture import Mixture
 from ..progress import progress_bar
