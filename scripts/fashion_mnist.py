@@ -101,8 +101,15 @@ def pixels(images) -> torch.Tensor:
 def model_config(**kwargs):
     from transformers import ResNetConfig
 
-    return ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                        layer_type="basic", downsample_in_first_stage=False, **kwargs)  # fmt: skip
+    return ResNetConfig(
+        num_channels=1,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        **kwargs,
+    )
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,25 @@ def main() -> int:
     base = fm.pretrain(workdir / "base", args.pretrain_rows, epochs=args.pretrain_epochs)
     variants = sample_variants(args.variants, SweepGrid.for_images(), seed=args.seed)
     pot = workdir / args.head
-    sweep(base, str(data), task="image-classification", output=pot, variants=variants, head=args.head,
-          seed=args.seed)  # fmt: skip
+    sweep(
+        base,
+        str(data),
+        task="image-classification",
+        output=pot,
+        variants=variants,
+        head=args.head,
+        seed=args.seed,
+    )
     trained = time.perf_counter() - started
 
-    common = dict(base=str(pot / "start"), candidates=[str(pot / "runs" / v.name) for v in variants],
-                  task="image-classification", dataset=str(data), seed=args.seed, batch_size=250)  # fmt: skip
+    common = dict(
+        base=str(pot / "start"),
+        candidates=[str(pot / "runs" / v.name) for v in variants],
+        task="image-classification",
+        dataset=str(data),
+        seed=args.seed,
+        batch_size=250,
+    )
     reports = {}
     for label, options in RECIPES:
         print(f"cooking: {label}", file=sys.stderr, flush=True)
@@ -93,11 +106,16 @@ def table_rows(reports: dict) -> list[dict]:
     split = next(iter(first["soup"]["report"]))
 
     def row(name, entry, comparison=None):
-        return {"name": name, "ingredients": len(entry["ingredients"]),
-                "selection_accuracy": entry["selection"]["accuracy"], "selection_loss": entry["selection_loss"],
-                "report_accuracy": entry["report"][split]["accuracy"],
-                "report_top5": entry["report"][split].get("top5_accuracy"),
-                "ece": (entry.get("ece") or {}).get(split), "vs_best": comparison}  # fmt: skip
+        return {
+            "name": name,
+            "ingredients": len(entry["ingredients"]),
+            "selection_accuracy": entry["selection"]["accuracy"],
+            "selection_loss": entry["selection_loss"],
+            "report_accuracy": entry["report"][split]["accuracy"],
+            "report_top5": entry["report"][split].get("top5_accuracy"),
+            "ece": (entry.get("ece") or {}).get(split),
+            "vs_best": comparison,
+        }
 
     best = first[
         "best_individual"
@@ -122,17 +140,24 @@ def write_results(results: Path, rows: list[dict], reports: dict, args, trained:
 
     first = next(iter(reports.values()))
     split = next(iter(first["soup"]["report"]))
-    header = ("| model | n | selection acc | selection loss | test acc | test top-5 | test ECE | Δ acc vs best [95% CI] |\n"
-              "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    header = (
+        "| model | n | selection acc | selection loss | test acc | test top-5 | test ECE | Δ acc vs best [95% CI] |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for r in rows:
         delta = format_delta(r["vs_best"]) if r["vs_best"] else ""
         ece = f"{r['ece']:.3f}" if r["ece"] is not None else ""
-        lines.append(f"| {r['name']} | {r['ingredients']} | {r['selection_accuracy']:.4f} | {r['selection_loss']:.4f} "
-                     f"| {r['report_accuracy']:.4f} | {r['report_top5']:.4f} | {ece} | {delta} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['ingredients']} | {r['selection_accuracy']:.4f} | {r['selection_loss']:.4f} "
+            f"| {r['report_accuracy']:.4f} | {r['report_top5']:.4f} | {ece} | {delta} |"
+        )
     sizes = first["splits"]
-    grid = "; ".join(f"{v.name}: lr {v.learning_rate:g}, {v.epochs} epoch(s), wd {v.weight_decay:g}, ls "
-                     f"{v.label_smoothing:g}, {'augmented' if v.augment else 'no augmentation'}" for v in variants)  # fmt: skip
+    grid = "; ".join(
+        f"{v.name}: lr {v.learning_rate:g}, {v.epochs} epoch(s), wd {v.weight_decay:g}, ls "
+        f"{v.label_smoothing:g}, {'augmented' if v.augment else 'no augmentation'}"
+        for v in variants
+    )
     text = (
         f"# Fashion-MNIST soups, {args.head} head\n\n"
         f"Selection: {sizes['selection']['name']} ({sizes['selection']['size']} images); report: {split} "

@@ -58,13 +58,24 @@ def main() -> int:
 
     data, results = Path(args.data), Path(args.results)
     workdir = Path(args.workdir) / args.head
-    selection = carve_selection(load_data(str(data / "train.csv"), split="train"), args.selection_fraction,
-                                seed=args.seed)[1]  # fmt: skip
+    selection = carve_selection(
+        load_data(str(data / "train.csv"), split="train"), args.selection_fraction, seed=args.seed
+    )[1]
     variants = sample_variants(args.variants, seed=args.seed)
     started = time.perf_counter()
-    sweep(pretrained_path(), str(data / "train.csv"), text_column="review", label_column="score", output=workdir,
-          variants=variants, head=args.head, selection_fraction=args.selection_fraction, seed=args.seed,
-          max_length=args.max_length, train_rows=args.train_rows)  # fmt: skip
+    sweep(
+        pretrained_path(),
+        str(data / "train.csv"),
+        text_column="review",
+        label_column="score",
+        output=workdir,
+        variants=variants,
+        head=args.head,
+        selection_fraction=args.selection_fraction,
+        seed=args.seed,
+        max_length=args.max_length,
+        train_rows=args.train_rows,
+    )
     trained = time.perf_counter() - started  # about zero when every variant was already trained
 
     common = dict(
@@ -91,10 +102,16 @@ def main() -> int:
     oracle = first["oracle"]
 
     def row(name, entry, comparison=None):
-        return {"name": name, "selection": entry["selection"][metric], "selection_loss": entry["selection_loss"],
-                "report": entry["report"][split][metric], "ingredients": len(entry["ingredients"]),
-                "cost": entry.get("forward_passes", 1), "ece": (entry.get("ece") or {}).get(split),
-                "vs_best": comparison}  # fmt: skip
+        return {
+            "name": name,
+            "selection": entry["selection"][metric],
+            "selection_loss": entry["selection_loss"],
+            "report": entry["report"][split][metric],
+            "ingredients": len(entry["ingredients"]),
+            "cost": entry.get("forward_passes", 1),
+            "ece": (entry.get("ece") or {}).get(split),
+            "vs_best": comparison,
+        }
 
     rows.append(row(f"best individual: best selection {metric} ({Path(best['id']).name})", best))
     by_loss = reports["greedy soup, by loss"].get("best_by_selection_metric")

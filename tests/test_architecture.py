@@ -22,16 +22,22 @@ def _trees():
 
 
 def long_functions(trees) -> list[str]:
-    return [f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path, tree in trees for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]  # fmt: skip
+    return [
+        f"{path}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path, tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
 
 
 def long_calls(trees) -> list[str]:
-    return [f"{path}:{node.lineno} ({len(node.args)} positional)"
-            for path, tree in trees for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL_ARGUMENTS]  # fmt: skip
+    return [
+        f"{path}:{node.lineno} ({len(node.args)} positional)"
+        for path, tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL_ARGUMENTS
+    ]
 
 
 def test_no_function_is_longer_than_60_lines():
@@ -64,8 +70,13 @@ def test_import_layers_hold():
     """The layer contract in pyproject.toml (`lint-imports`, as CI runs it)."""
     # `lint-imports`, through this interpreter: no PATH or venv activation needed.
     run = "from importlinter.cli import lint_imports_command; lint_imports_command()"
-    result = subprocess.run([sys.executable, "-c", run, "--no-cache"], capture_output=True, text=True,
-                            cwd=PACKAGE.parent, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", run, "--no-cache"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 kept, 0 broken" in result.stdout  # the layers, three forbidden imports, and no import cycles
 
@@ -161,13 +172,25 @@ def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, token
     ):
         SoupConfig.from_options(base="b", candidates=["c"], recipe="uniform", pick=2)
     with pytest.raises(ConfigError, match="--pick must be at least 1, got 0"):
-        SoupConfig.from_options(base="b", candidates=["c"], recipe="best-single", pick=0, dataset="d.csv",
-                                text_column="t", label_column="l")  # fmt: skip
+        SoupConfig.from_options(
+            base="b",
+            candidates=["c"],
+            recipe="best-single",
+            pick=0,
+            dataset="d.csv",
+            text_column="t",
+            label_column="l",
+        )
 
     build_fixtures(tmp_path, tokenizer_dir)
-    options = dict(base=str(tmp_path / "base"), candidates=[str(tmp_path / "runs" / "*")],
-                   dataset=str(tmp_path / "select.csv"), report_split=str(tmp_path / "test.csv"),
-                   text_column="review", label_column="score")  # fmt: skip
+    options = dict(
+        base=str(tmp_path / "base"),
+        candidates=[str(tmp_path / "runs" / "*")],
+        dataset=str(tmp_path / "select.csv"),
+        report_split=str(tmp_path / "test.csv"),
+        text_column="review",
+        label_column="score",
+    )
     with pytest.raises(ConfigError, match="Unknown recipe 'stew'"):
         cook(recipe="stew", output=str(tmp_path / "stew"), **options)
     result = cook(recipe="best-single", pick=2, quiet=True, output=str(tmp_path / "soup"), **options)
@@ -181,8 +204,11 @@ def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, token
     picked = "../runs/" + Path(ranked[1]).name
     assert manifest["best-single"] == {"picked": picked}
     assert manifest["config"]["recipe_options"] == {"pick": 2}
-    assert manifest["recipe"] == {"name": "best-single", "pretty_name": "Best single",
-                                  "reference_url": "https://arxiv.org/abs/2203.05482"}  # fmt: skip
+    assert manifest["recipe"] == {
+        "name": "best-single",
+        "pretty_name": "Best single",
+        "reference_url": "https://arxiv.org/abs/2203.05482",
+    }
     card = (tmp_path / "soup" / "README.md").read_text()
     assert "A **best single**" in card and f"### Best single\n\nPicked `{picked}`." in card
     assert "Recipe options: `--pick 2`." in card
@@ -190,8 +216,13 @@ def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, token
 
     # A data-free recipe runs without --dataset, with its default option (recorded), and its card section shows.
     monkeypatch.setattr(BestSingle, "needs_data", False)
-    merged = cook(base=options["base"], candidates=options["candidates"], recipe="best-single",
-                  output=str(tmp_path / "merged"), quiet=True)  # fmt: skip
+    merged = cook(
+        base=options["base"],
+        candidates=options["candidates"],
+        recipe="best-single",
+        output=str(tmp_path / "merged"),
+        quiet=True,
+    )
     card = (tmp_path / "merged" / "README.md").read_text()
     assert merged.summary.soup is None and "### Best single\n\nPicked `../runs/" in card
     assert "Recipe options: `--pick 1`." in card

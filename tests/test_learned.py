@@ -88,8 +88,17 @@ def test_streamed_gradients_match_an_all_in_memory_reference(setup, zoo, granula
 @pytest.fixture(scope="module")
 def learned_run(zoo, reviews, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learned")
-    config = config_for(zoo, reviews, tmp, recipe="learned", granularity="model", learn_epochs=3, learn_lr=0.3,
-                        selection_metric="loss", cache_dir=str(tmp / "cache"))  # fmt: skip
+    config = config_for(
+        zoo,
+        reviews,
+        tmp,
+        recipe="learned",
+        granularity="model",
+        learn_epochs=3,
+        learn_lr=0.3,
+        selection_metric="loss",
+        cache_dir=str(tmp / "cache"),
+    )
     return cook(config, quiet=True)
 
 

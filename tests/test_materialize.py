@@ -167,8 +167,13 @@ def test_each_tensor_is_on_disk_before_the_next_is_mixed(zoo, tmp_path, monkeypa
 
 
 def test_streamed_shards_read_like_save_file(tmp_path):
-    tensors = {"b.weight": torch.randn(3, 5, dtype=torch.bfloat16), "a.bias": torch.randn(7), "ids": torch.arange(5),
-               "h": torch.randn(2, 3, dtype=torch.float16), "mask": torch.tensor([True, False, True])}  # fmt: skip
+    tensors = {
+        "b.weight": torch.randn(3, 5, dtype=torch.bfloat16),
+        "a.bias": torch.randn(7),
+        "ids": torch.arange(5),
+        "h": torch.randn(2, 3, dtype=torch.float16),
+        "mask": torch.tensor([True, False, True]),
+    }
     planned = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
     with SafetensorsStreamWriter(
         tmp_path / "streamed.safetensors", planned, metadata={"format": "pt"}

@@ -106,10 +106,11 @@ def test_greedy_never_below_best_individual(greedy_run, zoo, reviews):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     labels = [["great", "other"].index(s) for s in selection["score"]]
     accuracy = {
-        str(zoo[k]): manual_accuracy(load_file(str(zoo[k] / "model.safetensors")), zoo[k], list(selection["review"]),
-                                     labels, tokenizer)
+        str(zoo[k]): manual_accuracy(
+            load_file(str(zoo[k] / "model.safetensors")), zoo[k], list(selection["review"]), labels, tokenizer
+        )
         for k in "abcd"
-    }  # fmt: skip
+    }
     assert accuracy[report["best_individual"]["id"]] == max(accuracy.values())
     assert report["soup"]["selection"]["accuracy"] >= max(accuracy.values()) - 1e-12
     assert len(report["uniform"]["ingredients"]) == 4
@@ -324,8 +325,15 @@ def test_metrics_match_their_textbook_definitions():
 @pytest.mark.parametrize("metric", ["loss", "accuracy"])
 def test_selection_metric_and_exact_early_rejection(zoo, reviews, tmp_path, metric):
     def run(early: bool, cache: str):
-        config = config_for(zoo, reviews, tmp_path, selection_metric=metric, no_early_rejection=not early,
-                            output=None, cache_dir=str(tmp_path / cache))  # fmt: skip
+        config = config_for(
+            zoo,
+            reviews,
+            tmp_path,
+            selection_metric=metric,
+            no_early_rejection=not early,
+            output=None,
+            cache_dir=str(tmp_path / cache),
+        )
         return cook(config, quiet=True).report
 
     full, early = run(False, "full"), run(True, "early")
@@ -345,18 +353,35 @@ def test_selection_metric_f1_on_a_pair_task(zoo, reviews, tmp_path):
     def pairs(path):
         frame = pd.read_csv(path)
         halves = [(r[: len(r) // 2], r[len(r) // 2 :]) for r in frame["review"]]
-        features = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
-                                      "label": datasets.ClassLabel(names=["great", "other"])})  # fmt: skip
+        features = datasets.Features(
+            {
+                "sentence1": datasets.Value("string"),
+                "sentence2": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["great", "other"]),
+            }
+        )
         return datasets.Dataset.from_dict(
-            {"sentence1": [a for a, _ in halves], "sentence2": [b for _, b in halves],
-             "label": [["great", "other"].index(s) for s in frame["score"]]}, features)  # fmt: skip
+            {
+                "sentence1": [a for a, _ in halves],
+                "sentence2": [b for _, b in halves],
+                "label": [["great", "other"].index(s) for s in frame["score"]],
+            },
+            features,
+        )
 
     folder = tmp_path / "mrpc"
     folder.mkdir()
     pairs(reviews["train"]).to_parquet(folder / "train.parquet")
     pairs(reviews["test"]).to_parquet(folder / "validation.parquet")
-    config = SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["root"] / "runs" / "*")], task="glue/mrpc",
-                        dataset=str(folder), selection_metric="f1", max_length=64, batch_size=32)  # fmt: skip
+    config = SoupConfig(
+        base=str(zoo["base"]),
+        candidates=[str(zoo["root"] / "runs" / "*")],
+        task="glue/mrpc",
+        dataset=str(folder),
+        selection_metric="f1",
+        max_length=64,
+        batch_size=32,
+    )
     report = cook(config, quiet=True).report
     f1s = [c["selection"]["f1"] for c in report["candidates"]]
     assert f1s == sorted(f1s, reverse=True) and set(report["soup"]["report"]["validation"]) == {

@@ -48,9 +48,11 @@ def test_confusion_metric_intervals_match_sklearn_on_every_resample(metric, clas
     labels = rng.integers(0, classes, 12)
     a = np.where(rng.random(12) < 0.7, labels, rng.integers(0, classes, 12))
     b = np.where(rng.random(12) < 0.6, labels, rng.integers(0, classes, 12))
-    functions = {"f1": lambda y, p: f1_score(y, p, pos_label=1, zero_division=0.0),
-                 "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0.0),
-                 "matthews_correlation": matthews_corrcoef}  # fmt: skip
+    functions = {
+        "f1": lambda y, p: f1_score(y, p, pos_label=1, zero_division=0.0),
+        "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0.0),
+        "matthews_correlation": matthews_corrcoef,
+    }
     score = functions[metric]
     ours = paired_bootstrap(metric, labels, a, b, resamples=300, seed=2, level=0.5)
     rows = np.random.default_rng(2).integers(0, 12, (300, 12))

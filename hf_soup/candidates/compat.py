@@ -113,8 +113,10 @@ class CompatibilityReport:
                 details.append("embedding rows aligned by token")
             if self.left_out.get(candidate.id):
                 names = self.left_out[candidate.id]
-                details.append(f"backbone: {len(names)} head tensor(s) left out ({', '.join(names[:3])}"
-                               f"{', ...' if len(names) > 3 else ''}: not in the base)")  # fmt: skip
+                details.append(
+                    f"backbone: {len(names)} head tensor(s) left out ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''}: not in the base)"
+                )
             rows.append((candidate.id, "accepted", "; ".join(details)))
         rows.extend((r.candidate_id, "rejected", r.reason) for r in self.rejected)
         return rows
@@ -257,14 +259,36 @@ def _base_head(
     mismatched = [c for c, (ours, theirs) in shapes.items() if ours != theirs]
     if mismatched:
         ours, theirs = shapes[mismatched[0]]
-        return _BaseHead(names, f"the base's own head ({base_names[mismatched[0]]} {ours}) is not the candidates' "
-                                f"({theirs}): it is treated as a base with no head")  # fmt: skip
+        return _BaseHead(
+            names,
+            f"the base's own head ({base_names[mismatched[0]]} {ours}) is not the candidates' "
+            f"({theirs}): it is treated as a base with no head",
+        )
     permutation, problem = _align_labels(labels, base) if base.label_names else (None, None)
     if problem:
         return _BaseHead(
             names, f"the base's head has other labels ({problem}): it is treated as a base with no head"
         )
     return _BaseHead(names, permutation=permutation)
+
+
+def _screened(found, refused, base, label_order, soup: SoupKind) -> tuple[CompatibilityReport, _Screening]:
+    """Every found candidate screened against the reference and the base; those refused earlier stay rejected."""
+    screening = _Screening(found, label_order, base, soup == "backbone")
+    for candidate, source in found:
+        screening.screen(candidate, source)
+    rejected = [*(Rejection(cid, reason) for cid, reason in refused), *screening.rejected]
+    alignment = Alignment(permutations=screening.permutations)
+    report = CompatibilityReport(
+        screening.accepted,
+        rejected,
+        base,
+        screening.labels,
+        alignment,
+        warnings=screening.warnings,
+        soup=soup,
+    )
+    return report, screening
 
 
 def check_compatibility(
@@ -304,13 +328,7 @@ def check_compatibility(
     )
     backbone = soup == "backbone"  # then bodies are what is compared and souped
     found = [(c, body_of(base_source, s)) for c, s in found] if backbone else found
-    screening = _Screening(found, label_order, base, backbone)
-    for candidate, source in found:
-        screening.screen(candidate, source)
-    rejected = [*(Rejection(cid, reason) for cid, reason in refused), *screening.rejected]
-    alignment = Alignment(permutations=screening.permutations)
-    report = CompatibilityReport(screening.accepted, rejected, base, screening.labels, alignment,
-                                 warnings=screening.warnings, soup=soup)  # fmt: skip
+    report, screening = _screened(found, refused, base, label_order, soup)
     readers = {c.id: screening.readers[c.id] for c in report.accepted}
     if hub_weights != "headers":
         _fetch_hub_candidates(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)
@@ -328,8 +346,13 @@ class _Screening:
     """Checks candidates one by one against the reference: the first candidate of the most common kind, so one
     odd folder cannot reject the rest."""
 
-    def __init__(self, found: list[tuple[Candidate, TensorReader]], label_order, base: Candidate,
-                 backbone: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        found: list[tuple[Candidate, TensorReader]],
+        label_order,
+        base: Candidate,
+        backbone: bool = False,
+    ):
         self.backbone = backbone
         self.accepted: list[Candidate] = []
         self.rejected: list[Rejection] = []
@@ -372,8 +395,10 @@ class _Screening:
     def _problem(self, candidate: Candidate, source: TensorReader) -> tuple[str | None, list[int] | None]:
         reference = self.reference
         if _architecture(candidate, self.backbone) != _architecture(reference, self.backbone):
-            return (f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
-                    f"{reference.model_type}/{','.join(reference.architectures)}"), None  # fmt: skip
+            return (
+                f"architecture {candidate.model_type}/{','.join(candidate.architectures)} differs from "
+                f"{reference.model_type}/{','.join(reference.architectures)}"
+            ), None
         if self.backbone and not source.keys():
             return "it shares no tensor with the base: it was not fine-tuned from it", None
         if candidate.num_labels != reference.num_labels and not self.backbone:

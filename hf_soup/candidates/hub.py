@@ -41,9 +41,17 @@ from ..errors import CandidateFormatError, HfSoupError, HubError
 # Files a soup ingredient needs; never optimizer states, pickles or other frameworks' weights.
 WEIGHT_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 TOKENIZER_PATTERNS = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
-    "*.model", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-]  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "config.json", *TOKENIZER_PATTERNS]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-*?\[\]]+)?$")
 

@@ -1,7 +1,8 @@
 """PEFT LoRA candidates: checked from `adapter_config.json`, scored and souped as their merged models.
 
 A LoRA candidate is presented to the rest of hf-soup as the full model it merges into, tensor by tensor
-(`LoraSource`): an adapted weight is `W + scale · B @ A` (scale = lora_alpha / r, or / sqrt(r) with rslora),
+(`LoraSource`): an adapted weight is `W + scale · B @ A` (scale = alpha / r, or / sqrt(r) with rslora, per module as peft's
+`rank_pattern` and `alpha_pattern` say),
 `modules_to_save` tensors (the task head) are the adapter's own, everything else is the base's. So a soup of LoRAs
 with weights w_i (summing to 1) is exactly `W + Σ_i w_i · scale_i · B_i A_i`: the product of each pair is averaged,
 never A and B separately (that would give (Σ B)(Σ A), which is wrong). LoRA and full candidates can be mixed:
@@ -12,15 +13,19 @@ Writing a soup of LoRAs as one adapter (`--output-kind lora`) is `adapter.py`'s 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CandidateFormatError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 from .sources import HEAD_PARTS
 from .weights import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -42,7 +47,6 @@ _UNSUPPORTED = {
     "target_parameters": "it targets nn.Parameters (target_parameters), which hf-soup does not soup",
     "layer_replication": "it uses layer_replication, which changes the model's layers",
     "trainable_token_indices": "it trains token embeddings (trainable_token_indices), which hf-soup does not soup",
-    "alpha_pattern": "it sets a per-module alpha_pattern, which hf-soup does not read",
 }
 _MERGE_HINT = (
     " Merge it into a full model first (`model.merge_and_unload().save_pretrained(dir)`) and soup that."
@@ -116,11 +120,38 @@ class LoraLayout:
     saved: dict[str, str] = field(default_factory=dict)  # merged tensor name -> adapter tensor name
 
 
+def lora_config(adapter: dict[str, Any]) -> LoraConfig:
+    """peft's `LoraConfig` of an `adapter_config.json` (keys this peft does not know are left out, as
+    `LoraConfig.from_pretrained` does). peft is imported here, when a LoRA is met: it loads transformers."""
+    from peft import LoraConfig
+
+    known = {item.name for item in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{key: value for key, value in adapter.items() if key in known})
+
+
+def module_scale(config: LoraConfig, module: str, rank: int) -> float:
+    """The update scale of `module` as peft computes it: its alpha (`alpha_pattern`, else `lora_alpha`) over its
+    rank (`rank_pattern`, else `r`), or over sqrt(rank) with rslora.
+
+    Raises:
+        CandidateFormatError: the stored A tensor's rank is not the rank the config gives this module.
+    """
+    from peft.utils.other import get_pattern_key
+
+    declared = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    if rank != declared:
+        raise CandidateFormatError(
+            f"its LoRA on {module} has rank {rank}, but adapter_config.json gives it rank {declared}; re-save it"
+        )
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
 def read_layout(adapter: dict[str, Any], headers) -> LoraLayout:
-    """Map an adapter's tensors (from their headers) onto the merged model's tensor names."""
+    """Map an adapter's tensors (from their headers) onto the merged model's tensor names, each with the scale
+    peft's merge uses (per-module `rank_pattern` and `alpha_pattern` honoured)."""
     layout = LoraLayout()
-    rslora = bool(adapter.get("use_rslora"))
-    alpha = float(adapter.get("lora_alpha") or adapter.get("r") or 1)
+    config = lora_config(adapter)
     for key in headers.keys():
         name = key.removeprefix(PEFT_PREFIX)
         if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
@@ -137,7 +168,7 @@ def read_layout(adapter: dict[str, Any], headers) -> LoraLayout:
                     + _MERGE_HINT
                 )
             rank = shape[0]
-            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            scale = module_scale(config, module, rank)
             layout.modules[f"{module}.weight"] = LoraModule(f"{module}.weight", key, b_key, rank, scale)
         elif ".lora_B." not in name:
             layout.saved[name] = key  # modules_to_save: a full tensor, e.g. the classification head
@@ -213,8 +244,9 @@ class LoraSource:
         return self.get(name)[start:stop]
 
 
-def merged_config(adapter_folder: Path, adapter: dict[str, Any], base_config: dict[str, Any], layout: LoraLayout,
-                  headers) -> dict[str, Any]:  # fmt: skip
+def merged_config(
+    adapter_folder: Path, adapter: dict[str, Any], base_config: dict[str, Any], layout: LoraLayout, headers
+) -> dict[str, Any]:
     """The merged model's `config.json`: the base's, with the task head's class and labels (a causal LM's: the
     base's, with its causal-LM class).
 

@@ -191,8 +191,12 @@ class HubTensorSource:
         from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 
         self.repo_id = repo_id
-        found = {e.path: e for e in api.get_paths_info(repo_id, [SAFETENSORS_SINGLE_FILE, SAFETENSORS_INDEX_FILE],
-                                                        revision=revision)}  # fmt: skip
+        found = {
+            e.path: e
+            for e in api.get_paths_info(
+                repo_id, [SAFETENSORS_SINGLE_FILE, SAFETENSORS_INDEX_FILE], revision=revision
+            )
+        }
         if SAFETENSORS_INDEX_FILE in found:
             index = json.loads(
                 Path(hf_hub_download(repo_id, SAFETENSORS_INDEX_FILE, revision=revision)).read_text()

@@ -43,8 +43,11 @@ class SafetensorsStreamWriter:
         for name in self.order:
             tensor = planned[name]
             size = tensor.numel() * tensor.element_size()
-            header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape),
-                            "data_offsets": [offset, offset + size]}  # fmt: skip
+            header[name] = {
+                "dtype": _CODES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it

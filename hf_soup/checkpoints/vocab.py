@@ -134,8 +134,10 @@ def align_vocabularies(
     # tokens, over any padding rows); padding rows stay where they were. `None` marks a padding row.
     tokens = max(base_vocab.values(), default=-1) + 1
     extra = list(added)
-    order = [base_tokens.get(row) if row < tokens else (extra[row - tokens] if row < tokens + len(extra) else None)
-             for row in range(max(base_rows, tokens + len(extra)))]  # fmt: skip
+    order = [
+        base_tokens.get(row) if row < tokens else (extra[row - tokens] if row < tokens + len(extra) else None)
+        for row in range(max(base_rows, tokens + len(extra)))
+    ]
     base_index = [base_vocab.get(t, r if t is None and r < base_rows else -1) for r, t in enumerate(order)]
     row_maps = {base_id: torch.tensor(base_index, dtype=torch.int64)}
     for cid, (rows, vocab, _) in candidates.items():

@@ -48,8 +48,11 @@ def encode_document_split(
     texts = [text if isinstance(text, str) else "" for text in data[spec.text_column]]
     # One token more than kept: a document that fills it was truncated.
     full = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
-    features = [{"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length)}
-                for ids in full if len(ids) >= 2]  # fmt: skip
+    features = [
+        {"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length)}
+        for ids in full
+        if len(ids) >= 2
+    ]
     empty = len(full) - len(features)
     if not features:
         raise DatasetError(f"The {name} split has no document of two or more tokens in {spec.text_column!r}.")
@@ -58,8 +61,15 @@ def encode_document_split(
     digest = hashlib.sha256(b"causal-lm")
     for feature in features:
         digest.update(np.asarray(feature["input_ids"], dtype=np.int64).tobytes() + b"|")
-    return EncodedSplit(name, features, (lengths - 1).astype(np.int64), np.argsort(-lengths, kind="stable"),
-                        digest.hexdigest(), empty_inputs=empty, truncated=truncated)  # fmt: skip
+    return EncodedSplit(
+        name,
+        features,
+        (lengths - 1).astype(np.int64),
+        np.argsort(-lengths, kind="stable"),
+        digest.hexdigest(),
+        empty_inputs=empty,
+        truncated=truncated,
+    )
 
 
 def pad_documents(features: list[dict]) -> dict[str, torch.Tensor]:

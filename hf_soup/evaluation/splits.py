@@ -36,9 +36,14 @@ class EncodedSplit:
         position = {int(i): p for p, i in enumerate(indices)}
         order = np.asarray([position[int(i)] for i in self.order if int(i) in position], dtype=np.int64)
         digest = hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
-        return replace(self, name=name, features=[self.features[int(i)] for i in indices],
-                       labels=self.labels[np.asarray(indices)], order=order,
-                       fingerprint=f"{self.fingerprint}/{digest}")  # fmt: skip
+        return replace(
+            self,
+            name=name,
+            features=[self.features[int(i)] for i in indices],
+            labels=self.labels[np.asarray(indices)],
+            order=order,
+            fingerprint=f"{self.fingerprint}/{digest}",
+        )
 
 
 def label_ids(spec: TaskSpec, data: Dataset, model_labels: list[str] | None, num_labels: int, split: str):

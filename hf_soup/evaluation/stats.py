@@ -180,8 +180,12 @@ def compare_documents(
         diffs = transform(resampled["a"]) - transform(resampled["b"])
         low, high = np.percentile(diffs, [tail, 100 - tail])
         delta = float(transform(per_token["a"]) - transform(per_token["b"]))
-        out[metric] = {"delta": delta, "low": float(low), "high": float(high),
-                       "significant": bool(low > 0 or high < 0)}  # fmt: skip
+        out[metric] = {
+            "delta": delta,
+            "low": float(low),
+            "high": float(high),
+            "significant": bool(low > 0 or high < 0),
+        }
     return out
 
 

@@ -121,10 +121,18 @@ def write_adapter(
 
     first = adapters[0].config
     modules_to_save = sorted({m for s in adapters for m in s.config.get("modules_to_save") or []})
-    config = {**first, "r": out_rank, "lora_alpha": out_rank, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}, "target_modules": sorted(w.removesuffix(".weight") for w in updates),
-              "modules_to_save": modules_to_save or None, "base_model_name_or_path": base_id,
-              "inference_mode": True}  # fmt: skip
+    config = {
+        **first,
+        "r": out_rank,
+        "lora_alpha": out_rank,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_modules": sorted(w.removesuffix(".weight") for w in updates),
+        "modules_to_save": modules_to_save or None,
+        "base_model_name_or_path": base_id,
+        "inference_mode": True,
+    }
     (output / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     hashes = {name: tensor_sha256(tensor) for name, tensor in tensors.items()}
     return LoraOutput([ADAPTER_WEIGHTS, ADAPTER_CONFIG], hashes, out_rank, truncation)

@@ -2,7 +2,8 @@
 
 Both stream tensor by tensor and accumulate in float32, whatever the input dtypes. Non-float buffers (such as
 `position_ids`) are copied from the reference candidate, never averaged. Peak memory does not grow with the number
-of ingredients: one float32 accumulator and one input tensor are alive at a time (plus one output shard).
+of ingredients: one float32 accumulator and one input tensor are alive at a time, and each mixed tensor goes to
+the output file as soon as it is made (never a whole shard in memory).
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def plan_output(
     }
     for name, tensor in (extra or {}).items():
         if name not in planned:
-            planned[name] = torch.empty(tensor.shape, dtype=dtype if averaged(tensor.dtype) else tensor.dtype,
-                                        device="meta")  # fmt: skip
+            planned[name] = torch.empty(
+                tensor.shape, dtype=dtype if averaged(tensor.dtype) else tensor.dtype, device="meta"
+            )
     return planned
 
 
@@ -230,12 +232,12 @@ def materialize(
 class Workbench:
     """A live model whose weights are set to a mixture before each evaluation.
 
-    Uniform mixtures over a set of ingredients (the trials of greedy and pruned soups) are reached from the
-    previous one by adding and subtracting only the ingredients that changed, in one float32 running sum; no
-    state dict is built per trial.
+    Every trial's weights are mixed from its ingredients by `mix_tensor` (float32 accumulation), tensor by tensor,
+    and copied into the model's parameters in the model's dtype: no running sum over trials and no state dict per
+    trial, so a trial is scored with exactly the tensors `materialize` would write.
 
     Args:
-        model (`torch.nn.Module`): a model of the candidates' architecture, in float32.
+        model (`torch.nn.Module`): a model of the candidates' architecture, in the soup's dtype.
         sources (`SoupSources`): open weights of the base and the candidates, aligned.
         after_load (`Callable`, *optional*): called with the model after each mixture of two or more models is
             loaded (BatchNorm recalibration); a single candidate is scored exactly as it was fine-tuned.

@@ -142,8 +142,15 @@ def write_soup_folder(
         _disk_full_is_one_error(output, needed),
         atomic_folder(output, overwrite=config.overwrite) as staging,
     ):
-        weights = write(summary.mixture, checked.sources, config.output_kind, staging, settings=settings,
-                        quiet=quiet, overrides=overrides)  # fmt: skip
+        weights = write(
+            summary.mixture,
+            checked.sources,
+            config.output_kind,
+            staging,
+            settings=settings,
+            quiet=quiet,
+            overrides=overrides,
+        )
         if config.output_kind != "lora":
             config_json = soup_config(checked.compatibility, str(checked.dtype).removeprefix("torch."))
             (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")

@@ -176,8 +176,9 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
         lora_rank=options.get("lora_rank"),
     )
     with tempfile.TemporaryDirectory(prefix="hf-soup-reproduce-") as scratch:
-        rebuilt = write(mixture, sources, kind, Path(scratch), settings=settings, candidates=report.accepted,
-                        quiet=quiet)  # fmt: skip
+        rebuilt = write(
+            mixture, sources, kind, Path(scratch), settings=settings, candidates=report.accepted, quiet=quiet
+        )
     # BatchNorm statistics re-estimated on data (--recalibrate-bn) and a backbone soup's head (fitted on data, or
     # one candidate's) are not a mixture of the weights: the published ones are checked against the manifest, and
     # the rebuild (which writes the mixture) is not compared there.

@@ -49,8 +49,9 @@ class ScoredRun:
     overrides: dict[str, torch.Tensor]
 
 
-def scored_run(config: SoupConfig, checked: Checked, preprocessor, scoring, quiet: bool,
-               lap: Callable[[str], None]) -> ScoredRun:  # fmt: skip
+def scored_run(
+    config: SoupConfig, checked: Checked, preprocessor, scoring, quiet: bool, lap: Callable[[str], None]
+) -> ScoredRun:
     """Score (`scoring = (trainer, report_dataset)`, or hf-soup's data pipeline), cook, and summarise."""
     trainer = scoring[0]
     scorer, plan = scoring_stage(config, checked, preprocessor, scoring, quiet)
@@ -140,10 +141,17 @@ def confirmation_folds(
     halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
     folds = []
     for name, indices in zip(("A", "B"), halves):
-        individual = {cid: scorer.subset_value(Mixture.uniform("single", [cid], checked.revisions), indices)
-                      for cid in checked.pool}  # fmt: skip
-        on_half = replace(context, folds=None, mixing_trainer=_mixing_trainer(
-            scorer, selection.subset(indices, f"{selection.name} ({name})"), context.quiet))  # fmt: skip
+        individual = {
+            cid: scorer.subset_value(Mixture.uniform("single", [cid], checked.revisions), indices)
+            for cid in checked.pool
+        }
+        on_half = replace(
+            context,
+            folds=None,
+            mixing_trainer=_mixing_trainer(
+                scorer, selection.subset(indices, f"{selection.name} ({name})"), context.quiet
+            ),
+        )
         on_half.build = lambda recipe, half=on_half: recipe_class(recipe).from_config(config, half)
         folds.append(
             Fold(
@@ -161,8 +169,10 @@ def recalibrated_statistics(scorer: MixtureScorer, mixture: Mixture) -> dict[str
     workbench = scorer.workbench
     workbench.load(mixture)  # `after_load` recalibrates
     state = workbench.model.state_dict()
-    return {name: state[name].detach().cpu().clone()
-            for name in workbench.after_load.buffer_names(workbench.model)}  # fmt: skip
+    return {
+        name: state[name].detach().cpu().clone()
+        for name in workbench.after_load.buffer_names(workbench.model)
+    }
 
 
 def scored_fields(
@@ -205,8 +215,16 @@ def _entries(summary: Summary, cooked: Cooked, checked: Checked, best_id: str) -
     singles, ranked = cooked.singles, cooked.ranked
     kept = {i.id for i in cooked.result.mixture.ingredients if i.weight != 0}
     training = {c.id: _training_record(c.local_dir) for c in checked.compatibility.accepted}
-    rows = [CandidateRow(cid, cid in kept, checked.excluded.get(cid), replace(summary.entry(cid, singles[cid]),
-            id=cid), training[cid]) for cid in ranked]  # fmt: skip
+    rows = [
+        CandidateRow(
+            cid,
+            cid in kept,
+            checked.excluded.get(cid),
+            replace(summary.entry(cid, singles[cid]), id=cid),
+            training[cid],
+        )
+        for cid in ranked
+    ]
     fields: dict[str, Any] = {
         "candidates": rows,
         "best_individual": replace(summary.entry(best_id, singles[best_id]), id=best_id),
@@ -258,8 +276,11 @@ def _ties(scorer: MixtureScorer, ranked, selection, losses, best_id: str) -> lis
     primary = scorer.spec.primary_metric
     if scorer.selection_metric != primary:
         by_primary = {cid: scorer.primary_value(s) for cid, s in selection.items()}
-        found += [t for t in ties(rank(ranked, by_primary, losses), by_primary, losses, primary)
-                  if best_id in t["candidates"]]  # fmt: skip
+        found += [
+            t
+            for t in ties(rank(ranked, by_primary, losses), by_primary, losses, primary)
+            if best_id in t["candidates"]
+        ]
     return found
 
 
@@ -270,10 +291,13 @@ def _details(result: RecipeResult, summary: Summary) -> dict[str, Any] | None:
     details = dict(result.details)
     if result.curve:
         details["curve"] = [
-            {**point.fields, "selection_value": point.selection_value,
-             **summary.entry(point.label, point.mixture).to_dict()}
+            {
+                **point.fields,
+                "selection_value": point.selection_value,
+                **summary.entry(point.label, point.mixture).to_dict(),
+            }
             for point in result.curve
-        ]  # fmt: skip
+        ]
     return details
 
 

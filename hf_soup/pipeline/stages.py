@@ -140,8 +140,9 @@ def recipe_context(checked: Checked, quiet: bool) -> RecipeContext:
     """What recipes may use beyond scores: the base, the tensors it lacks and the task vectors' angles."""
     sources = checked.sources
     reference = sources.reference
-    headless = [n for n in reference.keys()
-                if n not in sources.alignment.base_names and averaged(reference.dtype(n))]  # fmt: skip
+    headless = [
+        n for n in reference.keys() if n not in sources.alignment.base_names and averaged(reference.dtype(n))
+    ]
     context = RecipeContext(checked.base, headless, quiet=quiet)
     context.task_vector_cosines = lambda ids: tensor_cosines(sources, ids, quiet=quiet)
     return context

@@ -92,9 +92,16 @@ class Summary:
                     else self.scorer.score(other, split)
                 )
                 if self.scorer.spec.causal_lm:  # documents resampled in pairs; NLL and perplexity per token
-                    out[split][name] = {metric: Comparison.from_dict(r) for metric, r in compare_documents(
-                        encoded.labels, score.logits.sum(axis=1, dtype=np.float64),
-                        reference.logits.sum(axis=1, dtype=np.float64), resamples=resamples, seed=seed).items()}  # fmt: skip
+                    out[split][name] = {
+                        metric: Comparison.from_dict(r)
+                        for metric, r in compare_documents(
+                            encoded.labels,
+                            score.logits.sum(axis=1, dtype=np.float64),
+                            reference.logits.sum(axis=1, dtype=np.float64),
+                            resamples=resamples,
+                            seed=seed,
+                        ).items()
+                    }
                     continue
                 out[split][name] = compare(
                     bootstrappable(metrics, encoded.labels),

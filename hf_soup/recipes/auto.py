@@ -65,8 +65,12 @@ class AutoSoup(SoupRecipe):
     def __init__(self, contenders: dict[str, SoupRecipe], folds: list[Fold], loss: bool = False):
         self.contenders, self.folds, self.loss = contenders, folds, loss
         # Each contender as built for each half (a learned soup trains on that half); else the same recipe.
-        self.on_fold = {fold.name: {name: fold.build(name) if fold.build else recipe
-                                    for name, recipe in contenders.items()} for fold in folds}  # fmt: skip
+        self.on_fold = {
+            fold.name: {
+                name: fold.build(name) if fold.build else recipe for name, recipe in contenders.items()
+            }
+            for fold in folds
+        }
 
     @classmethod
     def name(cls) -> str:
@@ -92,8 +96,12 @@ class AutoSoup(SoupRecipe):
         return f"{soup_name} ({details['chosen']} chosen on held-out halves)"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        confirmation = {name: self._confirm(lambda fold, n=name: self.on_fold[fold.name][n].cook, candidates,
-                                            revisions, tie_break) for name in self.contenders}  # fmt: skip
+        confirmation = {
+            name: self._confirm(
+                lambda fold, n=name: self.on_fold[fold.name][n].cook, candidates, revisions, tie_break
+            )
+            for name in self.contenders
+        }
         confirmation[BEST_INDIVIDUAL] = self._confirm(
             lambda _fold: self._best_single, candidates, revisions, tie_break
         )

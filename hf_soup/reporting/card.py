@@ -108,9 +108,11 @@ def recipe_section(summary: SoupSummary) -> str:
         return ""
     task = summary.task
     return _SECTIONS.from_string(recipe.card_section).render(
-        m=summary, details=summary.details, metric=task.primary_metric if task else None,
+        m=summary,
+        details=summary.details,
+        metric=task.primary_metric if task else None,
         chosen_by=task.selection_metric if task else None,
-    )  # fmt: skip
+    )
 
 
 def build_model_card(manifest: SoupManifest) -> ModelCard:

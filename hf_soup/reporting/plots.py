@@ -32,8 +32,13 @@ def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
     recipe = recipe_class(summary.recipe.name)
     curve = (summary.details or {}).get("curve") or []
     if recipe.curve_plot and len(curve) > 1:
-        write_curve(folder / f"{recipe.name()}.png", [Entry.from_dict(p) for p in curve], recipe.curve_plot,
-                    [p[recipe.curve_plot[0]] for p in curve], (metric, chosen_by))  # fmt: skip
+        write_curve(
+            folder / f"{recipe.name()}.png",
+            [Entry.from_dict(p) for p in curve],
+            recipe.curve_plot,
+            [p[recipe.curve_plot[0]] for p in curve],
+            (metric, chosen_by),
+        )
         written.append(f"{folder.name}/{recipe.name()}.png")
     if summary.diagnostics and len(summary.diagnostics["ids"]) > 1:
         write_angle_heatmap(folder / "angles.png", summary.diagnostics)
@@ -50,8 +55,11 @@ def _write_trajectory(path: Path, summary: SoupSummary, chosen_by: str) -> None:
     scored = [(t["step"], sign * t["score"]) for t in trajectory if t["score"] is not None]
     ax.plot(*zip(*scored), color="0.6", zorder=1)
     for accepted, color, label in ((True, "tab:green", "kept"), (False, "tab:red", "rejected")):
-        points = [(t["step"], sign * t["score"]) for t in trajectory
-                  if t["accepted"] == accepted and t["score"] is not None]  # fmt: skip
+        points = [
+            (t["step"], sign * t["score"])
+            for t in trajectory
+            if t["accepted"] == accepted and t["score"] is not None
+        ]
         if points:
             ax.scatter(*zip(*points), color=color, label=label, zorder=2)
     stopped = [t["step"] for t in trajectory if t.get("stopped_early")]
@@ -79,8 +87,13 @@ def _write_candidates(path: Path, summary: SoupSummary, metric: str, chosen_by: 
         label="candidates (green: in the soup)",
     )
     for entry, marker in ((summary.uniform, "s"), (summary.soup, "*")):
-        ax.scatter(entry.selection_score(chosen_by), entry.first_report(metric), marker=marker, s=150,
-                   label=entry.name)  # fmt: skip
+        ax.scatter(
+            entry.selection_score(chosen_by),
+            entry.first_report(metric),
+            marker=marker,
+            s=150,
+            label=entry.name,
+        )
     ax.set_xlabel(f"selection {chosen_by}")
     ax.set_ylabel(f"report {metric}")
     ax.set_title("Candidates and soups")
@@ -100,8 +113,13 @@ def write_curve(path: Path, curve: list[Entry], axis: tuple[str, str, str], xs: 
     ax.set_ylabel(f"selection {chosen_by}")
     right = ax.twinx()
     for split in curve[0].report:
-        right.plot(xs, [p.report[split][metric] for p in curve], marker="s", color="tab:orange",
-                   label=f"{split} {metric}")  # fmt: skip
+        right.plot(
+            xs,
+            [p.report[split][metric] for p in curve],
+            marker="s",
+            color="tab:orange",
+            label=f"{split} {metric}",
+        )
     right.set_ylabel(f"report {metric}")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize="small")

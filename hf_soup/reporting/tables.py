@@ -50,9 +50,16 @@ class _Columns:
         self.with_ece = any(v is not None for v in (summary.soup.ece or {}).values())
 
     def headers(self) -> list[str]:
-        return ["model", "kept", "n", "cost", f"selection {self.chosen_by}", *(f"selection {m}" for m in self.also),
-                *(f"{s} {m}" for s in self.splits for m in self.shown),
-                *(f"{s} ECE" for s in self.splits if self.with_ece)]  # fmt: skip
+        return [
+            "model",
+            "kept",
+            "n",
+            "cost",
+            f"selection {self.chosen_by}",
+            *(f"selection {m}" for m in self.also),
+            *(f"{s} {m}" for s in self.splits for m in self.shown),
+            *(f"{s} ECE" for s in self.splits if self.with_ece),
+        ]
 
     def row(self, label: str, entry: Entry, kept: str = "", ece: bool = False) -> list[str]:
         eces = entry.ece or {}
@@ -145,8 +152,10 @@ def _ties(ties: list[dict], chosen_by: str) -> list[str]:
         members = list(zip(tie["candidates"], tie["losses"]))
         if len(members) > 2:  # a long list stays in the JSON report; the table names the winner
             first, loss = members[0]
-            lines.append(f"{at} between {len(members)} candidates, broken by {tie['broken_by']}: {first} "
-                         f"(loss {loss:.4f}) ranks first.")  # fmt: skip
+            lines.append(
+                f"{at} between {len(members)} candidates, broken by {tie['broken_by']}: {first} "
+                f"(loss {loss:.4f}) ranks first."
+            )
         else:
             order = ", ".join(f"{c} (loss {loss:.4f})" for c, loss in members)
             lines.append(f"{at}: {order}; broken by {tie['broken_by']}.")

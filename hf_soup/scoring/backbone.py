@@ -53,8 +53,9 @@ def probe_model(model_class, reference, labels: list[str], dtype: torch.dtype):
     from transformers import AutoConfig
 
     settings = {k: v for k, v in reference.config.items() if k not in ("id2label", "label2id", "num_labels")}
-    settings = AutoConfig.for_model(**settings, id2label=dict(enumerate(labels)),
-                                    label2id={name: i for i, name in enumerate(labels)})  # fmt: skip
+    settings = AutoConfig.for_model(
+        **settings, id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}
+    )
     return model_class.from_config(settings, dtype=dtype)
 
 
@@ -63,8 +64,11 @@ def backbone_head(config: SoupConfig, model, sources, selection, collator, quiet
     `None` for other soups."""
     if config.soup != "backbone":
         return None
-    head = (ProbeHead(model, selection, collator, config.batch_size, quiet) if config.head == "probe"
-            else CandidateHead(config.head))  # fmt: skip
+    head = (
+        ProbeHead(model, selection, collator, config.batch_size, quiet)
+        if config.head == "probe"
+        else CandidateHead(config.head)
+    )
     needed = [n for n in model.state_dict() if n not in set(sources.reference.keys())]
     if config.head == "probe" and (extra := sorted(set(needed) - set(head.names(model)))):
         raise ConfigError(

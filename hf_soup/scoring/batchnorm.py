@@ -41,8 +41,11 @@ class BatchNormRecalibrator:
 
     def buffer_names(self, model: torch.nn.Module) -> list[str]:
         """The state-dict names this recalibration rewrites."""
-        return [f"{name}.{buffer}" for name in batchnorm_layers(model)
-                for buffer in ("running_mean", "running_var", "num_batches_tracked")]  # fmt: skip
+        return [
+            f"{name}.{buffer}"
+            for name in batchnorm_layers(model)
+            for buffer in ("running_mean", "running_var", "num_batches_tracked")
+        ]
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> None:

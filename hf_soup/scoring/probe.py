@@ -73,8 +73,13 @@ def cross_fitted_logits(
             "cross-fitted scores need two. Use a larger --selection-fraction."
         )
     folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed)
-    scores = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), np.asarray(features, dtype=np.float64),
-                               labels, cv=folds, method="decision_function")  # fmt: skip
+    scores = cross_val_predict(
+        LogisticRegression(C=1.0, max_iter=2000),
+        np.asarray(features, dtype=np.float64),
+        labels,
+        cv=folds,
+        method="decision_function",
+    )
     return _as_logits(scores).astype(np.float32)
 
 

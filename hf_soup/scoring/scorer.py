@@ -101,9 +101,13 @@ def model_outputs(spec: TaskSpec, split: EncodedSplit):
 
 @torch.inference_mode()
 def iter_logits(
-    model: torch.nn.Module, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False,
+    model: torch.nn.Module,
+    split: EncodedSplit,
+    collator,
+    batch_size: int = 64,
+    quiet: bool = False,
     outputs=class_logits,
-):  # fmt: skip
+):
     """Yield `(example indices, logits)` batch by batch, longest examples first (`outputs(model, batch)` gives
     the per-example array: class logits by default, `model_outputs` for the task).
 
@@ -138,8 +142,9 @@ def iter_logits(
                 yield indices, logits
 
 
-def predict(model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False,
-            outputs=class_logits) -> np.ndarray:  # fmt: skip
+def predict(
+    model, split: EncodedSplit, collator, batch_size: int = 64, quiet: bool = False, outputs=class_logits
+) -> np.ndarray:
     """Logits (or `outputs`) of `model` on `split`, in the split's original order."""
     logits = np.zeros((len(split), 1), dtype=np.float32)
     for index, (indices, batch) in enumerate(iter_logits(model, split, collator, batch_size, quiet, outputs)):
@@ -288,8 +293,22 @@ class Scorer:
             fitted on the selection split, whose logits it then provides; `probe.CandidateHead`: kept as is).
     """
 
-    def __init__(self, workbench, spec, splits, fingerprints, collator, *, cache=None, batch_size=64, quiet=False,
-                 selection_metric=None, early_rejection=True, variant="", head=None):  # fmt: skip
+    def __init__(
+        self,
+        workbench,
+        spec,
+        splits,
+        fingerprints,
+        collator,
+        *,
+        cache=None,
+        batch_size=64,
+        quiet=False,
+        selection_metric=None,
+        early_rejection=True,
+        variant="",
+        head=None,
+    ):
         self.head = head
         self.variant = variant + (f"|{head.describe}" if head is not None else "")
         self.workbench: Workbench = workbench
@@ -349,8 +368,14 @@ class Scorer:
             else None
         )
         if logits is None:
-            logits = predict(self.workbench.model, split, self.collator, self.batch_size, self.quiet,
-                             model_outputs(self.spec, split))  # fmt: skip
+            logits = predict(
+                self.workbench.model,
+                split,
+                self.collator,
+                self.batch_size,
+                self.quiet,
+                model_outputs(self.spec, split),
+            )
         self.evaluations += 1
         self.examples_forwarded += len(split)
         self._record(split_name, len(split), started, early=False)
@@ -367,8 +392,14 @@ class Scorer:
             self.head.fit(self._head_key(mixture), self.workbench.model)
 
     def _record(self, split: str, examples: int, started: float, early: bool) -> None:
-        self.log.append({"split": split, "examples": examples, "seconds": time.perf_counter() - started,
-                         "stopped_early": early})  # fmt: skip
+        self.log.append(
+            {
+                "split": split,
+                "examples": examples,
+                "seconds": time.perf_counter() - started,
+                "stopped_early": early,
+            }
+        )
 
     def value(self, score: SplitScore) -> float:
         """The selection objective of a score, as "higher is better" (losses are negated)."""
@@ -385,8 +416,14 @@ class Scorer:
         the logits of its full selection score (cached): no extra forward pass once the mixture is scored."""
         split = self.splits["selection"]
         full = self.score(mixture, "selection")
-        part = EncodedSplit(f"{split.name}[fold]", [], split.labels[indices], np.arange(len(indices)), "",
-                            pos_label=split.pos_label)  # fmt: skip
+        part = EncodedSplit(
+            f"{split.name}[fold]",
+            [],
+            split.labels[indices],
+            np.arange(len(indices)),
+            "",
+            pos_label=split.pos_label,
+        )
         return self.value(score_logits(full.logits[indices], part, self.spec))
 
     def primary_value(self, score: SplitScore) -> float:
@@ -419,8 +456,9 @@ class Scorer:
             return None
         started = time.perf_counter()
         self.load(mixture)
-        batches = iter_logits(self.workbench.model, split, self.collator, self.batch_size, True,
-                              model_outputs(self.spec, split))  # fmt: skip
+        batches = iter_logits(
+            self.workbench.model, split, self.collator, self.batch_size, True, model_outputs(self.spec, split)
+        )
         logits, seen = logits_unless_hopeless(batches, split, self.spec, self.selection_metric, must_reach)
         self.examples_forwarded += seen
         if logits is None:

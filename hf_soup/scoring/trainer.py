@@ -121,8 +121,12 @@ class TrainerScorer:
         ]
 
     def _key(self, mixture: Mixture, split: str) -> str:
-        return cache_key("trainer-score", mixture.content_key(self.fingerprints), self.splits[split].fingerprint,
-                         self.spec.metrics)  # fmt: skip
+        return cache_key(
+            "trainer-score",
+            mixture.content_key(self.fingerprints),
+            self.splits[split].fingerprint,
+            self.spec.metrics,
+        )
 
     def score(self, mixture: Mixture, split_name: str) -> SplitScore:
         key = self._key(mixture, split_name)
@@ -136,12 +140,23 @@ class TrainerScorer:
         )
         metrics = {name: float(output.metrics[f"eval_{name}"]) for name in self.spec.metrics}
         predictions = logits[:, 0] if self.spec.regression else logits.argmax(axis=1)
-        result = SplitScore(metrics, float(output.metrics["eval_loss"]), len(logits), predictions.tolist(),
-                            logits.astype(np.float32))  # fmt: skip
+        result = SplitScore(
+            metrics,
+            float(output.metrics["eval_loss"]),
+            len(logits),
+            predictions.tolist(),
+            logits.astype(np.float32),
+        )
         self.evaluations += 1
         self.examples_forwarded += len(logits)
-        self.log.append({"split": split_name, "examples": len(logits), "seconds": time.perf_counter() - started,
-                         "stopped_early": False})  # fmt: skip
+        self.log.append(
+            {
+                "split": split_name,
+                "examples": len(logits),
+                "seconds": time.perf_counter() - started,
+                "stopped_early": False,
+            }
+        )
         if self.cache is not None:
             self.cache.put(key, result.to_dict())
         return result

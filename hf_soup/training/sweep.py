@@ -138,6 +138,18 @@ class SweepData:
         ]
 
 
+def _check_sweep_options(dataset: str, label_column: str | None, inputs: str | None, head: str) -> None:
+    if not (dataset and label_column and inputs):
+        raise ConfigError(
+            "A sweep needs --dataset and --label-column, and --text-column (text) or --task "
+            f"{IMAGE_TASK} (images): the rows to fine-tune on."
+        )
+    if head not in ("probe", "random"):
+        raise ConfigError(
+            f"--head must be 'probe' (a linear probe on frozen features) or 'random', got {head!r}."
+        )
+
+
 def sweep(
     base: str | Path,
     dataset: str,
@@ -167,19 +179,19 @@ def sweep(
     """
     image = is_image_task(task)
     label_column = label_column or ("label" if image else None)
-    if not (dataset and label_column and (image or text_column)):
-        raise ConfigError(
-            "A sweep needs --dataset and --label-column, and --text-column (text) or --task "
-            f"{IMAGE_TASK} (images): the rows to fine-tune on."
-        )
-    if head not in ("probe", "random"):
-        raise ConfigError(
-            f"--head must be 'probe' (a linear probe on frozen features) or 'random', got {head!r}."
-        )
+    _check_sweep_options(dataset, label_column, text_column if not image else "images", head)
     grid = grid or (SweepGrid.for_images() if image else SweepGrid())
-    data = SweepData(dataset, None if image else text_column, label_column, text_pair_column,
-                     selection_fraction=selection_fraction, seed=seed, max_length=max_length, train_rows=train_rows,
-                     image_column=(image_column or "image") if image else None)  # fmt: skip
+    data = SweepData(
+        dataset,
+        None if image else text_column,
+        label_column,
+        text_pair_column,
+        selection_fraction=selection_fraction,
+        seed=seed,
+        max_length=max_length,
+        train_rows=train_rows,
+        image_column=(image_column or "image") if image else None,
+    )
     plan = variants if isinstance(variants, list) else sample_variants(variants, grid, seed)
     output = Path(output)
     inputs = SweepInputs.of(Path(base), image)
@@ -190,8 +202,8 @@ def sweep(
         if (output / RUNS / variant.name / "model.safetensors").is_file():
             continue
         logger.info("Fine-tuning variant %d/%d: %s", index, len(plan), variant)
-        record = {"variant": dataclasses.asdict(variant), "head": head, "grid": dataclasses.asdict(grid),
-                  "data": dataclasses.asdict(data), "trained_on_rows": len(train)}  # fmt: skip
+        record = {"variant": dataclasses.asdict(variant), "head": head, "grid": dataclasses.asdict(grid)}
+        record.update(data=dataclasses.asdict(data), trained_on_rows=len(train))
         _fine_tune(start, variant, (train, inputs), output / RUNS, record, batch_size=batch_size, quiet=quiet)
     return output
 
@@ -208,8 +220,12 @@ class SweepInputs:
     @classmethod
     def of(cls, base: Path, image: bool) -> SweepInputs:
         if image:
-            return cls(AutoImageProcessor.from_pretrained(base), AutoModelForImageClassification,
-                       default_data_collator, True)  # fmt: skip
+            return cls(
+                AutoImageProcessor.from_pretrained(base),
+                AutoModelForImageClassification,
+                default_data_collator,
+                True,
+            )
         tokenizer = AutoTokenizer.from_pretrained(base)
         return cls(tokenizer, AutoModelForSequenceClassification, DataCollatorWithPadding(tokenizer), False)
 
@@ -348,9 +364,14 @@ def _fine_tune(
             disable_tqdm=quiet,
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=inputs.preprocessor,
-                          data_collator=inputs.collator_for(variant),
-                          callbacks=[SoupCallback(runs, base=str(start))])  # fmt: skip
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            processing_class=inputs.preprocessor,
+            data_collator=inputs.collator_for(variant),
+            callbacks=[SoupCallback(runs, base=str(start))],
+        )
         # Trainer prints its logs; stdout is for results (and --quiet means quiet).
         with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
             trainer.train()
