@@ -13,10 +13,10 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .api import SoupResult, check, cook
-    from .compat import CompatibilityReport
+    from .candidates.compat import CompatibilityReport
     from .config import SoupConfig
-    from .data import carve_selection
     from .errors import HfSoupError
+    from .evaluation.data import carve_selection
     from .mixture import Ingredient, Mixture
     from .results import Entry, SoupManifest, SoupSummary
 
@@ -24,9 +24,9 @@ _LAZY = {
     "SoupResult": "api",
     "check": "api",
     "cook": "api",
-    "CompatibilityReport": "compat",
+    "CompatibilityReport": "candidates.compat",
     "SoupConfig": "config",
-    "carve_selection": "data",
+    "carve_selection": "evaluation.data",
     "HfSoupError": "errors",
     "Ingredient": "mixture",
     "Mixture": "mixture",

@@ -16,24 +16,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
 
-from .compat import CompatibilityReport, check_compatibility
-from .config import SoupConfig
-from .diagnostics import Diagnostics, diagnose
+from .candidates.compat import CompatibilityReport, check_compatibility
+from .candidates.diagnostics import Diagnostics, diagnose
+from .candidates.hub import check_push_target, push
+from .config import SoupConfig, split_options
 from .errors import ConfigError, OutputExistsError
-from .hub import check_push_target, push
+from .evaluation.preprocessors import load_preprocessor
 from .mixture import Mixture
-from .output import write_soup_folder
-from .preprocessors import load_preprocessor
+from .pipeline.output import write_soup_folder
+from .pipeline.stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
 from .recipes import RecipeResult
 from .results import SoupSummary, WrittenFiles
 from .runtime import process_state
-from .stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,12 @@ class _Stopwatch:
 
 
 def check(
-    base: str, candidates: list[str], allow_pickle: bool = False, trust_remote_code: bool = False,
+    base: str,
+    candidates: list[str],
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     soup: str = "full",
-) -> CompatibilityReport:  # fmt: skip
+) -> CompatibilityReport:
     """Check candidates against each other and the base from configs and tensor headers only: no weight file
     of a Hub candidate or base is downloaded. `soup="backbone"` compares their shared bodies only."""
     report, _ = check_compatibility(
@@ -189,12 +192,7 @@ def cook(
 def _config_of(config: SoupConfig | None, trainer, kwargs: dict) -> SoupConfig:
     """The run's options: `config`, with any keyword options applied over it (`cook(config, recipe="uniform")`),
     or the keyword options alone."""
-    unknown = sorted(set(kwargs) - {f.name for f in fields(SoupConfig)})
-    if unknown:
-        raise ConfigError(
-            f"cook() got unknown option(s) {', '.join(unknown)}; the options are SoupConfig's fields "
-            "(`hf-soup --help` lists them as flags)."
-        )
+    kwargs = split_options(kwargs, config.recipe_options if config is not None else {})
     if trainer is not None:
         kwargs = {**kwargs, "scored_by_trainer": True}
     config = replace(config, **kwargs) if config is not None else SoupConfig(**kwargs)
@@ -233,24 +231,36 @@ def _cook(run: _Run) -> SoupResult:
     main_process = process_state().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
     written = None
     if output is not None and main_process:
-        written = write_soup_folder(output, config, summary, checked, (preprocessor, preprocessor_dir),
-                                    quiet=quiet, overrides=overrides)  # fmt: skip
+        written = write_soup_folder(
+            output,
+            config,
+            summary,
+            checked,
+            (preprocessor, preprocessor_dir),
+            quiet=quiet,
+            overrides=overrides,
+        )
         summary = replace(summary, lora=written.lora)
         clock.lap("write")
     pushed = None
     if config.push_to and main_process:
-        mixture = summary.mixture
-        message = f"hf-soup: {mixture.recipe} soup of {len(mixture.ingredients)} ingredients"
-        pushed = push(output, config.push_to, config.private, message, api)
+        pushed = push(output, config.push_to, config.private, api)
         logger.info("Pushed to %s", pushed["commit_url"])
-    return SoupResult(summary, output, checked.compatibility, recipe_result, written=written, push=pushed,
-                      timings=clock.timings)  # fmt: skip
+    return SoupResult(
+        summary,
+        output,
+        checked.compatibility,
+        recipe_result,
+        written=written,
+        push=pushed,
+        timings=clock.timings,
+    )
 
 
 def _scored_stages():
     """The scored stages, imported only when data is scored: evaluation's imports (`evaluate`, `datasets`, the
     models' classes) take seconds that a plain merge never needs."""
-    from . import scored_stages
+    from .pipeline import scored_stages
 
     return scored_stages
 
@@ -273,8 +283,11 @@ def _summary(run: _Run, checked: Checked, preprocessor, clock: _Stopwatch):
     else:  # no data: a data-free recipe (uniform is a plain merge)
         recipe, recipe_result = data_free_stage(config, checked, run.quiet)
         mixture = recipe_result.mixture
-        fields = {"recipe": recipe_info(recipe), "candidates": unscored_rows(checked, mixture),
-                  "details": recipe_result.details}  # fmt: skip
+        fields = {
+            "recipe": recipe_info(recipe),
+            "candidates": unscored_rows(checked, mixture),
+            "details": recipe_result.details,
+        }
     if mixture.base is None:
         mixture = replace(mixture, base=checked.base)
     warnings = [*fields.pop("warnings", []), *checked.diagnostics.warnings()]

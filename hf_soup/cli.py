@@ -15,18 +15,35 @@ import shlex
 import signal
 import sys
 import threading
+import typing
 from typing import Any
 
-from .config import SoupConfig
+from .config import SoupConfig, split_options
 from .errors import EXIT_CODE, HfSoupError
+from .recipes import RECIPES
 from .version import __version__
 
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep", "convert-gguf")
 MISMATCH_EXIT_CODE = 1
 # The `SoupConfig` fields that `hf-soup evaluate` takes.
-EVALUATE_OPTIONS = ("task", "dataset", "text_column", "text_pair_column", "label_column", "regression", "positive_label",
-                    "extra_metrics", "image_column", "selection_split",
-                    "report_split", "selection_fraction", "seed", "max_eval_examples", "max_length", "batch_size")  # fmt: skip
+EVALUATE_OPTIONS = (
+    "task",
+    "dataset",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "regression",
+    "positive_label",
+    "extra_metrics",
+    "image_column",
+    "selection_split",
+    "report_split",
+    "selection_fraction",
+    "seed",
+    "max_eval_examples",
+    "max_length",
+    "batch_size",
+)
 FORMATS = ("human", "json")
 
 
@@ -36,25 +53,50 @@ def _flag(name: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """Add one flag per `SoupConfig` field, so the CLI and the Python API cannot drift apart."""
-    for item in dataclasses.fields(SoupConfig):
-        if only is not None and item.name not in only:
-            continue
+    _add_fields(parser, SoupConfig, only)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add each recipe's own options (its `Options` fields), one group per recipe, from the registry. A flag
+    that is not given is left out of the namespace, so the recipe's default applies (and is recorded)."""
+    seen: set[str] = set()
+    for name, cls in RECIPES.items():
+        fields = [item.name for item in dataclasses.fields(cls.Options) if item.name not in seen]
+        if fields:
+            group = parser.add_argument_group(f"{cls.pretty_name()} options (--recipe {name})")
+            _add_fields(group, cls.Options, tuple(fields), suppress=True)
+            seen.update(fields)
+
+
+def _add_fields(parser, cls, only: tuple[str, ...] | None = None, suppress: bool = False) -> None:
+    """One flag per field of the dataclass `cls`: the type and choices from its annotation (a `Literal` gives the
+    choices), the help and argparse settings from its metadata."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
         meta = dict(item.metadata)
-        if not meta.pop("cli", True):
+        if (only is not None and item.name not in only) or not meta.pop("cli", True):
             continue
-        kwargs: dict[str, Any] = {"help": meta.pop("help")}
-        if item.default is not dataclasses.MISSING:
-            kwargs["default"] = item.default
-        if item.type in ("bool",) or isinstance(item.default, bool):
-            kwargs["action"] = "store_true"
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(item.type))
-            if kind:
-                kwargs["type"] = kind
-        kwargs.update(meta)
-        if kwargs.get("default") not in (None, False, dataclasses.MISSING) and "action" not in kwargs:
-            kwargs["help"] += f" (default: {kwargs['default']})"
-        parser.add_argument(_flag(item.name), dest=item.name, **kwargs)
+        kwargs: dict[str, Any] = {"help": meta.pop("help"), **_argument_type(hints[item.name])}
+        default = item.default
+        if default not in (None, False, dataclasses.MISSING) and kwargs.get("action") != "store_true":
+            kwargs["help"] += f" (default: {default})"
+        if suppress:
+            kwargs["default"] = argparse.SUPPRESS
+        elif default is not dataclasses.MISSING:
+            kwargs["default"] = default
+        parser.add_argument(_flag(item.name), dest=item.name, **{**kwargs, **meta})
+
+
+def _argument_type(hint) -> dict[str, Any]:
+    """argparse settings for a field annotated `hint`: a switch, a typed value, or a choice of a `Literal`."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is bool:
+        return {"action": "store_true"}
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": typing.get_args(hint)}
+    if hint in (int, float) or (len(args) == 1 and args[0] in (int, float)):
+        return {"type": hint if hint in (int, float) else args[0]}
+    return {}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cook = verbs.add_parser("cook", help="check, score, soup, evaluate and write a soup (the default verb)")
     add_config_arguments(cook)
+    add_recipe_arguments(cook)
     _common(cook)
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
@@ -131,21 +174,45 @@ def _add_convert_gguf(verbs) -> None:
     )
     convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
     convert.add_argument("--output", required=True, metavar="DIR", help="the folder to write")
-    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                         help="how the dequantized weights are stored (default: float32, exact)")  # fmt: skip
+    convert.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="how the dequantized weights are stored (default: float32, exact)",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _common(convert)
 
 
 def _add_sweep(verbs) -> None:
-    sweep = verbs.add_parser("sweep", help="fine-tune K variants of one base the way soups need (a shared "
-                             "linear-probe head, a random hyperparameter grid, the selection rows held out)")  # fmt: skip
-    add_config_arguments(sweep, only=("base", "dataset", "task", "text_column", "text_pair_column", "image_column",
-                                      "label_column", "selection_fraction", "seed", "max_length"))  # fmt: skip
+    sweep = verbs.add_parser(
+        "sweep",
+        help="fine-tune K variants of one base the way soups need (a shared "
+        "linear-probe head, a random hyperparameter grid, the selection rows held out)",
+    )
+    add_config_arguments(
+        sweep,
+        only=(
+            "base",
+            "dataset",
+            "task",
+            "text_column",
+            "text_pair_column",
+            "image_column",
+            "label_column",
+            "selection_fraction",
+            "seed",
+            "max_length",
+        ),
+    )
     sweep.add_argument("--output", required=True, metavar="DIR", help="where start/ and runs/ go (resumable)")
     sweep.add_argument("--variants", type=int, default=8, help="how many variants to draw (default: 8)")
-    sweep.add_argument("--head", choices=("probe", "random"), default="probe",
-                       help="the shared head: a linear probe on frozen features (default), or seeded random")  # fmt: skip
+    sweep.add_argument(
+        "--head",
+        choices=("probe", "random"),
+        default="probe",
+        help="the shared head: a linear probe on frozen features (default), or seeded random",
+    )
     sweep.add_argument(
         "--train-rows", type=int, default=None, help="train on a seeded subsample of this many rows"
     )
@@ -204,13 +271,22 @@ def _emit(args, payload: dict, human: str) -> None:
 
 
 def _config_from(args) -> SoupConfig:
-    names = {item.name for item in dataclasses.fields(SoupConfig)}
-    return SoupConfig(**{k: v for k, v in vars(args).items() if k in names})
+    names = set(SoupConfig.__dataclass_fields__) | {
+        item.name for cls in RECIPES.values() for item in dataclasses.fields(cls.Options)
+    }
+    return SoupConfig(**split_options({k: v for k, v in vars(args).items() if k in names}, {}))
 
 
 def _run(args, argv: list[str]) -> int:
-    verbs = {"check": _check, "evaluate": _evaluate, "push": _push, "reproduce": _reproduce, "demo": _demo,
-             "sweep": _sweep, "convert-gguf": _convert_gguf}  # fmt: skip
+    verbs = {
+        "check": _check,
+        "evaluate": _evaluate,
+        "push": _push,
+        "reproduce": _reproduce,
+        "demo": _demo,
+        "sweep": _sweep,
+        "convert-gguf": _convert_gguf,
+    }
     if args.verb in verbs:
         return verbs[args.verb](args)
     return _cook(args, argv)
@@ -218,7 +294,7 @@ def _run(args, argv: list[str]) -> int:
 
 def _cook(args, argv: list[str]) -> int:
     from .api import cook
-    from .report import compatibility_table, lora_summary, soup_table
+    from .reporting.tables import compatibility_table, lora_summary, soup_table
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
@@ -241,7 +317,7 @@ def _cook(args, argv: list[str]) -> int:
 
 
 def _evaluate(args) -> int:
-    from .preparation import evaluate_model
+    from .scoring.preparation import evaluate_model
 
     scores = evaluate_model(args.model, _config_from_eval(args), quiet=args.quiet)
     human = "\n".join(
@@ -255,8 +331,8 @@ def _evaluate(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .report import format_table
-    from .reproduce import reproduce
+    from .pipeline.reproduce import reproduce
+    from .reporting.tables import format_table
 
     result = reproduce(args.target, quiet=args.quiet)
     rows = [
@@ -270,7 +346,7 @@ def _reproduce(args) -> int:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    from .report import soup_table
+    from .reporting.tables import soup_table
 
     result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
     _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
@@ -278,14 +354,26 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import sweep
-    from .tasks import is_image_task
+    from .evaluation.tasks import is_image_task
+    from .training.sweep import sweep
 
-    folder = sweep(args.base, args.dataset, text_column=args.text_column, label_column=args.label_column,
-                   text_pair_column=args.text_pair_column, task=args.task, image_column=args.image_column,
-                   output=args.output, variants=args.variants, head=args.head,
-                   selection_fraction=args.selection_fraction, seed=args.seed, max_length=args.max_length,
-                   train_rows=args.train_rows, quiet=args.quiet)  # fmt: skip
+    folder = sweep(
+        args.base,
+        args.dataset,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        text_pair_column=args.text_pair_column,
+        task=args.task,
+        image_column=args.image_column,
+        output=args.output,
+        variants=args.variants,
+        head=args.head,
+        selection_fraction=args.selection_fraction,
+        seed=args.seed,
+        max_length=args.max_length,
+        train_rows=args.train_rows,
+        quiet=args.quiet,
+    )
     runs = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
     if is_image_task(args.task):
         columns = f"--task {args.task}" + "".join(
@@ -296,8 +384,10 @@ def _sweep(args) -> int:
     else:
         pair = f" --text-pair-column {args.text_pair_column}" if args.text_pair_column else ""
         columns = f"--text-column {args.text_column}{pair} --label-column {args.label_column}"
-    command = (f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
-               f"{columns} --selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto")  # fmt: skip
+    command = (
+        f'hf-soup --base {folder / "start"} --candidates "{folder / "runs"}/*" --dataset {args.dataset} '
+        f"{columns} --selection-fraction {args.selection_fraction} --seed {args.seed} --recipe auto"
+    )
     human = f"{len(runs)} variants in {folder / 'runs'}, all from {folder / 'start'}. Soup them with:\n  {command}"
     _emit(args, {"output": str(folder), "runs": runs, "next": command}, human)
     return 0
@@ -306,15 +396,15 @@ def _sweep(args) -> int:
 def _check(args) -> int:
     from .api import check, check_with_diagnostics
     from .errors import IncompatibleCandidatesError
-    from .report import compatibility_table, format_table
+    from .reporting.tables import compatibility_table, format_table
 
     if not args.diagnostics:
         report = check(args.base, args.candidates, args.allow_pickle, args.trust_remote_code, soup=args.soup)
         _emit(args, report.to_dict(), compatibility_table(report.rows()))
         report.raise_if_unusable(strict=args.strict)
         return 0
-    from .diagnostics import diagnostics_table
-    from .plots import write_angle_heatmap
+    from .candidates.diagnostics import diagnostics_table
+    from .reporting.plots import write_angle_heatmap
 
     report, diagnostics = check_with_diagnostics(
         args.base, args.candidates, args.allow_pickle, args.quiet, args.trust_remote_code, soup=args.soup
@@ -335,28 +425,23 @@ def _check(args) -> int:
 
 
 def _push(args) -> int:
-    import json as _json
     from pathlib import Path
 
     from huggingface_hub import HfApi
 
-    from .errors import HubError
-    from .hub import check_push_target, push
+    from .candidates.hub import check_push_target, commit_message, push
 
     folder = Path(args.folder)
-    if not (folder / "soup.json").is_file():
-        raise HubError(f"{folder} has no soup.json; push folders written by `hf-soup cook --output`.")
-    manifest = _json.loads((folder / "soup.json").read_text())
+    commit_message(folder)  # refuses a folder without soup.json, before any Hub call
     api = HfApi()
     check_push_target(args.push_to, args.overwrite, api)
-    recipe, count = manifest["mixture"]["recipe"], len(manifest["mixture"]["ingredients"])
-    pushed = push(folder, args.push_to, args.private, f"hf-soup: {recipe} soup of {count} ingredients", api)
+    pushed = push(folder, args.push_to, args.private, api)
     _emit(args, pushed, f"Pushed: {pushed['commit_url']}")
     return 0
 
 
 def _convert_gguf(args) -> int:
-    from .gguf import convert_gguf
+    from .checkpoints.gguf import convert_gguf
 
     output = convert_gguf(args.gguf, args.output, dtype=args.dtype, overwrite=args.overwrite)
     _emit(args, {"output": str(output), "dtype": args.dtype}, f"Wrote {output}")

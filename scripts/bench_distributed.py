@@ -58,16 +58,46 @@ def main() -> int:
     try:
         args.selection_fraction = 0.3  # the carve-out the soup selects on, held out of the sweep too
         start, candidates = candidates_of(args, str(data / "train.csv"), work)
-        soup = ["--base", start, "--candidates", *candidates, "--dataset", str(data / "train.csv"),
-                "--report-split", str(data / "test.csv"), "--text-column", "review", "--label-column", "score",
-                "--selection-fraction", "0.3", "--recipe", "greedy", "--format", "json", "--quiet",
-                "--max-length", str(args.max_length)]  # fmt: skip
+        soup = [
+            "--base",
+            start,
+            "--candidates",
+            *candidates,
+            "--dataset",
+            str(data / "train.csv"),
+            "--report-split",
+            str(data / "test.csv"),
+            "--text-column",
+            "review",
+            "--label-column",
+            "score",
+            "--selection-fraction",
+            "0.3",
+            "--recipe",
+            "greedy",
+            "--format",
+            "json",
+            "--quiet",
+            "--max-length",
+            str(args.max_length),
+        ]
         if args.max_eval_examples:
             soup += ["--max-eval-examples", str(args.max_eval_examples)]
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-1"), "OMP_NUM_THREADS": str(threads)}
         one_time, one = run([sys.executable, "-m", "hf_soup", *soup, "--output", str(work / "one")], env)
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.processes),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(args.processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         launch.append("--multi_gpu")  # accelerate's torchrun launcher; `--cpu` alone would start one process
         per_process = str(max(1, threads // args.processes) if not args.gpu else threads)
         env = {**os.environ, "HF_SOUP_CACHE": str(work / "cache-n"), "OMP_NUM_THREADS": per_process}
@@ -85,8 +115,10 @@ def main() -> int:
     )
     where = f"{args.processes} GPUs" if args.gpu else f"{args.processes} CPU processes on {threads} cores"
     print(f"1 process: {one_time:.1f} s   {where}: {many_time:.1f} s   ratio {many_time / one_time:.2f}x")
-    print(f"same mixture: {same_mixture}; same output tensors: {same_tensors}; "
-          f"largest selection-loss difference: {worst:.2e}")  # fmt: skip
+    print(
+        f"same mixture: {same_mixture}; same output tensors: {same_tensors}; "
+        f"largest selection-loss difference: {worst:.2e}"
+    )
     return 0 if same_mixture and same_tensors else 1
 
 

@@ -49,10 +49,11 @@ def main() -> int:
         TrainingArguments,
     )
 
-    from hf_soup.data import load_data, task_spec
     from hf_soup.demo import pretrained_path
-    from hf_soup.scoring import predict, score_logits
-    from hf_soup.text import encode_text_split
+    from hf_soup.evaluation.data import load_data
+    from hf_soup.evaluation.tasks import task_spec
+    from hf_soup.evaluation.text import encode_text_split
+    from hf_soup.scoring.scorer import predict, score_logits
 
     scratch = tempfile.mkdtemp()
     model_dir = Path(args.model) if args.model else ROOT / "results" / "runs" / "v0"
@@ -88,10 +89,13 @@ def main() -> int:
     started = time.perf_counter()
     label_ids = {name: i for i, name in enumerate(labels)}
     encoded = data.map(
-        lambda batch: {**tokenizer(batch["review"], truncation=True, max_length=args.max_length),
-                       "labels": [label_ids[s] for s in batch["score"]]},
-        batched=True, remove_columns=data.column_names,
-    )  # fmt: skip
+        lambda batch: {
+            **tokenizer(batch["review"], truncation=True, max_length=args.max_length),
+            "labels": [label_ids[s] for s in batch["score"]],
+        },
+        batched=True,
+        remove_columns=data.column_names,
+    )
     trainer = Trainer(
         model=model,
         args=TrainingArguments(output_dir=scratch, report_to="none", disable_tqdm=True),
@@ -106,16 +110,24 @@ def main() -> int:
     flops = encoder_flops(model.config, lengths)
     roofline = matmul_roofline(model.config, batch_tokens=64 * float(np.mean(lengths)))
     ours_rate, theirs_rate = args.examples / ours_seconds, args.examples / theirs_seconds
-    print(f"model: {model_dir}; {args.examples} reviews, max_length {args.max_length}, mean length "
-          f"{np.mean(lengths):.0f} tokens; {torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP of useful work")  # fmt: skip
-    print(f"hf-soup evaluator:         {ours_rate:7.1f} examples/s  {flops / ours_seconds / 1e9:6.1f} GFLOP/s  "
-          f"accuracy {ours.metrics['accuracy']:.4f}")  # fmt: skip
-    print(f"Trainer.evaluate defaults: {theirs_rate:7.1f} examples/s  {flops / theirs_seconds / 1e9:6.1f} GFLOP/s  "
-          f"accuracy {theirs['eval_accuracy']:.4f}")  # fmt: skip
+    print(
+        f"model: {model_dir}; {args.examples} reviews, max_length {args.max_length}, mean length "
+        f"{np.mean(lengths):.0f} tokens; {torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP of useful work"
+    )
+    print(
+        f"hf-soup evaluator:         {ours_rate:7.1f} examples/s  {flops / ours_seconds / 1e9:6.1f} GFLOP/s  "
+        f"accuracy {ours.metrics['accuracy']:.4f}"
+    )
+    print(
+        f"Trainer.evaluate defaults: {theirs_rate:7.1f} examples/s  {flops / theirs_seconds / 1e9:6.1f} GFLOP/s  "
+        f"accuracy {theirs['eval_accuracy']:.4f}"
+    )
     print(f"torch.mm roofline:                          {roofline / 1e9:6.1f} GFLOP/s")
     same = abs(ours.metrics["accuracy"] - theirs["eval_accuracy"]) < 1e-9
-    print(f"SUMMARY: hf-soup is {ours_rate / theirs_rate:.2f}x Trainer.evaluate (target 2x) and "
-          f"{roofline / (flops / ours_seconds):.2f}x from the matmul roofline (target 1.25x); same accuracy: {same}")  # fmt: skip
+    print(
+        f"SUMMARY: hf-soup is {ours_rate / theirs_rate:.2f}x Trainer.evaluate (target 2x) and "
+        f"{roofline / (flops / ours_seconds):.2f}x from the matmul roofline (target 1.25x); same accuracy: {same}"
+    )
     return 0 if same else 1
 
 

@@ -34,9 +34,9 @@ def main() -> int:
     import torch
     from transformers import ResNetForImageClassification, Trainer, TrainingArguments, default_data_collator
 
-    from hf_soup.data import task_spec
-    from hf_soup.images import encode_image_split
-    from hf_soup.scoring import predict, score_logits
+    from hf_soup.evaluation.images import encode_image_split
+    from hf_soup.evaluation.tasks import task_spec
+    from hf_soup.scoring.scorer import predict, score_logits
 
     torch.manual_seed(0)
     labels = {i: name for i, name in enumerate(fm.LABELS)}
@@ -81,17 +81,27 @@ def main() -> int:
     flops *= args.examples
     roofline = matmul_roofline(gemms)
     same = abs(ours.metrics["accuracy"] - theirs["eval_accuracy"]) < 1e-9
-    print(f"ResNet ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.examples} images "
-          f"28x28; {torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP")  # fmt: skip
-    for name, seconds, accuracy in (("hf-soup scoring", ours_seconds, ours.metrics["accuracy"]),
-                                    ("Trainer.evaluate", theirs_seconds, theirs["eval_accuracy"])):  # fmt: skip
-        print(f"{name:<17} {args.examples / seconds:8.1f} images/s  {flops / seconds / 1e9:6.1f} GFLOP/s  "
-              f"accuracy {accuracy:.4f}")  # fmt: skip
-    print(f"hf-soup, one evaluation pass alone (images are processed once per split; a soup's trials reuse "
-          f"them): {args.examples / pass_seconds:.1f} images/s, {flops / pass_seconds / 1e9:.1f} GFLOP/s")  # fmt: skip
+    print(
+        f"ResNet ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.examples} images "
+        f"28x28; {torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP"
+    )
+    for name, seconds, accuracy in (
+        ("hf-soup scoring", ours_seconds, ours.metrics["accuracy"]),
+        ("Trainer.evaluate", theirs_seconds, theirs["eval_accuracy"]),
+    ):
+        print(
+            f"{name:<17} {args.examples / seconds:8.1f} images/s  {flops / seconds / 1e9:6.1f} GFLOP/s  "
+            f"accuracy {accuracy:.4f}"
+        )
+    print(
+        f"hf-soup, one evaluation pass alone (images are processed once per split; a soup's trials reuse "
+        f"them): {args.examples / pass_seconds:.1f} images/s, {flops / pass_seconds / 1e9:.1f} GFLOP/s"
+    )
     print(f"torch.mm roofline                        {roofline / 1e9:6.1f} GFLOP/s")
-    print(f"SUMMARY: hf-soup is {theirs_seconds / ours_seconds:.2f}x Trainer.evaluate (target 2x) and "
-          f"{roofline / (flops / ours_seconds):.2f}x from the matmul roofline (target 1.25x); same accuracy: {same}")  # fmt: skip
+    print(
+        f"SUMMARY: hf-soup is {theirs_seconds / ours_seconds:.2f}x Trainer.evaluate (target 2x) and "
+        f"{roofline / (flops / ours_seconds):.2f}x from the matmul roofline (target 1.25x); same accuracy: {same}"
+    )
     return 0 if same else 1
 
 

@@ -1,7 +1,7 @@
 """Benchmark: a greedy soup end to end, hf-soup against the plain-transformers loop a user writes by hand.
 
 On N fine-tuned MiniLM candidates (`--runs`, e.g. `results/runs` from `scripts/reproduce_fine_foods.py`; without
-them, the script fine-tunes its own with `hf_soup.sweep` on the fine-food reviews: ../shared if present, else the
+them, the script fine-tunes its own with `hf_soup.training.sweep` on the fine-food reviews: ../shared if present, else the
 bundled 1000), the same selection split (the sweep's held-out carve-out, written to one CSV file) and the same
 selection metric (loss: continuous, so no float-level ties decide the order), measured in the same run:
 - the hand-written greedy soup (as in the paper's code): per trial, load the ingredients' state dicts and average
@@ -44,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from hf_soup import SoupConfig, carve_selection, cook
-    from hf_soup.data import load_data
+    from hf_soup.evaluation.data import load_data
 
     scratch = Path(tempfile.mkdtemp(prefix="hf-soup-bench-greedy-", dir=args.scratch))
     train = str(Path(args.data) / "train.csv")
@@ -57,10 +57,18 @@ def main() -> int:
 
     def run(cache: str, early: bool) -> tuple[dict, float]:
         config = SoupConfig(
-            base=start, candidates=candidates, dataset=train, selection_split=str(selection),
-            report_split=str(selection), text_column="review", label_column="score", recipe="greedy",
-            selection_metric="loss", no_early_rejection=not early, cache_dir=cache,
-        )  # fmt: skip
+            base=start,
+            candidates=candidates,
+            dataset=train,
+            selection_split=str(selection),
+            report_split=str(selection),
+            text_column="review",
+            label_column="score",
+            recipe="greedy",
+            selection_metric="loss",
+            no_early_rejection=not early,
+            cache_dir=cache,
+        )
         started = time.perf_counter()
         report = cook(config, quiet=True).report
         return report, time.perf_counter() - started
@@ -78,19 +86,31 @@ def main() -> int:
 
     forwarded_full = sum(p["examples"] for p in selection_passes(full))
     forwarded_early = sum(p["examples"] for p in selection_passes(early))
-    print(f"{n} candidates; selection split {full['splits']['selection']['size']} examples; selection metric loss; "
-          f"the soup keeps {len(ours_soup)} (the same soup by hand and with hf-soup)")  # fmt: skip
-    print(f"by hand (state dicts, from_pretrained, Trainer.evaluate): {by_hand_seconds:6.1f}s, "
-          f"{by_hand_evaluations} evaluations")  # fmt: skip
-    print(f"hf-soup cook(recipe='greedy'), end to end:               {early_seconds:6.1f}s, "
-          f"{len(selection_passes(early))} selection passes for greedy (target <= 2N-1 = {2 * n - 1}), "
-          f"{early['cache']['early_stops']} of them stopped early")  # fmt: skip
-    print(f"early rejection: {forwarded_early} examples forwarded vs {forwarded_full} without "
-          f"({forwarded_early / forwarded_full:.2f}x; same soup)")  # fmt: skip
-    print(f"warm-cache rerun: {warm_seconds:.1f}s ({warm_seconds / early_seconds:.1%} of the first run); "
-          f"evaluations on rerun: {warm['cache']['evaluations']}")  # fmt: skip
-    print(f"SUMMARY: hf-soup's greedy soup is {by_hand_seconds / early_seconds:.2f}x faster than the hand-written "
-          f"loop end to end (target 3x); same soup")  # fmt: skip
+    print(
+        f"{n} candidates; selection split {full['splits']['selection']['size']} examples; selection metric loss; "
+        f"the soup keeps {len(ours_soup)} (the same soup by hand and with hf-soup)"
+    )
+    print(
+        f"by hand (state dicts, from_pretrained, Trainer.evaluate): {by_hand_seconds:6.1f}s, "
+        f"{by_hand_evaluations} evaluations"
+    )
+    print(
+        f"hf-soup cook(recipe='greedy'), end to end:               {early_seconds:6.1f}s, "
+        f"{len(selection_passes(early))} selection passes for greedy (target <= 2N-1 = {2 * n - 1}), "
+        f"{early['cache']['early_stops']} of them stopped early"
+    )
+    print(
+        f"early rejection: {forwarded_early} examples forwarded vs {forwarded_full} without "
+        f"({forwarded_early / forwarded_full:.2f}x; same soup)"
+    )
+    print(
+        f"warm-cache rerun: {warm_seconds:.1f}s ({warm_seconds / early_seconds:.1%} of the first run); "
+        f"evaluations on rerun: {warm['cache']['evaluations']}"
+    )
+    print(
+        f"SUMMARY: hf-soup's greedy soup is {by_hand_seconds / early_seconds:.2f}x faster than the hand-written "
+        f"loop end to end (target 3x); same soup"
+    )
     return 0
 
 
@@ -103,13 +123,23 @@ def candidates_of(args, train: str, scratch: Path) -> tuple[str, list[str]]:
             raise SystemExit(f"{runs} holds fewer than 2 candidates (v*/model.safetensors).")
         return str(runs / "start"), candidates
     from hf_soup.demo import pretrained_path
-    from hf_soup.sweep import SweepGrid, sweep
+    from hf_soup.training.sweep import SweepGrid, sweep
 
     workdir = scratch / "sweep"
     grid = SweepGrid(epochs=(1,))  # a short budget: this benchmark times souping, not training
-    sweep(pretrained_path(), train, text_column="review", label_column="score", output=workdir,
-          variants=args.variants, grid=grid, selection_fraction=args.selection_fraction, max_length=64,
-          train_rows=args.train_rows, quiet=True)  # fmt: skip
+    sweep(
+        pretrained_path(),
+        train,
+        text_column="review",
+        label_column="score",
+        output=workdir,
+        variants=args.variants,
+        grid=grid,
+        selection_fraction=args.selection_fraction,
+        max_length=64,
+        train_rows=args.train_rows,
+        quiet=True,
+    )
     return str(workdir / "start"), sorted(str(p) for p in (workdir / "runs").iterdir())
 
 
@@ -128,17 +158,24 @@ def hand_written_greedy(
     tokenizer = AutoTokenizer.from_pretrained(candidates[0])
     label2id = AutoModelForSequenceClassification.from_pretrained(candidates[0]).config.label2id
     encoded = datasets.load_dataset("csv", data_files=str(selection), split="train").map(
-        lambda b: {**tokenizer(b["review"], truncation=True, max_length=128),
-                   "labels": [label2id[s] for s in b["score"]]},
-        batched=True, remove_columns=["review", "score"],
-    )  # fmt: skip
+        lambda b: {
+            **tokenizer(b["review"], truncation=True, max_length=128),
+            "labels": [label2id[s] for s in b["score"]],
+        },
+        batched=True,
+        remove_columns=["review", "score"],
+    )
     evaluations = 0
 
     def loss_of(state_dicts: list[dict]) -> float:
         nonlocal evaluations
         evaluations += 1
-        average = {k: sum(sd[k] for sd in state_dicts) / len(state_dicts) if state_dicts[0][k].is_floating_point()
-                   else state_dicts[0][k] for k in state_dicts[0]}  # fmt: skip
+        average = {
+            k: sum(sd[k] for sd in state_dicts) / len(state_dicts)
+            if state_dicts[0][k].is_floating_point()
+            else state_dicts[0][k]
+            for k in state_dicts[0]
+        }
         model = AutoModelForSequenceClassification.from_pretrained(candidates[0])
         model.load_state_dict(average)
         args = TrainingArguments(output_dir=str(scratch / "trainer"), report_to="none", disable_tqdm=True)

@@ -61,8 +61,8 @@ def _split(folder: Path, steps: int):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from hf_soup.data import task_spec
-    from hf_soup.text import encode_text_split
+    from hf_soup.evaluation.tasks import task_spec
+    from hf_soup.evaluation.text import encode_text_split
 
     reviews = Path(__file__).resolve().parents[1] / "hf_soup" / "data" / "fine_foods" / "train.csv"
     frame = pd.read_csv(reviews).head(BATCH * steps)
@@ -84,11 +84,11 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    from hf_soup.compat import check_compatibility
-    from hf_soup.data import task_spec
-    from hf_soup.materialize import Workbench
-    from hf_soup.mixing import MixingTrainer
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.evaluation.tasks import task_spec
+    from hf_soup.merge.materialize import Workbench
     from hf_soup.recipes import LearnedOptions
+    from hf_soup.scoring.mixing import MixingTrainer
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]
     split, tokenizer = _split(folder, steps)
@@ -141,8 +141,18 @@ def child(kind: str, folder: Path, count: int, steps: int) -> dict:
 
 
 def run_child(kind: str, folder: Path, count: int, steps: int) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--scratch", str(folder), "--n", str(count),
-               "--steps", str(steps)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--scratch",
+        str(folder),
+        "--n",
+        str(count),
+        "--steps",
+        str(steps),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -166,23 +176,32 @@ def main() -> int:
     try:
         make_models(scratch, args.n)
         model_bytes = (scratch / "ft-0" / "model.safetensors").stat().st_size
-        print(f"one model: {model_bytes / 1e6:.0f} MB (bert-base, fp32); N = {args.n}; {args.steps} steps of "
-              f"{BATCH} reviews, max {MAX_LENGTH} tokens")  # fmt: skip
+        print(
+            f"one model: {model_bytes / 1e6:.0f} MB (bert-base, fp32); N = {args.n}; {args.steps} steps of "
+            f"{BATCH} reviews, max {MAX_LENGTH} tokens"
+        )
         results = {
             kind: run_child(kind, scratch, args.n, args.steps)
             for kind in ("one_step", "streamed", "in_memory")
         }
-        labels = {"one_step": "one model, one training step", "streamed": "hf-soup learned soup (streamed)",
-                  "in_memory": f"all {args.n} models in memory (paper)"}  # fmt: skip
+        labels = {
+            "one_step": "one model, one training step",
+            "streamed": "hf-soup learned soup (streamed)",
+            "in_memory": f"all {args.n} models in memory (paper)",
+        }
         print(f"{'method':<34}  {'anon peak':>10}  {'x one model':>11}  {'file-backed peak':>16}")
         for kind, result in results.items():
-            print(f"{labels[kind]:<34}  {result['anon_peak'] / 1e6:>8.0f}MB  "
-                  f"{result['anon_peak'] / model_bytes:>11.2f}  {result['file_peak'] / 1e6:>14.0f}MB")  # fmt: skip
+            print(
+                f"{labels[kind]:<34}  {result['anon_peak'] / 1e6:>8.0f}MB  "
+                f"{result['anon_peak'] / model_bytes:>11.2f}  {result['file_peak'] / 1e6:>14.0f}MB"
+            )
         same = max(abs(a - b) for a, b in zip(results["streamed"]["alpha"], results["in_memory"]["alpha"]))
         ratio = results["streamed"]["anon_peak"] / model_bytes
-        print(f"SUMMARY: streamed learned soup of N={args.n} peaks at {ratio:.2f}x one model (target at most 3x); "
-              f"all-in-memory {results['in_memory']['anon_peak'] / model_bytes:.2f}x. The two learn the same α "
-              f"(max difference {same:.1e}).")  # fmt: skip
+        print(
+            f"SUMMARY: streamed learned soup of N={args.n} peaks at {ratio:.2f}x one model (target at most 3x); "
+            f"all-in-memory {results['in_memory']['anon_peak'] / model_bytes:.2f}x. The two learn the same α "
+            f"(max difference {same:.1e})."
+        )
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -33,11 +33,23 @@ from bench_vs_mergekit import mergekit  # mergekit-yaml in its own venv (this fo
 from safetensors import safe_open
 
 SIZES = {  # TinyLlama-1.1B's shape, and a small one for smoke runs
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000),
-}  # fmt: skip
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    ),
+}
 
 
 def make_family(folder: Path, size: str, count: int) -> list[Path]:
@@ -124,15 +136,30 @@ def bench(scratch: Path, family: Path, runs: list[Path], script: Path) -> dict:
     config = scratch / f"linear-{count}.yml"
     config.write_text(f"merge_method: linear\nmodels:\n{models}\ndtype: bfloat16\n")
     ours_out, theirs_out = scratch / f"hf-soup-{count}", scratch / f"mergekit-{count}"
-    ours = [sys.executable, "-m", "hf_soup", "--base", str(family / "base"), "--candidates", *map(str, runs),
-            "--recipe", "uniform", "--output", str(ours_out), "--overwrite", "--quiet"]  # fmt: skip
+    ours = [
+        sys.executable,
+        "-m",
+        "hf_soup",
+        "--base",
+        str(family / "base"),
+        "--candidates",
+        *map(str, runs),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(ours_out),
+        "--overwrite",
+        "--quiet",
+    ]
     results = {
         "first run": timed([*ours, "--cache-dir", str(scratch / f"cache-{count}")]),
         "mergekit": timed([str(script), str(config), str(theirs_out)]),
         "rerun": timed([*ours, "--cache-dir", str(scratch / f"cache-{count}")]),
     }
-    written = {name: sum(p.stat().st_size for p in folder.glob("*") if p.is_file())
-               for name, folder in (("hf-soup", ours_out), ("mergekit", theirs_out))}  # fmt: skip
+    written = {
+        name: sum(p.stat().st_size for p in folder.glob("*") if p.is_file())
+        for name, folder in (("hf-soup", ours_out), ("mergekit", theirs_out))
+    }
     errors = {"hf-soup": error_in_ulps(ours_out, runs), "mergekit": error_in_ulps(theirs_out, runs)}
     shutil.rmtree(ours_out)
     shutil.rmtree(theirs_out)
@@ -151,16 +178,20 @@ def main() -> None:
         family = Path(scratch) / "family"
         runs = make_family(family, args.size, max(args.sizes))  # N = 2 soups the first two, and so on
         rows = [bench(Path(scratch), family, runs[:n], script) for n in args.sizes]
-    print(f"{'N':>3}  {'run':>9}  {'seconds':>7}  {'x mergekit':>10}  {'RssAnon':>8}  {'x':>5}  {'VmHWM':>7}  {'x':>5}  "
-          f"{'max error':>9}  {'written':>8}")  # fmt: skip
+    print(
+        f"{'N':>3}  {'run':>9}  {'seconds':>7}  {'x mergekit':>10}  {'RssAnon':>8}  {'x':>5}  {'VmHWM':>7}  {'x':>5}  "
+        f"{'max error':>9}  {'written':>8}"
+    )
     for row in rows:
         theirs = row["results"]["mergekit"]
         for run, (seconds, peaks) in row["results"].items():
             tool = "mergekit" if run == "mergekit" else "hf-soup"
-            print(f"{row['n']:>3}  {run:>9}  {seconds:>7.1f}  {seconds / theirs[0]:>10.2f}  "
-                  f"{peaks['RssAnon'] / 1e9:>6.2f}GB  {peaks['RssAnon'] / theirs[1]['RssAnon']:>5.2f}  "
-                  f"{peaks['VmHWM'] / 1e9:>5.2f}GB  {peaks['VmHWM'] / theirs[1]['VmHWM']:>5.2f}  "
-                  f"{row['errors'][tool]:>5.2f} ulp  {row['written'][tool] / 1e9:>6.2f}GB")  # fmt: skip
+            print(
+                f"{row['n']:>3}  {run:>9}  {seconds:>7.1f}  {seconds / theirs[0]:>10.2f}  "
+                f"{peaks['RssAnon'] / 1e9:>6.2f}GB  {peaks['RssAnon'] / theirs[1]['RssAnon']:>5.2f}  "
+                f"{peaks['VmHWM'] / 1e9:>5.2f}GB  {peaks['VmHWM'] / theirs[1]['VmHWM']:>5.2f}  "
+                f"{row['errors'][tool]:>5.2f} ulp  {row['written'][tool] / 1e9:>6.2f}GB"
+            )
 
 
 if __name__ == "__main__":

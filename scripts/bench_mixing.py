@@ -35,10 +35,10 @@ def main() -> int:
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_soup.compat import check_compatibility
-    from hf_soup.data import load_data
+    from hf_soup.candidates.compat import check_compatibility
     from hf_soup.demo import DATA_DIR, pretrained_path
-    from hf_soup.materialize import Workbench, materialize
+    from hf_soup.evaluation.data import load_data
+    from hf_soup.merge.materialize import Workbench, materialize
     from hf_soup.mixture import Mixture
 
     pretrained = pretrained_path()
@@ -110,8 +110,13 @@ def main() -> int:
         started = time.perf_counter()
         with torch.inference_mode():
             for begin in range(0, len(texts), 64):
-                batch = tokenizer(texts[begin : begin + 64], truncation=True, max_length=128, padding=True,
-                                  return_tensors="pt")  # fmt: skip
+                batch = tokenizer(
+                    texts[begin : begin + 64],
+                    truncation=True,
+                    max_length=128,
+                    padding=True,
+                    return_tensors="pt",
+                )
                 live(**batch)
         evaluation = time.perf_counter() - started
 

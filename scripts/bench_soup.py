@@ -1,7 +1,7 @@
 """Benchmark: building a uniform soup of N BERT-base-sized models with hf-soup's materializer.
 
 For N = 2, 4, 8 (110M parameters each, fp32, saved as safetensors), measured in the same run:
-- wall time of `hf_soup.materialize.materialize`;
+- wall time of `hf_soup.merge.materialize.materialize`;
 - the raw I/O floor: reading every input byte once and writing one model-sized output;
 - peak anonymous RSS (`RssAnon` sampled from /proc/self/status every 10 ms). Memory-mapped safetensors pages
   are file-backed (`RssFile`) page cache, which the kernel can drop at will, so they are reported apart.
@@ -78,8 +78,8 @@ class AnonPeak:
 
 
 def child_soup(folder: Path, count: int, out: Path) -> dict:
-    from hf_soup.compat import check_compatibility
-    from hf_soup.materialize import materialize
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.merge.materialize import materialize
     from hf_soup.mixture import Mixture
 
     ids = [str(folder / f"ft-{i}") for i in range(count)]
@@ -115,9 +115,22 @@ def run_child(kind: str, folder: Path, count: int) -> dict:
     out = Path(tempfile.mkdtemp(dir=folder))
     try:
         result = subprocess.run(
-            [sys.executable, __file__, "--child", kind, "--scratch", str(folder), "--n", str(count), "--out", str(out)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                kind,
+                "--scratch",
+                str(folder),
+                "--n",
+                str(count),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(result.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -148,8 +161,10 @@ def main() -> int:
         print(
             f"one model: {model_bytes / 1e6:.0f} MB (bert-base, fp32); {os.cpu_count()} CPUs; warm page cache"
         )
-        print(f"{'N':>2}  {'soup s':>7}  {'floor s':>7}  {'time/floor':>10}  {'anon peak':>10}  {'anon/model':>10}  "
-              f"{'file-backed peak':>16}")  # fmt: skip
+        print(
+            f"{'N':>2}  {'soup s':>7}  {'floor s':>7}  {'time/floor':>10}  {'anon peak':>10}  {'anon/model':>10}  "
+            f"{'file-backed peak':>16}"
+        )
         summary = []
         for count in args.sizes:
             soups, floors = [], []
@@ -160,8 +175,10 @@ def main() -> int:
             floor = min(floors, key=lambda r: r["seconds"])
             ratio, anon_ratio = soup["seconds"] / floor["seconds"], soup["anon_peak"] / model_bytes
             summary.append((count, ratio, anon_ratio))
-            print(f"{count:>2}  {soup['seconds']:>7.2f}  {floor['seconds']:>7.2f}  {ratio:>10.2f}  "
-                  f"{soup['anon_peak'] / 1e6:>8.0f}MB  {anon_ratio:>10.2f}  {soup['file_peak'] / 1e6:>14.0f}MB")  # fmt: skip
+            print(
+                f"{count:>2}  {soup['seconds']:>7.2f}  {floor['seconds']:>7.2f}  {ratio:>10.2f}  "
+                f"{soup['anon_peak'] / 1e6:>8.0f}MB  {anon_ratio:>10.2f}  {soup['file_peak'] / 1e6:>14.0f}MB"
+            )
         worst_time = max(r for _, r, _ in summary)
         worst_memory = max(m for _, _, m in summary)
         spread = max(m for _, _, m in summary) - min(m for _, _, m in summary)

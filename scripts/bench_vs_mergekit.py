@@ -43,8 +43,12 @@ def make_family(folder: Path, count: int) -> tuple[Path, list[Path]]:
         if not (path / "model.safetensors").exists():
             noise = torch.Generator().manual_seed(index + 1)
             model = BertForSequenceClassification(config)
-            model.load_state_dict({k: v + 1e-3 * torch.randn(v.shape, generator=noise) if v.is_floating_point()
-                                   else v for k, v in start.state_dict().items()})  # fmt: skip
+            model.load_state_dict(
+                {
+                    k: v + 1e-3 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v
+                    for k, v in start.state_dict().items()
+                }
+            )
             model.save_pretrained(path)
         paths.append(path)
     return folder / "base", paths
@@ -87,8 +91,21 @@ def bench(scratch: Path, count: int, rounds: int, script: Path) -> dict:
     config = scratch / f"linear-{count}.yml"
     config.write_text(f"merge_method: linear\nmodels:\n{models}\ndtype: float32\n")
     ours_out, theirs_out = scratch / f"hf-soup-{count}", scratch / f"mergekit-{count}"
-    ours = [sys.executable, "-m", "hf_soup", "--base", str(base), "--candidates", *map(str, runs),
-            "--recipe", "uniform", "--output", str(ours_out), "--overwrite", "--quiet"]  # fmt: skip
+    ours = [
+        sys.executable,
+        "-m",
+        "hf_soup",
+        "--base",
+        str(base),
+        "--candidates",
+        *map(str, runs),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(ours_out),
+        "--overwrite",
+        "--quiet",
+    ]
     theirs = [str(script), str(config), str(theirs_out)]  # mergekit-yaml as its README shows it
     # hf-soup caches what it learns about its inputs (fingerprints, diagnostics): a first run reads every input
     # to verify it; a rerun on unchanged checkpoints does not. Both are timed, each round.
@@ -117,14 +134,18 @@ def main() -> None:
     script = mergekit(args.venv)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         rows = [bench(Path(scratch), n, args.rounds, script) for n in args.sizes]
-    print(f"{'N':>3}  {'hf-soup':>10}  {'seconds':>7}  {'mergekit s':>10}  {'time ratio':>10}  {'RSS':>7}  "
-          f"{'mergekit RSS':>12}  {'RSS ratio':>9}  max |diff|")  # fmt: skip
+    print(
+        f"{'N':>3}  {'hf-soup':>10}  {'seconds':>7}  {'mergekit s':>10}  {'time ratio':>10}  {'RSS':>7}  "
+        f"{'mergekit RSS':>12}  {'RSS ratio':>9}  max |diff|"
+    )
     for r in rows:
         s, m = r["seconds"], r["peak_rss"]
         for run in ("first run", "rerun"):
-            print(f"{r['n']:>3}  {run:>10}  {s[run]:>7.2f}  {s['mergekit']:>10.2f}  {s[run] / s['mergekit']:>10.2f}  "
-                  f"{m[run] / 1e9:>5.2f}GB  {m['mergekit'] / 1e9:>10.2f}GB  {m[run] / m['mergekit']:>9.2f}  "
-                  f"{r['max_abs_difference']:.3g}")  # fmt: skip
+            print(
+                f"{r['n']:>3}  {run:>10}  {s[run]:>7.2f}  {s['mergekit']:>10.2f}  {s[run] / s['mergekit']:>10.2f}  "
+                f"{m[run] / 1e9:>5.2f}GB  {m['mergekit'] / 1e9:>10.2f}GB  {m[run] / m['mergekit']:>9.2f}  "
+                f"{r['max_abs_difference']:.3g}"
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 
 def build_family(root: Path, count: int) -> tuple[Path, list[Path]]:
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, num_labels=3)  # fmt: skip
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = BertForSequenceClassification(config)
     base.save_pretrained(root / "base")
@@ -32,8 +38,12 @@ def build_family(root: Path, count: int) -> tuple[Path, list[Path]]:
     runs = []
     for index in range(count):
         noise = torch.Generator().manual_seed(index)
-        state = {k: v + 0.01 * (direction[k] + torch.randn(v.shape, generator=noise)) if v.is_floating_point()
-                 else v for k, v in base.state_dict().items()}  # fmt: skip
+        state = {
+            k: v + 0.01 * (direction[k] + torch.randn(v.shape, generator=noise))
+            if v.is_floating_point()
+            else v
+            for k, v in base.state_dict().items()
+        }
         model = BertForSequenceClassification(config)
         model.load_state_dict(state)
         model.save_pretrained(root / f"ft-{index}")
@@ -50,15 +60,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         base, runs = build_family(root, args.candidates)
-        hf_soup = [sys.executable, "-m", "hf_soup", "--base", str(base), "--candidates", *map(str, runs),
-                   "--recipe", "stock", "--output", str(root / "hf-soup"), "--quiet"]  # fmt: skip
+        hf_soup = [
+            sys.executable,
+            "-m",
+            "hf_soup",
+            "--base",
+            str(base),
+            "--candidates",
+            *map(str, runs),
+            "--recipe",
+            "stock",
+            "--output",
+            str(root / "hf-soup"),
+            "--quiet",
+        ]
         subprocess.run(hf_soup, check=True, capture_output=True)
         models = "\n".join(f"  - model: {r}" for r in runs)
         (root / "stock.yml").write_text(
             f"merge_method: model_stock\nbase_model: {base}\nmodels:\n{models}\ndtype: float32\n"
         )
-        subprocess.run([str(script), str(root / "stock.yml"), str(root / "mergekit")], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [str(script), str(root / "stock.yml"), str(root / "mergekit")], check=True, capture_output=True
+        )
         ours = load_file(str(root / "hf-soup" / "model.safetensors"))
         theirs = load_file(str(root / "mergekit" / "model.safetensors"))
         report(ours, theirs)

@@ -2,7 +2,7 @@
 
 No pretrained image weights can be downloaded here, so the shared start is made the way the paper's are, only
 smaller: pretrain a ResNet (transformers' `ResNetModel`, with BatchNorm) on one part of the training images,
-then fine-tune variants from it with `hf_soup.sweep` (`task="image-classification"`) on another part. The pool is
+then fine-tune variants from it with `hf_soup.training.sweep` (`task="image-classification"`) on another part. The pool is
 written as parquet (`train.parquet`, `test.parquet`) with an `image` column and named labels, so
 `hf-soup --task image-classification --dataset FOLDER` reads it like any `datasets` image dataset.
 
@@ -101,8 +101,15 @@ def pixels(images) -> torch.Tensor:
 def model_config(**kwargs):
     from transformers import ResNetConfig
 
-    return ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                        layer_type="basic", downsample_in_first_stage=False, **kwargs)  # fmt: skip
+    return ResNetConfig(
+        num_channels=1,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        downsample_in_first_stage=False,
+        **kwargs,
+    )
 
 
 @dataclass(frozen=True)

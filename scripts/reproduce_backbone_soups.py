@@ -73,8 +73,10 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = [np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
-              for img in data.images]  # fmt: skip
+    images = [
+        np.asarray(Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR))
+        for img in data.images
+    ]
     return np.stack(images), data.target.astype(np.int64)
 
 
@@ -105,8 +107,11 @@ def image_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
         for name in ("tops", "lower")
     }
     tasks["digits"] = tuple(part[: args.digits_rows] for part in digits())
-    names = {"tops": [fm.LABELS[i] for i in GROUPS["tops"]], "lower": [fm.LABELS[i] for i in GROUPS["lower"]],
-             "digits": [str(i) for i in range(10)]}  # fmt: skip
+    names = {
+        "tops": [fm.LABELS[i] for i in GROUPS["tops"]],
+        "lower": [fm.LABELS[i] for i in GROUPS["lower"]],
+        "digits": [str(i) for i in range(10)],
+    }
     runs = []
     for task, (x, y) in tasks.items():
         for index, (lr, seed) in enumerate(VARIANTS):
@@ -115,9 +120,11 @@ def image_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
             if (out / "config.json").is_file():
                 continue
             model = ResNetForImageClassification.from_pretrained(
-                start, num_labels=len(names[task]), id2label=dict(enumerate(names[task])),
+                start,
+                num_labels=len(names[task]),
+                id2label=dict(enumerate(names[task])),
                 label2id={n: i for i, n in enumerate(names[task])},
-            )  # fmt: skip
+            )
             fm.train(
                 model, fm.pixels(fm._pil(x)), torch.from_numpy(y), fm.Variant(out.name, lr, seed), quiet=True
             )
@@ -125,8 +132,12 @@ def image_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
     test_images, test_labels = fm.read_split("test")
     footwear = [fm.LABELS[i] for i in GROUPS[TARGET]]
     test = group(test_images, test_labels, GROUPS[TARGET], args.test_rows)
-    target = save_image_task(work / "target", *group(images[: args.pool_rows], labels[: args.pool_rows],
-                             GROUPS[TARGET]), footwear, test=test)  # fmt: skip
+    target = save_image_task(
+        work / "target",
+        *group(images[: args.pool_rows], labels[: args.pool_rows], GROUPS[TARGET]),
+        footwear,
+        test=test,
+    )
     return start, runs, target
 
 
@@ -154,11 +165,17 @@ def text_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
     tuning, held_out = order[: len(order) // 2], order[len(order) // 2 :][: args.target_rows]
     reviews = pd.read_csv(Path(args.data) / "train.csv").dropna(subset=["review"])[: args.review_rows]
     tasks = {
-        "sentiment": ([str(t) for t in reviews["review"]], [["great", "other"].index(s) for s in reviews["score"]],
-                      ["great", "other"]),
-        "strength": ([entries[i][0] for i in tuning], [int(abs(entries[i][1]) >= 1.5) for i in tuning],
-                     ["mild", "strong"]),
-    }  # fmt: skip
+        "sentiment": (
+            [str(t) for t in reviews["review"]],
+            [["great", "other"].index(s) for s in reviews["score"]],
+            ["great", "other"],
+        ),
+        "strength": (
+            [entries[i][0] for i in tuning],
+            [int(abs(entries[i][1]) >= 1.5) for i in tuning],
+            ["mild", "strong"],
+        ),
+    }
     runs = []
     for task, (texts, labels, names) in tasks.items():
         for index, (lr, seed) in enumerate(TEXT_VARIANTS):
@@ -168,16 +185,23 @@ def text_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
                 continue
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(
-                base, num_labels=len(names), id2label=dict(enumerate(names)),
+                base,
+                num_labels=len(names),
+                id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)},
-            )  # fmt: skip
+            )
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
             generator = torch.Generator().manual_seed(seed)
             model.train()
             for _ in range(args.text_steps):
                 rows = torch.randint(len(texts), (16,), generator=generator).tolist()
-                batch = tokenizer([texts[i] for i in rows], truncation=True, max_length=128, padding=True,
-                                  return_tensors="pt")  # fmt: skip
+                batch = tokenizer(
+                    [texts[i] for i in rows],
+                    truncation=True,
+                    max_length=128,
+                    padding=True,
+                    return_tensors="pt",
+                )
                 model(**batch, labels=torch.tensor([labels[i] for i in rows])).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
@@ -187,9 +211,13 @@ def text_candidates(work: Path, args) -> tuple[Path, list[Path], Path]:
     target.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", held_out[: len(held_out) // 2]), ("test", held_out[len(held_out) // 2 :])):
         pd.DataFrame(
-            {"text": [entries[i][0] for i in rows],
-             "label": [polarity[0 if entries[i][1] <= -0.5 else 2 if entries[i][1] >= 0.5 else 1] for i in rows]}
-        ).to_csv(target / f"{split}.csv", index=False)  # fmt: skip
+            {
+                "text": [entries[i][0] for i in rows],
+                "label": [
+                    polarity[0 if entries[i][1] <= -0.5 else 2 if entries[i][1] >= 0.5 else 1] for i in rows
+                ],
+            }
+        ).to_csv(target / f"{split}.csv", index=False)
     return base, runs, target
 
 
@@ -198,8 +226,15 @@ def soups(base: Path, runs: list[Path], data: dict, cache: Path) -> dict[str, di
 
     out = {}
     for recipe in RECIPES:
-        result = cook(base=str(base), candidates=[str(r) for r in runs], soup="backbone", recipe=recipe,
-                      cache_dir=str(cache), quiet=True, **data)  # fmt: skip
+        result = cook(
+            base=str(base),
+            candidates=[str(r) for r in runs],
+            soup="backbone",
+            recipe=recipe,
+            cache_dir=str(cache),
+            quiet=True,
+            **data,
+        )
         out[recipe] = result.summary.to_dict()
     return out
 
@@ -218,13 +253,20 @@ def table(title: str, summaries: dict[str, dict], note: str) -> list[str]:
         return f"| {label} | {len(entry['ingredients'])} | {value:.4f} | {100 * r['delta']:+.2f} [{100 * r['low']:+.2f}, {100 * r['high']:+.2f}]{mark} |"
 
     best = first["best_individual"]
-    lines = [f"## {title}", "", note, "",
-             f"Report split: `{split}` ({first['splits']['report'][split]['size']} examples); selection split: "
-             f"{first['splits']['selection']['size']} examples (the probes' training data; selection scores "
-             "cross-fitted). Differences in points against the best single fine-tune with a probe (the best "
-             f"selection {metric}), with 95% paired bootstrap intervals; * marks an interval that excludes 0. "
-             f"Recipes rank and accept by {first['task']['selection_metric']} on the selection split.", "",
-             f"| model | ingredients | {split} {metric} | Δ vs best single + probe [95% CI] |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"## {title}",
+        "",
+        note,
+        "",
+        f"Report split: `{split}` ({first['splits']['report'][split]['size']} examples); selection split: "
+        f"{first['splits']['selection']['size']} examples (the probes' training data; selection scores "
+        "cross-fitted). Differences in points against the best single fine-tune with a probe (the best "
+        f"selection {metric}), with 95% paired bootstrap intervals; * marks an interval that excludes 0. "
+        f"Recipes rank and accept by {first['task']['selection_metric']} on the selection split.",
+        "",
+        f"| model | ingredients | {split} {metric} | Δ vs best single + probe [95% CI] |",
+        "|---|---|---|---|",
+    ]
     for candidate in first["candidates"]:
         lines.append(row(f"`{Path(candidate['id']).name}` + probe", candidate))
     lines.append(
@@ -263,19 +305,44 @@ def main() -> int:
     if args.only in (None, "images"):
         started = time.perf_counter()
         start, runs, target = image_candidates(work / "images", args)
-        results["images"] = soups(start, runs, {"task": "image-classification", "dataset": str(target),
-                                  "selection_fraction": 0.3, "max_eval_examples": args.report_rows}, work / "cache")  # fmt: skip
+        results["images"] = soups(
+            start,
+            runs,
+            {
+                "task": "image-classification",
+                "dataset": str(target),
+                "selection_fraction": 0.3,
+                "max_eval_examples": args.report_rows,
+            },
+            work / "cache",
+        )
         seconds["images"] = time.perf_counter() - started
-        lines += table("Images: Fashion-MNIST footwear, from fine-tunes on tops, lower-body and digits",
-                       results["images"], "Start: a small ResNet pretrained on tops and lower-body images only.")  # fmt: skip
+        lines += table(
+            "Images: Fashion-MNIST footwear, from fine-tunes on tops, lower-body and digits",
+            results["images"],
+            "Start: a small ResNet pretrained on tops and lower-body images only.",
+        )
     if args.only in (None, "text"):
         started = time.perf_counter()
         base, runs, target = text_candidates(work / "text", args)
-        results["text"] = soups(base, runs, {"dataset": str(target), "text_column": "text", "label_column": "label",
-                                "selection_fraction": 0.5, "max_eval_examples": args.report_rows}, work / "cache")  # fmt: skip
+        results["text"] = soups(
+            base,
+            runs,
+            {
+                "dataset": str(target),
+                "text_column": "text",
+                "label_column": "label",
+                "selection_fraction": 0.5,
+                "max_eval_examples": args.report_rows,
+            },
+            work / "cache",
+        )
         seconds["text"] = time.perf_counter() - started
-        lines += table("Text: VADER word polarity, from fine-tunes on review sentiment and word strength",
-                       results["text"], "Start: MiniLM (all-MiniLM-L6-v2).")  # fmt: skip
+        lines += table(
+            "Text: VADER word polarity, from fine-tunes on review sentiment and word strength",
+            results["text"],
+            "Start: MiniLM (all-MiniLM-L6-v2).",
+        )
     lines.append(
         "Seconds of this invocation (trained candidates and cached scores are reused): "
         + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())

@@ -1,7 +1,7 @@
 """The paper's image setting at small scale: soups of fine-tuned image classifiers on real Fashion-MNIST.
 
 No pretrained image weights are reachable here, so the shared start is made first: a small ResNet (with BatchNorm)
-pretrained briefly on training images 30000-59999. Then `hf_soup.sweep` fine-tunes a seeded random-search sweep
+pretrained briefly on training images 30000-59999. Then `hf_soup.training.sweep` fine-tunes a seeded random-search sweep
 of it (the grid is `SweepGrid.for_images()`'s, stated in the README: learning rate log-uniform in [1e-3, 5e-3],
 weight decay {0, 0.05}, 1 or 2 epochs, label smoothing {0, 0.1}, augmentation (flips and 2-pixel shifts) on or
 off, a data-order seed per variant) on the pool (training images 0..N) minus hf-soup's selection carve-out, from
@@ -55,7 +55,7 @@ def main() -> int:
     import fashion_mnist as fm  # scripts/fashion_mnist.py, beside this script
 
     from hf_soup import SoupConfig, cook
-    from hf_soup.sweep import SweepGrid, sample_variants, sweep
+    from hf_soup.training.sweep import SweepGrid, sample_variants, sweep
 
     workdir, results = Path(args.workdir), Path(args.results)
     started = time.perf_counter()
@@ -67,19 +67,32 @@ def main() -> int:
     base = fm.pretrain(workdir / "base", args.pretrain_rows, epochs=args.pretrain_epochs)
     variants = sample_variants(args.variants, SweepGrid.for_images(), seed=args.seed)
     pot = workdir / args.head
-    sweep(base, str(data), task="image-classification", output=pot, variants=variants, head=args.head,
-          seed=args.seed)  # fmt: skip
+    sweep(
+        base,
+        str(data),
+        task="image-classification",
+        output=pot,
+        variants=variants,
+        head=args.head,
+        seed=args.seed,
+    )
     trained = time.perf_counter() - started
 
-    common = dict(base=str(pot / "start"), candidates=[str(pot / "runs" / v.name) for v in variants],
-                  task="image-classification", dataset=str(data), seed=args.seed, batch_size=250)  # fmt: skip
+    common = dict(
+        base=str(pot / "start"),
+        candidates=[str(pot / "runs" / v.name) for v in variants],
+        task="image-classification",
+        dataset=str(data),
+        seed=args.seed,
+        batch_size=250,
+    )
     reports = {}
     for label, options in RECIPES:
         print(f"cooking: {label}", file=sys.stderr, flush=True)
-        reports[label] = cook(SoupConfig(**common, **options), quiet=True).report
+        reports[label] = cook(quiet=True, **common, **options).report
     if args.recalibrate_bn:
         for label, options in RECIPES[:3]:
-            config = SoupConfig(**common, **options, recalibrate_bn=args.recalibrate_bn)
+            config = SoupConfig.from_options(**common, **options, recalibrate_bn=args.recalibrate_bn)
             reports[f"{label} + BN recalibrated ({args.recalibrate_bn} batches)"] = cook(
                 config, quiet=True
             ).report
@@ -93,11 +106,16 @@ def table_rows(reports: dict) -> list[dict]:
     split = next(iter(first["soup"]["report"]))
 
     def row(name, entry, comparison=None):
-        return {"name": name, "ingredients": len(entry["ingredients"]),
-                "selection_accuracy": entry["selection"]["accuracy"], "selection_loss": entry["selection_loss"],
-                "report_accuracy": entry["report"][split]["accuracy"],
-                "report_top5": entry["report"][split].get("top5_accuracy"),
-                "ece": (entry.get("ece") or {}).get(split), "vs_best": comparison}  # fmt: skip
+        return {
+            "name": name,
+            "ingredients": len(entry["ingredients"]),
+            "selection_accuracy": entry["selection"]["accuracy"],
+            "selection_loss": entry["selection_loss"],
+            "report_accuracy": entry["report"][split]["accuracy"],
+            "report_top5": entry["report"][split].get("top5_accuracy"),
+            "ece": (entry.get("ece") or {}).get(split),
+            "vs_best": comparison,
+        }
 
     best = first[
         "best_individual"
@@ -118,25 +136,32 @@ def table_rows(reports: dict) -> list[dict]:
 
 
 def write_results(results: Path, rows: list[dict], reports: dict, args, trained: float, variants) -> None:
-    from hf_soup.report import format_delta
+    from hf_soup.reporting.tables import format_delta
 
     first = next(iter(reports.values()))
     split = next(iter(first["soup"]["report"]))
-    header = ("| model | n | selection acc | selection loss | test acc | test top-5 | test ECE | Δ acc vs best [95% CI] |\n"
-              "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    header = (
+        "| model | n | selection acc | selection loss | test acc | test top-5 | test ECE | Δ acc vs best [95% CI] |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for r in rows:
         delta = format_delta(r["vs_best"]) if r["vs_best"] else ""
         ece = f"{r['ece']:.3f}" if r["ece"] is not None else ""
-        lines.append(f"| {r['name']} | {r['ingredients']} | {r['selection_accuracy']:.4f} | {r['selection_loss']:.4f} "
-                     f"| {r['report_accuracy']:.4f} | {r['report_top5']:.4f} | {ece} | {delta} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['ingredients']} | {r['selection_accuracy']:.4f} | {r['selection_loss']:.4f} "
+            f"| {r['report_accuracy']:.4f} | {r['report_top5']:.4f} | {ece} | {delta} |"
+        )
     sizes = first["splits"]
-    grid = "; ".join(f"{v.name}: lr {v.learning_rate:g}, {v.epochs} epoch(s), wd {v.weight_decay:g}, ls "
-                     f"{v.label_smoothing:g}, {'augmented' if v.augment else 'no augmentation'}" for v in variants)  # fmt: skip
+    grid = "; ".join(
+        f"{v.name}: lr {v.learning_rate:g}, {v.epochs} epoch(s), wd {v.weight_decay:g}, ls "
+        f"{v.label_smoothing:g}, {'augmented' if v.augment else 'no augmentation'}"
+        for v in variants
+    )
     text = (
         f"# Fashion-MNIST soups, {args.head} head\n\n"
         f"Selection: {sizes['selection']['name']} ({sizes['selection']['size']} images); report: {split} "
-        f"({sizes['report'][split]['size']} images). {args.variants} variants (`hf_soup.sweep`, "
+        f"({sizes['report'][split]['size']} images). {args.variants} variants (`hf_soup.training.sweep`, "
         f"`SweepGrid.for_images()`, seed {args.seed}) fine-tuned from one ResNet pretrained on "
         f"{args.pretrain_rows} other training images ({args.pretrain_epochs} epochs), with a shared "
         f"{'linear-probe' if args.head == 'probe' else 'seeded random'} head; pool of {args.pool_rows}. "

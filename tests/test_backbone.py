@@ -27,10 +27,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 TASKS = {
     "shouts": (["calm", "shouting"], lambda text: int("!" in text)),
     "length": (["short", "medium", "long"], lambda text: min(2, len(text) // 250)),
-    "topic": (["coffee", "tea", "pet", "other"],
-              lambda text: next((i for i, words in enumerate((("coffee",), ("tea",), ("dog", "cat")))
-                                 if any(w in text.lower() for w in words)), 3)),
-}  # fmt: skip
+    "topic": (
+        ["coffee", "tea", "pet", "other"],
+        lambda text: next(
+            (
+                i
+                for i, words in enumerate((("coffee",), ("tea",), ("dog", "cat")))
+                if any(w in text.lower() for w in words)
+            ),
+            3,
+        ),
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +49,11 @@ def tasks(zoo, reviews, tokenizer_dir) -> dict[str, Path]:
     paths = {}
     for seed, (name, (labels, label_of)) in enumerate(TASKS.items()):
         torch.manual_seed(10 + seed)
-        config = tiny_config(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                             label2id={n: i for i, n in enumerate(labels)})  # fmt: skip
+        config = tiny_config(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
         model = BertForSequenceClassification(config)
         model.bert.load_state_dict(load_file(str(zoo["base"] / "model.safetensors")))
         fine_tune(model, tokenizer, texts, [label_of(t) for t in texts], 2e-3, seed, steps=30)
@@ -53,11 +64,28 @@ def tasks(zoo, reviews, tokenizer_dir) -> dict[str, Path]:
 
 def cook_backbone(zoo, tasks, reviews, out: Path, *extra: str):
     return run_main(
-        "--base", str(zoo["base"]), "--candidates", *(str(p) for p in tasks.values()), "--soup", "backbone",
-        "--dataset", str(reviews["train"]), "--text-column", "review", "--label-column", "score",
-        "--report-split", str(reviews["test"]), "--max-length", "64", "--output", str(out), "--bootstrap", "100",
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *(str(p) for p in tasks.values()),
+        "--soup",
+        "backbone",
+        "--dataset",
+        str(reviews["train"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--report-split",
+        str(reviews["test"]),
+        "--max-length",
+        "64",
+        "--output",
+        str(out),
+        "--bootstrap",
+        "100",
         *extra,
-    )  # fmt: skip
+    )
 
 
 def body_names(state: dict) -> list[str]:
@@ -107,7 +135,7 @@ def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, n
     """LogisticRegression(C=1) on the soup body's pooled outputs of the selection rows (the same seeded carve-out
     of train.csv that hf-soup selects on), labels as the soup's ids; and the cross-entropy of out-of-fold logits
     over two seeded stratified halves."""
-    from hf_soup.data import carve_selection, load_data
+    from hf_soup.evaluation.data import carve_selection, load_data
 
     data = load_data(str(reviews["train"]), split="train")
     _, selection = carve_selection(data, 0.1, seed=0)
@@ -121,8 +149,9 @@ def independent_probe(model, tokenizer, reviews, summary) -> tuple[np.ndarray, n
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
     z, b = probe.coef_[0], probe.intercept_[0]
     folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=0)
-    out_of_fold = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), features, labels, cv=folds,
-                                    method="decision_function")  # fmt: skip
+    out_of_fold = cross_val_predict(
+        LogisticRegression(C=1.0, max_iter=2000), features, labels, cv=folds, method="decision_function"
+    )
     # Cross-entropy of the out-of-fold logits [-z/2, z/2]: log(1 + exp(-z)) for label 1, log(1 + exp(z)) for 0.
     loss = np.mean(np.logaddexp(0, np.where(labels == 1, -out_of_fold, out_of_fold)))
     return np.stack([-z / 2, z / 2]), np.asarray([-b / 2, b / 2]), float(loss)
@@ -145,11 +174,30 @@ def test_candidate_head_is_kept(zoo, tasks, reviews, tmp_path):
     target = zoo["a"]  # fine-tuned on the target task (great / other)
     out = tmp_path / "kept"
     result = run_main(
-        "--base", str(zoo["base"]), "--candidates", *(str(p) for p in tasks.values()), str(target),
-        "--soup", "backbone", "--head", str(target), "--dataset", str(reviews["train"]), "--text-column",
-        "review", "--label-column", "score", "--report-split", str(reviews["test"]), "--recipe", "uniform",
-        "--output", str(out), "--bootstrap", "50",
-    )  # fmt: skip
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *(str(p) for p in tasks.values()),
+        str(target),
+        "--soup",
+        "backbone",
+        "--head",
+        str(target),
+        "--dataset",
+        str(reviews["train"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--report-split",
+        str(reviews["test"]),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--bootstrap",
+        "50",
+    )
     assert result.returncode == 0, result.stderr
     written, head = load_file(str(out / "model.safetensors")), load_file(str(target / "model.safetensors"))
     assert torch.equal(written["classifier.weight"], head["classifier.weight"])
@@ -163,10 +211,24 @@ def test_different_bodies_are_rejected_with_nothing_written(zoo, tasks, reviews,
     BertForSequenceClassification(tiny_config(intermediate_size=48)).save_pretrained(wider)
     out = tmp_path / "soup"
     result = run_main(
-        "--base", str(zoo["base"]), "--candidates", str(tasks["shouts"]), str(tasks["length"]), str(wider),
-        "--soup", "backbone", "--dataset", str(reviews["train"]), "--text-column", "review", "--label-column",
-        "score", "--output", str(out), "--strict",
-    )  # fmt: skip
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(tasks["shouts"]),
+        str(tasks["length"]),
+        str(wider),
+        "--soup",
+        "backbone",
+        "--dataset",
+        str(reviews["train"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(out),
+        "--strict",
+    )
     assert result.returncode == 2
     assert result.stderr.count("hf-soup: error:") == 1
     assert f"{wider}: its body differs from" in result.stderr and "intermediate.dense" in result.stderr
@@ -174,12 +236,30 @@ def test_different_bodies_are_rejected_with_nothing_written(zoo, tasks, reviews,
 
 
 def test_check_compares_bodies_only_for_backbone_soups(zoo, tasks):
-    result = run_main("check", "--base", str(zoo["base"]), "--candidates", str(tasks["shouts"]), str(tasks["length"]),
-                      str(tasks["topic"]), "--format", "json")  # fmt: skip
+    result = run_main(
+        "check",
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(tasks["shouts"]),
+        str(tasks["length"]),
+        str(tasks["topic"]),
+        "--format",
+        "json",
+    )
     rejected = json.loads(result.stdout)["rejected"]
     assert len(rejected) == 2 and all("labels, expected" in r["reason"] for r in rejected)
-    backbone = run_main("check", "--base", str(zoo["base"]), "--candidates", *(str(p) for p in tasks.values()),
-                        "--soup", "backbone", "--format", "json")  # fmt: skip
+    backbone = run_main(
+        "check",
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *(str(p) for p in tasks.values()),
+        "--soup",
+        "backbone",
+        "--format",
+        "json",
+    )
     report = json.loads(backbone.stdout)
     assert backbone.returncode == 0 and not report["rejected"] and len(report["accepted"]) == 3
     assert report["ingredient_labels"][str(tasks["topic"])] == ["coffee", "tea", "pet", "other"]

@@ -20,10 +20,16 @@ from conftest import run_main
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_soup.data import task_spec
-from hf_soup.language_modeling import encode_document_split, ensemble_token_nll, pad_documents
-from hf_soup.scoring import RejectionBound, logits_unless_hopeless, model_outputs, predict, score_logits
-from hf_soup.stats import bootstrap_indices, compare_documents
+from hf_soup.evaluation.language_modeling import encode_document_split, ensemble_token_nll, pad_documents
+from hf_soup.evaluation.stats import bootstrap_indices, compare_documents
+from hf_soup.evaluation.tasks import task_spec
+from hf_soup.scoring.scorer import (
+    RejectionBound,
+    logits_unless_hopeless,
+    model_outputs,
+    predict,
+    score_logits,
+)
 
 MAX_LENGTH = 24
 # The candidates: one real fine-tune of the base, plus seeded Gaussian noise of this many times each weight
@@ -39,8 +45,13 @@ def train(model, tokenizer, texts: list[str], lr: float, seed: int, steps: int) 
     model.train()
     for _ in range(steps):
         rows = torch.randint(len(texts), (8,), generator=generator).tolist()
-        batch = tokenizer([texts[i] for i in rows], truncation=True, max_length=MAX_LENGTH, padding=True,
-                          return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            [texts[i] for i in rows],
+            truncation=True,
+            max_length=MAX_LENGTH,
+            padding=True,
+            return_tensors="pt",
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
@@ -55,8 +66,15 @@ def family(tmp_path_factory, tokenizer_dir, reviews) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("causal")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = pd.read_csv(reviews["train"])["review"].tolist()
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     train(base, tokenizer, texts[:200], 1e-2, 0, steps=40)
@@ -68,11 +86,14 @@ def family(tmp_path_factory, tokenizer_dir, reviews) -> dict[str, Path]:
     for seed, (name, scale) in enumerate(RUNS.items()):
         generator = torch.Generator().manual_seed(seed)
         model = LlamaForCausalLM(config)
-        model.load_state_dict({
-            key: value + scale * value.std() * torch.randn(value.shape, generator=generator) if value.dim() > 1
-            else value
-            for key, value in tuned.state_dict().items()
-        })  # fmt: skip
+        model.load_state_dict(
+            {
+                key: value + scale * value.std() * torch.randn(value.shape, generator=generator)
+                if value.dim() > 1
+                else value
+                for key, value in tuned.state_dict().items()
+            }
+        )
         paths[name] = root / name
         model.to(torch.bfloat16).save_pretrained(paths[name], max_shard_size="1MB")
     data = pd.read_csv(reviews["test"])
@@ -160,7 +181,7 @@ def test_early_rejection_on_loss_decides_as_a_full_evaluation():
     token_losses = np.zeros((64, 30), dtype=np.float32)
     for row, count in enumerate(tokens):
         token_losses[row, :count] = generator.gamma(2.0, 2.0, count)
-    from hf_soup.splits import EncodedSplit
+    from hf_soup.evaluation.splits import EncodedSplit
 
     split = EncodedSplit("selection", [{}] * 64, tokens, np.argsort(-tokens), "")
     full = score_logits(token_losses, split, spec).loss
@@ -181,11 +202,30 @@ def read_manifest(folder: Path) -> dict:
 
 def cli(family, out: Path, recipe: str, *extra: str):
     result = run_main(
-        "--base", str(family["base"]), "--candidates", *(str(family[n]) for n in RUNS), "--task", "causal-lm",
-        "--dataset", str(family["selection"]), "--text-column", "review", "--selection-split",
-        str(family["selection"]), "--report-split", str(family["report"]), "--max-length", str(MAX_LENGTH),
-        "--recipe", recipe, "--output", str(out), "--bootstrap", "200", *extra,
-    )  # fmt: skip
+        "--base",
+        str(family["base"]),
+        "--candidates",
+        *(str(family[n]) for n in RUNS),
+        "--task",
+        "causal-lm",
+        "--dataset",
+        str(family["selection"]),
+        "--text-column",
+        "review",
+        "--selection-split",
+        str(family["selection"]),
+        "--report-split",
+        str(family["report"]),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--recipe",
+        recipe,
+        "--output",
+        str(out),
+        "--bootstrap",
+        "200",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -257,14 +297,36 @@ def test_a_candidate_with_an_added_token_is_scored_and_souped_in_the_union_vocab
     tokenizer.save_pretrained(tmp_path / "ft-grown")
     out = tmp_path / "soup"
     result = run_main(
-        "--base", str(family["base"]), "--candidates", str(family["ft-a"]), str(family["ft-b"]),
-        str(tmp_path / "ft-grown"), "--task", "causal-lm", "--dataset", str(family["selection"]), "--text-column",
-        "review", "--selection-split", str(family["selection"]), "--report-split", str(family["report"]),
-        "--max-length", str(MAX_LENGTH), "--recipe", "uniform", "--vocab", "union", "--output", str(out),
-    )  # fmt: skip
+        "--base",
+        str(family["base"]),
+        "--candidates",
+        str(family["ft-a"]),
+        str(family["ft-b"]),
+        str(tmp_path / "ft-grown"),
+        "--task",
+        "causal-lm",
+        "--dataset",
+        str(family["selection"]),
+        "--text-column",
+        "review",
+        "--selection-split",
+        str(family["selection"]),
+        "--report-split",
+        str(family["report"]),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--recipe",
+        "uniform",
+        "--vocab",
+        "union",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
-    tables = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16).get_input_embeddings().weight.double()
-              for p in (family["ft-a"], family["ft-b"], tmp_path / "ft-grown")]  # fmt: skip
+    tables = [
+        AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16).get_input_embeddings().weight.double()
+        for p in (family["ft-a"], family["ft-b"], tmp_path / "ft-grown")
+    ]
     soup = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     written = soup.get_input_embeddings().weight.double()
     assert written.shape[0] == len(tokenizer) and soup.config.tie_word_embeddings

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_soup.report import soup_table
+from hf_soup.reporting.tables import soup_table
 from hf_soup.results import SoupSummary
 
 HF_SOUP = installed_script("hf-soup")
@@ -40,8 +40,19 @@ def with_constant_head(source, target, bias: list[float]):
 
 
 def data_args(train, test, *extra: str) -> list[str]:
-    return ["--dataset", str(train), "--report-split", str(test), "--text-column", "review", "--label-column",
-            "score", "--max-length", "64", *extra]  # fmt: skip
+    return [
+        "--dataset",
+        str(train),
+        "--report-split",
+        str(test),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        *extra,
+    ]
 
 
 def test_headline_compares_with_the_best_selection_accuracy_not_the_lowest_loss(zoo, reviews, tmp_path):
@@ -51,8 +62,18 @@ def test_headline_compares_with_the_best_selection_accuracy_not_the_lowest_loss(
     hedge = with_constant_head(zoo["a"], runs / "hedge", [0.0, 0.1])
     sure = with_constant_head(zoo["b"], runs / "sure", [3.0, 0.0])
     with_constant_head(zoo["c"], runs / "unsure", [0.0, 2.5])
-    result = cli("--base", str(zoo["base"]), "--candidates", str(runs / "*"), *data_args(reviews["train"], reviews["test"]),
-                 "--recipe", "greedy", "--format", "json", "--quiet")  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(runs / "*"),
+        *data_args(reviews["train"], reviews["test"]),
+        "--recipe",
+        "greedy",
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["task"]["selection_metric"] == "loss"  # the default still drives the recipe
@@ -96,8 +117,21 @@ def test_small_datasets_run_with_default_options(zoo, tmp_path):
     write_pairs(pool.iloc[:635], wnli / "train.csv", codes.iloc[:635])
     write_pairs(pool.iloc[:71], wnli / "validation.csv", codes.iloc[:71])
     write_pairs(pool.iloc[:146], wnli / "test.csv", [-1] * 146)  # GLUE test splits have no labels
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--task", "glue/wnli",
-                 "--dataset", str(wnli), "--output", str(tmp_path / "wnli-soup"), "--format", "json", "--quiet")  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        "--task",
+        "glue/wnli",
+        "--dataset",
+        str(wnli),
+        "--output",
+        str(tmp_path / "wnli-soup"),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["splits"]["selection"]["size"] == round(0.1 * 635)
@@ -106,9 +140,23 @@ def test_small_datasets_run_with_default_options(zoo, tmp_path):
 
     small = tmp_path / "small.csv"
     pool.iloc[:500].to_csv(small, index=False)
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset", str(small),
-                 "--text-column", "review", "--label-column", "score", "--output", str(tmp_path / "small-soup"),
-                 "--format", "json", "--quiet")  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        "--dataset",
+        str(small),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(tmp_path / "small-soup"),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["splits"]["selection"]["size"] == 50  # fewer than one batch of 64: allowed now
@@ -120,8 +168,21 @@ def test_an_identical_copy_counts_once(zoo, tmp_path):
         zoo["a"], tmp_path / "a-copy"
     )  # a copied folder, or a last checkpoint beside its final save
     out = tmp_path / "merged"
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(copy), str(zoo["b"]), "--recipe",
-                 "uniform", "--output", str(out), "--format", "json", "--quiet")  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(copy),
+        str(zoo["b"]),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     [rejected] = report["compatibility"][
@@ -139,9 +200,23 @@ def test_an_identical_copy_counts_once(zoo, tmp_path):
 
 def test_strict_cook_refuses_a_flagged_candidate_before_any_scoring(zoo, scratch, tmp_path):
     # The dataset does not exist: the refusal must come before the data is even loaded.
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), str(scratch), "--strict",
-                 "--dataset", str(tmp_path / "missing.csv"), "--text-column", "review", "--label-column", "score",
-                 "--output", str(tmp_path / "soup"))  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        str(scratch),
+        "--strict",
+        "--dataset",
+        str(tmp_path / "missing.csv"),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(tmp_path / "soup"),
+    )
     assert result.returncode == 2
     assert result.stderr.count("hf-soup: error:") == 1 and "--strict" in result.stderr
     assert str(scratch) in result.stderr and "do not look fine-tuned" in result.stderr
@@ -149,9 +224,20 @@ def test_strict_cook_refuses_a_flagged_candidate_before_any_scoring(zoo, scratch
 
 
 def test_a_flagged_candidate_is_scored_but_kept_out_unless_included(zoo, scratch, reviews, tmp_path):
-    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), str(scratch),
-            *data_args(reviews["train"], reviews["test"], "--max-eval-examples", "60"), "--recipe", "uniform",
-            "--format", "json", "--quiet"]  # fmt: skip
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        str(scratch),
+        *data_args(reviews["train"], reviews["test"], "--max-eval-examples", "60"),
+        "--recipe",
+        "uniform",
+        "--format",
+        "json",
+        "--quiet",
+    ]
     result = cli(*args)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -182,10 +268,24 @@ def rare_positives(reviews, tmp_path_factory):
 
 def test_f1_on_rare_labels_is_sklearns_and_drives_a_greedy_soup(zoo, rare_positives, tmp_path):
     out = tmp_path / "soup"
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"),
-                 *data_args(rare_positives["train"], rare_positives["test"], "--selection-fraction", "0.3"),
-                 "--selection-metric", "f1", "--extra-metrics", "matthews_correlation", "--recipe", "greedy",
-                 "--output", str(out), "--format", "json", "--quiet")  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        *data_args(rare_positives["train"], rare_positives["test"], "--selection-fraction", "0.3"),
+        "--selection-metric",
+        "f1",
+        "--extra-metrics",
+        "matthews_correlation",
+        "--recipe",
+        "greedy",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["task"]["positive_label"] == "other"  # the rarer label, by default
@@ -220,9 +320,18 @@ def test_f1_on_rare_labels_is_sklearns_and_drives_a_greedy_soup(zoo, rare_positi
 
 def test_positive_label_must_be_a_label(zoo, rare_positives, tmp_path):
     out = tmp_path / "soup"
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]),
-                 *data_args(rare_positives["train"], rare_positives["test"]), "--positive-label", "terrible",
-                 "--output", str(out))  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        *data_args(rare_positives["train"], rare_positives["test"]),
+        "--positive-label",
+        "terrible",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
     assert "--positive-label 'terrible' is not one of the labels (great, other)" in result.stderr
     assert not out.exists()

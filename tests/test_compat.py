@@ -10,11 +10,11 @@ from conftest import copy_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_soup.compat import check_compatibility
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.checkpoints.weights import TensorSource
 from hf_soup.errors import IncompatibleCandidatesError, NoCandidatesError, PickleRefusedError
-from hf_soup.materialize import Workbench
+from hf_soup.merge.materialize import Workbench
 from hf_soup.mixture import Mixture
-from hf_soup.weights import TensorSource
 
 
 def rewrite(folder, change_state=None, change_config=None):

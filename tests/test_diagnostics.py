@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_soup.api import check_with_diagnostics
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.candidates.diagnostics import diagnose
 from hf_soup.cli import main
-from hf_soup.compat import check_compatibility
-from hf_soup.diagnostics import diagnose
 
 
 def task_vector(folder, base) -> torch.Tensor:
@@ -54,8 +54,19 @@ def test_flags_a_model_from_another_initialisation_and_not_the_fine_tunes(zoo, s
 
 
 def test_check_diagnostics_cli(zoo, scratch, tmp_path, capsys):
-    argv = ["check", "--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), str(scratch),
-            "--diagnostics", "--heatmap", str(tmp_path / "angles.png"), "--quiet"]  # fmt: skip
+    argv = [
+        "check",
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        str(scratch),
+        "--diagnostics",
+        "--heatmap",
+        str(tmp_path / "angles.png"),
+        "--quiet",
+    ]
     assert main([*argv, "--format", "json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert list(payload["diagnostics"]["flagged"]) == [str(scratch)]
@@ -70,8 +81,13 @@ def test_check_diagnostics_cli(zoo, scratch, tmp_path, capsys):
 def test_cook_warns_and_records_diagnostics(zoo, scratch, tmp_path):
     from hf_soup import cook
 
-    result = cook(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(zoo["b"]), str(scratch)],
-                  recipe="uniform", output=str(tmp_path / "soup"), quiet=True)  # fmt: skip
+    result = cook(
+        base=str(zoo["base"]),
+        candidates=[str(zoo["a"]), str(zoo["b"]), str(scratch)],
+        recipe="uniform",
+        output=str(tmp_path / "soup"),
+        quiet=True,
+    )
     assert list(result.report["diagnostics"]["flagged"]) == [str(scratch)]
     assert any(str(scratch) in w for w in result.report["warnings"])
     card = (tmp_path / "soup" / "README.md").read_text()

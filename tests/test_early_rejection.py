@@ -10,9 +10,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_soup.data import TaskSpec
-from hf_soup.scoring import logits_unless_hopeless, score_logits
-from hf_soup.splits import EncodedSplit
+from hf_soup.evaluation.splits import EncodedSplit
+from hf_soup.evaluation.tasks import TaskSpec
+from hf_soup.scoring.scorer import logits_unless_hopeless, score_logits
 
 SPEC = TaskSpec("custom", "text", metrics=("accuracy",))
 
@@ -57,8 +57,11 @@ def test_early_rejection_decides_as_a_full_evaluation(metric, n, classes, scale,
         other, _, _ = trial(seed + 1, n, classes, scale)
         must_reach = full_value(metric, other, split)
     else:
-        must_reach = {"tie": value, "just above": np.nextafter(value, np.inf),
-                      "just below": np.nextafter(value, -np.inf)}[bar]  # fmt: skip
+        must_reach = {
+            "tie": value,
+            "just above": np.nextafter(value, np.inf),
+            "just below": np.nextafter(value, -np.inf),
+        }[bar]
     kept, seen = logits_unless_hopeless(batches(logits, order, batch), split, SPEC, metric, must_reach)
     accepted_in_full = value >= must_reach  # the recipes' rule (Recipe 1's `>=`)
     if kept is None:

@@ -30,8 +30,13 @@ def cli(*args: str, env=None) -> dict:
     if env is None:
         result = run_main(*args, "--format", "json", "--quiet")
     else:
-        result = subprocess.run([HF_SOUP, *args, "--format", "json", "--quiet"], capture_output=True, text=True,
-                                timeout=900, env=env)  # fmt: skip
+        result = subprocess.run(
+            [HF_SOUP, *args, "--format", "json", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -58,8 +63,16 @@ def sharded(source, target):
 @pytest.mark.slow
 def test_sharded_checkpoints_local_and_from_the_hub(zoo, tmp_path):
     runs = [sharded(zoo[k], tmp_path / "runs" / k) for k in "ab"]
-    local = cli("--base", str(zoo["base"]), "--candidates", *map(str, runs), "--recipe", "uniform", "--output",
-                str(tmp_path / "local"))  # fmt: skip
+    local = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *map(str, runs),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(tmp_path / "local"),
+    )
     assert len(local["mixture"]["ingredients"]) == 2
     assert_average(state_of(tmp_path / "local"), [zoo["a"], zoo["b"]])
 
@@ -71,8 +84,17 @@ def test_sharded_checkpoints_local_and_from_the_hub(zoo, tmp_path):
             (folder / "README.md").write_text("---\nbase_model: org/base\n---\n")
             hub.upload_folder(f"org/sharded-{key}", folder)
         env = hub_env(hub, tmp_path)
-        cli("--base", "org/base", "--candidates", "org/sharded-*", "--recipe", "uniform", "--output",
-            str(tmp_path / "from-hub"), env=env)  # fmt: skip
+        cli(
+            "--base",
+            "org/base",
+            "--candidates",
+            "org/sharded-*",
+            "--recipe",
+            "uniform",
+            "--output",
+            str(tmp_path / "from-hub"),
+            env=env,
+        )
         shards = [p for p in hub.requests("GET", "org/sharded-a/resolve") if p.endswith(".safetensors")]
         assert len(shards) > 1  # every shard was fetched, at the pinned revision
     finally:
@@ -120,16 +142,34 @@ def predictions(folder, frame: pd.DataFrame, tokenizer_folder=None) -> np.ndarra
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
-        batch = tokenizer(list(frame["sentence1"]), list(frame["sentence2"].fillna("")), truncation=True,
-                          max_length=128, padding=True, return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            list(frame["sentence1"]),
+            list(frame["sentence2"].fillna("")),
+            truncation=True,
+            max_length=128,
+            padding=True,
+            return_tensors="pt",
+        )
         return model(**batch).logits.numpy()
 
 
 @pytest.mark.slow
 def test_stsb_regression_selects_on_mse_and_reports_pearson_with_intervals(stsb, zoo, tmp_path):
     out = tmp_path / "soup"
-    report = cli("--base", str(zoo["base"]), "--candidates", str(stsb / "runs" / "*"), "--task", "glue/stsb",
-                 "--dataset", str(stsb / "data"), "--recipe", "greedy", "--output", str(out))  # fmt: skip
+    report = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(stsb / "runs" / "*"),
+        "--task",
+        "glue/stsb",
+        "--dataset",
+        str(stsb / "data"),
+        "--recipe",
+        "greedy",
+        "--output",
+        str(out),
+    )
     assert report["task"]["selection_metric"] == "loss" and report["task"]["metrics"] == [
         "pearson",
         "spearmanr",
@@ -150,9 +190,22 @@ def test_stsb_regression_selects_on_mse_and_reports_pearson_with_intervals(stsb,
 
 
 def test_learned_regression_soup_has_no_temperature(stsb, zoo, tmp_path):
-    report = cli("--base", str(zoo["base"]), "--candidates", str(stsb / "runs" / "*"), "--task", "glue/stsb",
-                 "--dataset", str(stsb / "data"), "--recipe", "learned", "--learn-epochs", "1",
-                 "--max-eval-examples", "64")  # fmt: skip
+    report = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(stsb / "runs" / "*"),
+        "--task",
+        "glue/stsb",
+        "--dataset",
+        str(stsb / "data"),
+        "--recipe",
+        "learned",
+        "--learn-epochs",
+        "1",
+        "--max-eval-examples",
+        "64",
+    )
     assert report["learned"]["temperature"] == 1.0  # a temperature would rescale the predictions themselves
     assert report["soup"]["selection_loss"] <= report["uniform"]["selection_loss"] + 1e-9
 
@@ -186,8 +239,20 @@ def mnli(zoo, tmp_path_factory):
 
 def test_mnli_reports_on_both_validation_splits(mnli, zoo, tmp_path):
     out = tmp_path / "soup"
-    report = cli("--base", str(zoo["base"]), "--candidates", str(mnli / "runs" / "*"), "--task", "glue/mnli",
-                 "--dataset", str(mnli / "data"), "--recipe", "uniform", "--output", str(out))  # fmt: skip
+    report = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(mnli / "runs" / "*"),
+        "--task",
+        "glue/mnli",
+        "--dataset",
+        str(mnli / "data"),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+    )
     splits = ["validation_matched", "validation_mismatched"]
     assert list(report["splits"]["report"]) == splits and list(report["comparisons"]) == splits
     for split in splits:
@@ -234,10 +299,26 @@ def test_a_second_pruned_pass_removes_what_the_first_kept(zoo, reviews, tmp_path
     frame = pd.read_csv(data_dir() / "train.csv")
     selection = pd.concat([frame[frame.score == "great"].head(65), frame[frame.score == "other"].head(35)])
     selection.to_csv(tmp_path / "selection.csv", index=False)
-    report = cli("--base", str(zoo["base"]), "--candidates", str(tmp_path / "runs" / "*"), "--dataset",
-                 str(reviews["train"]), "--selection-split", str(tmp_path / "selection.csv"), "--report-split",
-                 str(reviews["test"]), "--text-column", "review", "--label-column", "score", "--recipe", "pruned",
-                 "--passes", "3")  # fmt: skip
+    report = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(tmp_path / "runs" / "*"),
+        "--dataset",
+        str(reviews["train"]),
+        "--selection-split",
+        str(tmp_path / "selection.csv"),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--recipe",
+        "pruned",
+        "--passes",
+        "3",
+    )
     expected = simulate_pruned(offsets, 0.35, passes=3)
     assert sorted(i["id"].rsplit("/", 1)[-1] for i in report["mixture"]["ingredients"]) == sorted(expected)
     removals = [t for t in report["trajectory"] if t["action"] == "remove" and t["accepted"]]
@@ -248,9 +329,26 @@ def test_a_second_pruned_pass_removes_what_the_first_kept(zoo, reviews, tmp_path
 
 def test_learned_soup_of_label_permuted_candidates_is_the_aligned_one(zoo, reviews, tmp_path):
     permuted = permute_labels(copy_model(zoo["b"], tmp_path / "b-permuted"))
-    args = ["--base", str(zoo["base"]), "--dataset", str(reviews["train"]), "--report-split", str(reviews["test"]),
-            "--text-column", "review", "--label-column", "score", "--max-length", "64", "--max-eval-examples", "48",
-            "--recipe", "learned", "--learn-epochs", "1"]  # fmt: skip
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--max-eval-examples",
+        "48",
+        "--recipe",
+        "learned",
+        "--learn-epochs",
+        "1",
+    ]
     aligned = cli(*args, "--candidates", str(zoo["a"]), str(zoo["b"]), "--output", str(tmp_path / "aligned"))
     mixed = cli(*args, "--candidates", str(zoo["a"]), str(permuted), "--output", str(tmp_path / "mixed"))
     alpha_aligned, alpha_mixed = aligned["learned"]["alpha"]["*"], mixed["learned"]["alpha"]["*"]
@@ -270,10 +368,30 @@ def test_learned_soup_of_label_permuted_candidates_is_the_aligned_one(zoo, revie
 def test_learned_soup_of_lora_candidates_is_the_weighted_merge(seq_cls, reviews, tmp_path):  # noqa: F811
     out = tmp_path / "soup"
     adapters = [seq_cls[k] for k in "def"]
-    report = cli("--base", str(seq_cls["base"]), "--candidates", *map(str, adapters), "--dataset",
-                 str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-                 "--label-column", "score", "--max-length", "64", "--max-eval-examples", "48", "--recipe", "learned",
-                 "--learn-epochs", "1", "--output", str(out))  # fmt: skip
+    report = cli(
+        "--base",
+        str(seq_cls["base"]),
+        "--candidates",
+        *map(str, adapters),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--max-eval-examples",
+        "48",
+        "--recipe",
+        "learned",
+        "--learn-epochs",
+        "1",
+        "--output",
+        str(out),
+    )
     alpha = report["learned"]["alpha"]["*"]
     merged = {str(folder): merged_state(seq_cls["base"], folder) for folder in adapters}
     written = load_file(str(out / "model.safetensors"))

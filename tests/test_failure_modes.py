@@ -27,8 +27,20 @@ HF_SOUP = installed_script("hf-soup")
 
 
 def data_args(reviews, fraction="0.25"):
-    return ["--dataset", str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-            "--label-column", "score", "--max-length", "64", "--selection-fraction", fraction]  # fmt: skip
+    return [
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--selection-fraction",
+        fraction,
+    ]
 
 
 def fails(argv, message, capsys, output: Path | None = None) -> str:
@@ -141,13 +153,19 @@ def test_corrupt_safetensors_is_a_clear_error_not_a_crash_or_hang(zoo, tmp_path,
 
 
 def test_custom_code_is_refused_unless_trusted(zoo, tmp_path, capsys):
-    custom = rewrite(copy_model(zoo["b"], tmp_path / "custom"), change_config=lambda c: c.update(auto_map={"AutoModel": "modeling.Evil"}))  # fmt: skip
+    custom = rewrite(
+        copy_model(zoo["b"], tmp_path / "custom"),
+        change_config=lambda c: c.update(auto_map={"AutoModel": "modeling.Evil"}),
+    )
     (custom / "modeling.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\n")
     argv = ["check", "--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(custom), "--strict"]
     fails(argv, "custom code (auto_map)", capsys)
     assert main([*argv, "--trust-remote-code", "--quiet"]) == 0  # the flag is the only way in
     capsys.readouterr()
-    base = rewrite(copy_model(zoo["base"], tmp_path / "base"), change_config=lambda c: c.update(auto_map={"AutoModel": "m.X"}))  # fmt: skip
+    base = rewrite(
+        copy_model(zoo["base"], tmp_path / "base"),
+        change_config=lambda c: c.update(auto_map={"AutoModel": "m.X"}),
+    )
     fails(["check", "--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"])], "The base", capsys)
     assert not (tmp_path / "pwned").exists()
 
@@ -157,10 +175,22 @@ def test_custom_code_is_refused_unless_trusted(zoo, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
 def test_inf_or_nan_weights_are_refused(zoo, tmp_path, capsys, value):
-    bad = rewrite(copy_model(zoo["b"], tmp_path / "inf"),
-                  change_state=lambda s: s["classifier.weight"].__setitem__((1, 3), value))  # fmt: skip
+    bad = rewrite(
+        copy_model(zoo["b"], tmp_path / "inf"),
+        change_state=lambda s: s["classifier.weight"].__setitem__((1, 3), value),
+    )
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(bad), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(bad),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+    ]
     fails(argv, "NaN or Inf values in classifier.weight", capsys, out)
 
 
@@ -234,16 +264,36 @@ def test_dataset_labels_the_models_do_not_know(zoo, reviews, tmp_path, capsys):
     test.loc[0, "score"] = "terrible"
     test.to_csv(tmp_path / "test.csv", index=False)
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), *data_args(reviews),
-            "--report-split", str(tmp_path / "test.csv"), "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        *data_args(reviews),
+        "--report-split",
+        str(tmp_path / "test.csv"),
+        "--output",
+        str(out),
+    ]
     fails(argv, "labels the models do not know: terrible", capsys, out)
 
 
 def test_an_empty_split(zoo, reviews, tmp_path, capsys):
     pd.read_csv(reviews["test"]).head(0).to_csv(tmp_path / "empty.csv", index=False)
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), *data_args(reviews),
-            "--report-split", str(tmp_path / "empty.csv"), "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        *data_args(reviews),
+        "--report-split",
+        str(tmp_path / "empty.csv"),
+        "--output",
+        str(out),
+    ]
     fails(argv, "empty", capsys, out)
 
 
@@ -256,8 +306,18 @@ def test_a_selection_split_too_small_to_tell_candidates_apart_warns(zoo, reviews
         with_constant_head(zoo[k], tmp_path / k, bias) for k, bias in (("a", [1.0, 0.0]), ("b", [2.0, 0.0]))
     ]
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", *map(str, runs), *data_args(reviews, "0.01"),
-            "--output", str(out), "--format", "json", "--quiet"]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *map(str, runs),
+        *data_args(reviews, "0.01"),
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["selection"]["size"] == 4
@@ -272,8 +332,16 @@ def test_a_text_base_without_tokenizer_files(zoo, reviews, tmp_path, capsys):
         zoo["base"], base, ignore=shutil.ignore_patterns("tokenizer*", "vocab.txt", "special_tokens_map.json")
     )
     out = tmp_path / "soup"
-    argv = ["--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"]), *data_args(reviews),
-            "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(base),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        *data_args(reviews),
+        "--output",
+        str(out),
+    ]
     fails(argv, "has tokenizer files; save the tokenizer next to the base model", capsys, out)
 
 
@@ -282,9 +350,21 @@ def test_a_text_base_without_tokenizer_files(zoo, reviews, tmp_path, capsys):
 
 def test_not_enough_disk_space_is_caught_before_writing(zoo, tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hf_soup.output.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        "hf_soup.pipeline.output.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000)
+    )
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+    ]
     err = fails(argv, "Not enough disk space", capsys, out)
     size_mb = (zoo["a"] / "model.safetensors").stat().st_size / 1e6
     assert f"need about {size_mb:.1f} MB" in err
@@ -296,9 +376,19 @@ def test_disk_filling_up_while_writing_leaves_nothing(zoo, tmp_path, capsys, mon
             shard.write(b"\0" * 1024)  # part of a tensor, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
 
-    monkeypatch.setattr("hf_soup.stream_writer.SafetensorsStreamWriter.write", full_disk)
+    monkeypatch.setattr("hf_soup.checkpoints.stream_writer.SafetensorsStreamWriter.write", full_disk)
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform", "--output", str(out)]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+    ]
     err = fails(argv, "The disk filled up while writing", capsys, out)
     assert "no partial folder was left" in err and "needs about" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["soup_cache"]  # the score cache, nothing else
@@ -309,10 +399,27 @@ def test_disk_filling_up_while_writing_leaves_nothing(zoo, tmp_path, capsys, mon
 
 def _cook_command(zoo, reviews, out: Path) -> list[str]:
     # Batches of one make each trial slow enough to be interrupted in the middle of the greedy search.
-    return [HF_SOUP, "--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), *data_args(reviews),
-            "--recipe", "greedy", "--batch-size", "1", "--max-eval-examples", "48", "--bootstrap", "100",
-            "--output", str(out), "--format",
-            "json", "--quiet"]  # fmt: skip
+    return [
+        HF_SOUP,
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        *data_args(reviews),
+        "--recipe",
+        "greedy",
+        "--batch-size",
+        "1",
+        "--max-eval-examples",
+        "48",
+        "--bootstrap",
+        "100",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    ]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -326,8 +433,14 @@ def _entries(cache: Path) -> list[Path]:
 def _interrupt(command, cache: Path, after_entries: int, sig: int) -> tuple[subprocess.CompletedProcess, int]:
     # A shell starts background jobs with SIGINT ignored, and children inherit that; restore the default so the
     # child is interruptible the way a terminal's Ctrl-C would interrupt it.
-    process = subprocess.Popen(command, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while len(_entries(cache)) < after_entries and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -338,8 +451,13 @@ def _interrupt(command, cache: Path, after_entries: int, sig: int) -> tuple[subp
 
 @pytest.mark.slow
 def test_kill_9_during_a_greedy_soup_then_rerun_reuses_every_cached_score(zoo, reviews, tmp_path):
-    reference = subprocess.run(_cook_command(zoo, reviews, tmp_path / "reference"), env=_env(tmp_path / "cache-ref"),
-                               capture_output=True, text=True, timeout=600)  # fmt: skip
+    reference = subprocess.run(
+        _cook_command(zoo, reviews, tmp_path / "reference"),
+        env=_env(tmp_path / "cache-ref"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert reference.returncode == 0, reference.stderr
     expected = json.loads(reference.stdout)
 
@@ -351,7 +469,9 @@ def test_kill_9_during_a_greedy_soup_then_rerun_reuses_every_cached_score(zoo, r
     assert not out.exists() and not list(tmp_path.glob(".soup.*"))  # nothing half-written
     assert 10 <= cached < len(_entries(tmp_path / "cache-ref"))
 
-    rerun = subprocess.run(_cook_command(zoo, reviews, out), env=_env(cache), capture_output=True, text=True, timeout=600)  # fmt: skip
+    rerun = subprocess.run(
+        _cook_command(zoo, reviews, out), env=_env(cache), capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr
     resumed = json.loads(rerun.stdout)
     assert (
@@ -405,8 +525,10 @@ def test_ctrl_c_that_a_c_extension_turns_into_another_error_is_still_an_interrup
 def test_two_runs_sharing_a_cache_at_the_same_time(zoo, reviews, tmp_path):
     cache = tmp_path / "cache"
     commands = [[*_cook_command(zoo, reviews, tmp_path / f"soup-{i}"), "--batch-size", "8"] for i in range(2)]
-    runs = [subprocess.Popen(command, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for command in commands]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     results = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in results]
     first, second = (json.loads(out) for out, _ in results)
@@ -440,8 +562,8 @@ def fifty(zoo, tmp_path_factory) -> list[str]:
 
 @pytest.mark.slow
 def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fifty, tmp_path, capsys):
-    from hf_soup.compat import check_compatibility
-    from hf_soup.materialize import materialize
+    from hf_soup.candidates.compat import check_compatibility
+    from hf_soup.merge.materialize import materialize
     from hf_soup.mixture import Mixture
 
     peaks = {}
@@ -460,8 +582,22 @@ def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fif
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 52 + 1 + 2 + 52 and max(map(len, lines)) < 140
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", *fifty, *data_args(reviews), "--max-eval-examples", "32",
-            "--batch-size", "32", "--recipe", "greedy", "--output", str(out), "--quiet"]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *fifty,
+        *data_args(reviews),
+        "--max-eval-examples",
+        "32",
+        "--batch-size",
+        "32",
+        "--recipe",
+        "greedy",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     table = captured.out.splitlines()
@@ -475,12 +611,29 @@ def test_fifty_candidates_keep_memory_flat_and_output_readable(zoo, reviews, fif
 
 def test_wrong_paths(zoo, tmp_path, capsys):
     weights = str(zoo["a"] / "model.safetensors")
-    fails(["check", "--base", str(zoo["base"]), "--candidates", str(zoo["b"]), weights], "is a file; pass the model folder", capsys)  # fmt: skip
-    fails(["check", "--base", str(zoo["base"] / "model.safetensors"), "--candidates", str(zoo["a"]), str(zoo["b"])],
-          "is a file; pass the pretrained model's folder", capsys)  # fmt: skip
+    fails(
+        ["check", "--base", str(zoo["base"]), "--candidates", str(zoo["b"]), weights],
+        "is a file; pass the model folder",
+        capsys,
+    )
+    fails(
+        [
+            "check",
+            "--base",
+            str(zoo["base"] / "model.safetensors"),
+            "--candidates",
+            str(zoo["a"]),
+            str(zoo["b"]),
+        ],
+        "is a file; pass the pretrained model's folder",
+        capsys,
+    )
     (tmp_path / "not-a-model").mkdir()
-    fails(["check", "--base", str(tmp_path / "not-a-model"), "--candidates", str(zoo["a"]), str(zoo["b"])],
-          "has no config.json; it is not a transformers model folder", capsys)  # fmt: skip
+    fails(
+        ["check", "--base", str(tmp_path / "not-a-model"), "--candidates", str(zoo["a"]), str(zoo["b"])],
+        "has no config.json; it is not a transformers model folder",
+        capsys,
+    )
 
 
 def test_path_traversal_in_repo_ids(zoo, tmp_path, capsys):

@@ -13,7 +13,7 @@ from conftest import run_main
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_soup.gguf import convert_gguf
+from hf_soup.checkpoints.gguf import convert_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -37,8 +37,12 @@ def reference():
 
 
 def answer(model, tokenizer, question: str) -> str:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

@@ -29,16 +29,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import BUNDLED_DATA, LABELS, tiny_config
 
 from hf_soup import SoupConfig, cook
-from hf_soup.reproduce import reproduce
+from hf_soup.pipeline.reproduce import reproduce
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VOLATILE = {"versions", "timings", "created"}
 SCENARIOS = {
     "greedy": {"recipe": "greedy", "selection_split": "select.csv", "report_split": "test.csv"},
-    "wise": {"recipe": "wise", "alpha": "0:1:0.5", "wise_of": "uniform", "selection_split": "select.csv",
-             "report_split": "test.csv"},
+    "wise": {
+        "recipe": "wise",
+        "alpha": "0:1:0.5",
+        "wise_of": "uniform",
+        "selection_split": "select.csv",
+        "report_split": "test.csv",
+    },
     "merge": {"recipe": "uniform"},
-}  # fmt: skip
+}
 
 
 def seeded_normal(shape, seed: int, std: float) -> torch.Tensor:
@@ -53,8 +58,11 @@ def build_fixtures(root: Path, tokenizer_dir: Path) -> None:
     on any CPU and kernel set."""
     config = tiny_config()
     base = BertModel(config, add_pooling_layer=True)
-    drawn = {key: seeded_normal(t.shape, index, 0.02) for index, (key, t) in enumerate(base.state_dict().items())
-             if key.endswith("weight") and "LayerNorm" not in key}  # fmt: skip
+    drawn = {
+        key: seeded_normal(t.shape, index, 0.02)
+        for index, (key, t) in enumerate(base.state_dict().items())
+        if key.endswith("weight") and "LayerNorm" not in key
+    }
     base.load_state_dict({**base.state_dict(), **drawn})  # LayerNorm ones and zero biases: exact constants
     base.save_pretrained(root / "base")
     shutil.copytree(tokenizer_dir, root / "base", dirs_exist_ok=True)
@@ -83,12 +91,25 @@ def run_scenario(root: Path, name: str) -> Path:
     options = SCENARIOS[name]
     data = {}
     if "selection_split" in options:
-        data = {"dataset": str(root / options["selection_split"]), "text_column": "review",
-                "label_column": "score", "batch_size": 16}  # fmt: skip
-        options = {**options, "selection_split": str(root / options["selection_split"]),
-                   "report_split": str(root / options["report_split"])}  # fmt: skip
-    config = SoupConfig(base=str(root / "base"), candidates=[str(root / "runs" / "*")], output=str(root / name),
-                        bootstrap=200, **data, **options)  # fmt: skip
+        data = {
+            "dataset": str(root / options["selection_split"]),
+            "text_column": "review",
+            "label_column": "score",
+            "batch_size": 16,
+        }
+        options = {
+            **options,
+            "selection_split": str(root / options["selection_split"]),
+            "report_split": str(root / options["report_split"]),
+        }
+    config = SoupConfig.from_options(
+        base=str(root / "base"),
+        candidates=[str(root / "runs" / "*")],
+        output=str(root / name),
+        bootstrap=200,
+        **data,
+        **options,
+    )
     cook(config, command=f"hf-soup golden {name}", quiet=True)
     return root / name
 
@@ -140,8 +161,12 @@ def test_reproduce_reads_a_soup_json_written_by_0_3_0(golden_root):
     """The stored 0.3.0 manifest (no format_version) is reproduced bit for bit from the same fixtures."""
     folder = golden_root / "from-0.3.0"
     if not folder.exists():
-        shutil.copytree(run_scenario(golden_root, "greedy") if not (golden_root / "greedy").exists()
-                        else golden_root / "greedy", folder)  # fmt: skip
+        shutil.copytree(
+            run_scenario(golden_root, "greedy")
+            if not (golden_root / "greedy").exists()
+            else golden_root / "greedy",
+            folder,
+        )
     old = json.loads((GOLDEN / "soup-0.3.0.json").read_text())
     assert "format_version" not in old
     (folder / "soup.json").write_text(json.dumps(old))

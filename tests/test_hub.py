@@ -68,17 +68,45 @@ def run(args, env, timeout=600):
 
 
 def data_args(reviews):
-    return ["--dataset", str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-            "--label-column", "score", "--max-length", "64", "--selection-fraction", "0.25",
-            "--max-eval-examples", "60"]  # fmt: skip
+    return [
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--selection-fraction",
+        "0.25",
+        "--max-eval-examples",
+        "60",
+    ]
 
 
 @pytest.mark.slow
 def test_full_hub_session(hub, tmp_path, reviews):
     env = hub_env(hub, tmp_path)
     commits_before = len(hub.store.repos["org/ft-a"].commits)
-    cooked = run(["--base", "org/base", "--candidates", "org/ft-*", *data_args(reviews), "--recipe", "greedy",
-                  "--push-to", "org/soup", "--format", "json", "--quiet"], env)  # fmt: skip
+    cooked = run(
+        [
+            "--base",
+            "org/base",
+            "--candidates",
+            "org/ft-*",
+            *data_args(reviews),
+            "--recipe",
+            "greedy",
+            "--push-to",
+            "org/soup",
+            "--format",
+            "json",
+            "--quiet",
+        ],
+        env,
+    )
     assert cooked.returncode == 0, cooked.stderr
     report = json.loads(cooked.stdout)
 
@@ -114,8 +142,10 @@ def test_full_hub_session(hub, tmp_path, reviews):
     assert report["push"]["commit_url"].endswith(soup.main)
 
     # The card, read back with ModelCard.load against the server.
-    script = ("import json; from huggingface_hub import ModelCard; d = ModelCard.load('org/soup').data; "
-              "print(json.dumps([d.base_model, d.base_model_relation, d.eval_results[0].metric_type]))")  # fmt: skip
+    script = (
+        "import json; from huggingface_hub import ModelCard; d = ModelCard.load('org/soup').data; "
+        "print(json.dumps([d.base_model, d.base_model_relation, d.eval_results[0].metric_type]))"
+    )
     loaded = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
     )
@@ -149,8 +179,18 @@ def test_full_hub_session(hub, tmp_path, reviews):
 
 @pytest.mark.slow
 def test_offline_with_a_warm_cache(hub, tmp_path):
-    args = ["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b@main", "--recipe", "uniform",
-            "--format", "json", "--quiet"]  # fmt: skip
+    args = [
+        "--base",
+        "org/base",
+        "--candidates",
+        "org/ft-a",
+        "org/ft-b@main",
+        "--recipe",
+        "uniform",
+        "--format",
+        "json",
+        "--quiet",
+    ]
     online = run([*args, "--output", str(tmp_path / "online")], hub_env(hub, tmp_path))
     assert online.returncode == 0, online.stderr
     hub.stop()  # no server at all from here on
@@ -166,8 +206,10 @@ def test_offline_with_a_warm_cache(hub, tmp_path):
 @pytest.mark.slow
 def test_private_repo_without_token(hub, tmp_path):
     hub.upload_folder("org/secret-ft", tmp_path / "seed" / "a", private=True)
-    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", "org/secret-ft"],
-                 hub_env(hub, tmp_path, token=None))  # fmt: skip
+    result = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-a", "org/secret-ft"],
+        hub_env(hub, tmp_path, token=None),
+    )
     assert result.returncode == 2
     assert "org/secret-ft: repository not found" in result.stderr and "HF_TOKEN" in result.stderr
     with_token = run(
@@ -177,16 +219,41 @@ def test_private_repo_without_token(hub, tmp_path):
 
 
 def test_no_match_is_a_clear_error(hub, tmp_path):
-    result = run(["--base", "org/base", "--candidates", "org/zzz-*", "--recipe", "uniform", "--output",
-                  str(tmp_path / "out")], hub_env(hub, tmp_path))  # fmt: skip
+    result = run(
+        [
+            "--base",
+            "org/base",
+            "--candidates",
+            "org/zzz-*",
+            "--recipe",
+            "uniform",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        hub_env(hub, tmp_path),
+    )
     assert result.returncode == 2 and "No candidate matches org/zzz-*" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_server_error_mid_download_leaves_nothing(hub, tmp_path):
     hub.inject("GET", r"^/org/ft-b/resolve/[0-9a-f]+/model\.safetensors$", 500)
-    result = run(["--base", "org/base", "--candidates", "org/ft-a", "org/ft-b", "--recipe", "uniform",
-                  "--output", str(tmp_path / "out"), "--push-to", "org/soup"], hub_env(hub, tmp_path))  # fmt: skip
+    result = run(
+        [
+            "--base",
+            "org/base",
+            "--candidates",
+            "org/ft-a",
+            "org/ft-b",
+            "--recipe",
+            "uniform",
+            "--output",
+            str(tmp_path / "out"),
+            "--push-to",
+            "org/soup",
+        ],
+        hub_env(hub, tmp_path),
+    )
     assert result.returncode == 2
     assert "HTTP 500" in result.stderr and "Traceback" not in result.stderr
     assert len(hub.requests("GET", "/org/ft-b/resolve")) > 1  # the client's own retries ran
@@ -217,8 +284,15 @@ def test_hf_cli_dispatches_to_hf_soup(tmp_path):
     from huggingface_hub.cli.extensions import ExtensionManifest
 
     home = tmp_path / "home"
-    manifest = ExtensionManifest(owner="hf-soup", repo="hf-soup", repo_id="hf-soup/hf-soup", short_name="soup",
-                                 executable_path=HF_SOUP, type="python", installed_at=datetime.now(timezone.utc))  # fmt: skip
+    manifest = ExtensionManifest(
+        owner="hf-soup",
+        repo="hf-soup",
+        repo_id="hf-soup/hf-soup",
+        short_name="soup",
+        executable_path=HF_SOUP,
+        type="python",
+        installed_at=datetime.now(timezone.utc),
+    )
     manifest.save(home / ".local" / "share" / "hf" / "extensions" / "hf-soup")
     env = {**hub_env(None, tmp_path, offline=True), "HOME": str(home)}
     result = subprocess.run(
@@ -259,23 +333,39 @@ def test_a_file_name_that_escapes_the_cache_is_refused(hub, tmp_path):
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     hub.store.create_repo("org/ft-evil")
     hub.store.commit("org/ft-evil", {**files, "../../evil.safetensors": b"x" * 64}, "traversal")
-    result = run(["--base", "org/base", "--candidates", "org/ft-a", "org/ft-evil", "--recipe", "uniform",
-                  "--output", str(tmp_path / "out")], hub_env(hub, tmp_path))  # fmt: skip
+    result = run(
+        [
+            "--base",
+            "org/base",
+            "--candidates",
+            "org/ft-a",
+            "org/ft-evil",
+            "--recipe",
+            "uniform",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        hub_env(hub, tmp_path),
+    )
     assert result.returncode == 2 and "unsafe file name" in result.stderr and "'..'" in result.stderr
     assert not list(tmp_path.rglob("evil.safetensors")) and not (tmp_path / "out").exists()
 
 
 def test_a_revision_that_no_longer_exists(hub, tmp_path):
     gone = "0" * 40
-    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", f"org/ft-b@{gone}"],
-                 hub_env(hub, tmp_path))  # fmt: skip
+    result = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-a", f"org/ft-b@{gone}"],
+        hub_env(hub, tmp_path),
+    )
     assert result.returncode == 2
     assert f"org/ft-b@{gone}: no such revision" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_dataset_repo_is_not_a_candidate(hub, tmp_path):
-    result = run(["check", "--base", "org/base", "--candidates", "org/ft-a", "org/reviews-dataset"],
-                 hub_env(hub, tmp_path))  # fmt: skip
+    result = run(
+        ["check", "--base", "org/base", "--candidates", "org/ft-a", "org/reviews-dataset"],
+        hub_env(hub, tmp_path),
+    )
     assert result.returncode == 2
     assert "org/reviews-dataset: repository not found" in result.stderr and "model repo" in result.stderr
 
@@ -284,8 +374,19 @@ def test_a_dataset_repo_is_not_a_candidate(hub, tmp_path):
 def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
     """Grep every byte hf-soup produced (streams, output folder, plots, caches, pushed files) for the token."""
     out = tmp_path / "out"
-    args = ["--base", "org/base", "--candidates", "org/ft-*", "--recipe", "greedy", *data_args(reviews),
-            "--output", str(out), "--push-to", "org/soup"]  # fmt: skip
+    args = [
+        "--base",
+        "org/base",
+        "--candidates",
+        "org/ft-*",
+        "--recipe",
+        "greedy",
+        *data_args(reviews),
+        "--output",
+        str(out),
+        "--push-to",
+        "org/soup",
+    ]
     env = {**hub_env(hub, tmp_path), "HF_SOUP_DEBUG": "0"}  # "0" means off, as unset
     ok = run(args, env)
     assert ok.returncode == 0, ok.stderr
@@ -308,9 +409,23 @@ def test_the_token_never_appears_in_any_output(hub, tmp_path, reviews):
 def test_a_soup_of_local_candidates_pushes_no_local_path(hub, zoo, reviews, tmp_path):
     """The Hub accepts the card (validated like the real one) and no pushed byte names this machine's paths."""
     env = hub_env(hub, tmp_path)
-    cooked = run(["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), *data_args(reviews),
-                  "--output", str(tmp_path / "soup"), "--push-to", "org/local-soup", "--format", "json", "--quiet"],
-                 env)  # fmt: skip
+    cooked = run(
+        [
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            str(zoo["root"] / "runs" / "*"),
+            *data_args(reviews),
+            "--output",
+            str(tmp_path / "soup"),
+            "--push-to",
+            "org/local-soup",
+            "--format",
+            "json",
+            "--quiet",
+        ],
+        env,
+    )
     assert cooked.returncode == 0, cooked.stderr
     repo = hub.store.repos["org/local-soup"]
     files = repo.commits[repo.main].files
@@ -359,9 +474,17 @@ def test_the_test_hub_rejects_metadata_the_hub_rejects(hub, tmp_path):
         with pytest.raises(ValueError, match=re.escape(field)):
             api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="org/cards")
         # The commit endpoint refuses it too, for a client that skips the check.
-        lines = [{"key": "header", "value": {"summary": "card"}},
-                 {"key": "file", "value": {"path": "README.md", "content": base64.b64encode(readme).decode(),
-                                           "encoding": "base64"}}]  # fmt: skip
+        lines = [
+            {"key": "header", "value": {"summary": "card"}},
+            {
+                "key": "file",
+                "value": {
+                    "path": "README.md",
+                    "content": base64.b64encode(readme).decode(),
+                    "encoding": "base64",
+                },
+            },
+        ]
         request = urllib.request.Request(
             f"{hub.url}/api/models/org/cards/commit/main",
             data="\n".join(json.dumps(line) for line in lines).encode(),
@@ -378,8 +501,20 @@ def test_the_test_hub_rejects_metadata_the_hub_rejects(hub, tmp_path):
 def test_a_card_the_hub_would_reject_is_refused_before_any_upload(hub, zoo, tmp_path):
     env = hub_env(hub, tmp_path)
     folder = tmp_path / "soup"
-    merged = run(["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--recipe", "uniform",
-                  "--output", str(folder)], env)  # fmt: skip
+    merged = run(
+        [
+            "--base",
+            str(zoo["base"]),
+            "--candidates",
+            str(zoo["a"]),
+            str(zoo["b"]),
+            "--recipe",
+            "uniform",
+            "--output",
+            str(folder),
+        ],
+        env,
+    )
     assert merged.returncode == 0, merged.stderr
     readme = folder / "README.md"
     readme.write_text(readme.read_text().replace("---\n", f"---\nbase_model: {zoo['a']}\n", 1))

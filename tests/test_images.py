@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hf_soup import SoupConfig, cook
-from hf_soup.batchnorm import BatchNormRecalibrator
-from hf_soup.data import carve_selection
 from hf_soup.errors import ConfigError
-from hf_soup.metrics import compute_metrics
-from hf_soup.sweep import SweepVariant, sweep
+from hf_soup.evaluation.data import carve_selection
+from hf_soup.evaluation.metrics import compute_metrics
+from hf_soup.scoring.batchnorm import BatchNormRecalibrator
+from hf_soup.training.sweep import SweepVariant, sweep
 
 POOL_ROWS, TEST_ROWS = 2000, 600
 # Three fine-tunes with a seeded random head (constant learning rates, as a short budget wants).
@@ -67,7 +67,7 @@ def image_config(zoo, output: Path, **overrides) -> SoupConfig:
         output=str(output),
     )
     values.update(overrides)
-    return SoupConfig(**values)
+    return SoupConfig.from_options(**values)
 
 
 def logits_of(model_dir: Path, images) -> np.ndarray:
@@ -187,11 +187,30 @@ def test_label_alignment_holds_for_images(image_zoo, tmp_path):
     folder = _imagefolder(image_zoo["data"], tmp_path / "imagefolder", rows=300)
     assert datasets.load_dataset(str(folder), split="test").features["label"].names == sorted(fm.LABELS)
 
-    aligned = cook(image_config(image_zoo, tmp_path / "aligned", candidates=[str(pot / "*")], dataset=str(folder),
-                                recipe="uniform", batch_size=25, bootstrap=50), quiet=True)  # fmt: skip
+    aligned = cook(
+        image_config(
+            image_zoo,
+            tmp_path / "aligned",
+            candidates=[str(pot / "*")],
+            dataset=str(folder),
+            recipe="uniform",
+            batch_size=25,
+            bootstrap=50,
+        ),
+        quiet=True,
+    )
     # The unpermuted pair, merged without data.
-    cook(image_config(image_zoo, tmp_path / "reference", candidates=[str(first), str(second)], task=None,
-                      dataset=None, recipe="uniform"), quiet=True)  # fmt: skip
+    cook(
+        image_config(
+            image_zoo,
+            tmp_path / "reference",
+            candidates=[str(first), str(second)],
+            task=None,
+            dataset=None,
+            recipe="uniform",
+        ),
+        quiet=True,
+    )
     assert aligned.report["compatibility"]["permuted"] == [str(pot / "b")]
     assert (
         tmp_path / "reference" / "preprocessor_config.json"
@@ -218,7 +237,10 @@ def _hand_recalibrated(model_dir: Path, soup_state: dict, images, batches: int, 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     sums = {n: [torch.zeros(m.num_features, dtype=torch.float64)] * 2 for n, m in layers.items()}
     captured = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: captured.__setitem__(n, inp[0])) for n, m in layers.items()]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: captured.__setitem__(n, inp[0]))
+        for n, m in layers.items()
+    ]
     with torch.no_grad():
         for start in range(0, batches * batch_size, batch_size):
             # In train mode every layer normalises with its batch's own statistics, as during recalibration.
@@ -237,14 +259,21 @@ def _hand_recalibrated(model_dir: Path, soup_state: dict, images, batches: int, 
 def test_recalibrate_bn_writes_statistics_of_the_soup_on_selection_batches(image_zoo, tmp_path):
     batches, batch_size = 3, 50
     result = cook(
-        image_config(image_zoo, tmp_path / "soup", recipe="uniform", recalibrate_bn=batches, batch_size=batch_size,
-                     bootstrap=50),
+        image_config(
+            image_zoo,
+            tmp_path / "soup",
+            recipe="uniform",
+            recalibrate_bn=batches,
+            batch_size=batch_size,
+            bootstrap=50,
+        ),
         quiet=True,
-    )  # fmt: skip
+    )
     written = load_file(str(tmp_path / "soup" / "model.safetensors"))
     runs = sorted(image_zoo["runs"].values())
-    averaged = {k: sum(load_file(str(r / "model.safetensors"))[k].double() for r in runs) / len(runs)
-                for k in written}  # fmt: skip
+    averaged = {
+        k: sum(load_file(str(r / "model.safetensors"))[k].double() for r in runs) / len(runs) for k in written
+    }
     assert result.report["batchnorm"]["recalibrated_batches"] == batches
 
     # The selection split is hf-soup's seeded carve-out of train, in dataset order.
@@ -288,13 +317,29 @@ def test_image_cli_and_evaluate_agree(image_zoo, image_run, tmp_path):
     test = datasets.load_dataset(str(image_zoo["data"]), split="test")
     logits = logits_of(output, list(test["image"]))
     labels = names_to_model_ids(output, test)
-    direct = {"accuracy": float(np.mean(logits.argmax(1) == labels)),
-              "top5_accuracy": float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits, labels)]))}  # fmt: skip
+    direct = {
+        "accuracy": float(np.mean(logits.argmax(1) == labels)),
+        "top5_accuracy": float(np.mean([y in np.argsort(-row)[:5] for row, y in zip(logits, labels)])),
+    }
     run = subprocess.run(
-        [sys.executable, "-m", "hf_soup", "evaluate", str(output), "--task", "image-classification",
-         "--dataset", str(image_zoo["data"]), "--format", "json", "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hf_soup",
+            "evaluate",
+            str(output),
+            "--task",
+            "image-classification",
+            "--dataset",
+            str(image_zoo["data"]),
+            "--format",
+            "json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     scores = json.loads(run.stdout)
     assert scores["test"]["metrics"] == pytest.approx(direct, abs=1e-9)
@@ -324,7 +369,7 @@ def test_image_input_errors_are_one_clear_message(image_zoo, tmp_path):
 
 
 def test_large_splits_are_processed_on_access_with_the_same_pixels(image_zoo, monkeypatch):
-    from hf_soup import images
+    from hf_soup.evaluation import images
 
     data = datasets.load_dataset(str(image_zoo["data"]), split="test").select(range(50))
     processor = AutoImageProcessor.from_pretrained(image_zoo["base"])

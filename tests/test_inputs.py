@@ -42,11 +42,35 @@ def classifier_base(zoo, folder, labels: list[str]):
 
 def wise(zoo, reviews, base, out, alpha: str) -> dict:
     result = run_main(
-        "--base", str(base), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset", str(reviews["train"]),
-        "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
-        "--max-length", "64", "--max-eval-examples", "40", "--recipe", "wise", "--wise-of", "uniform",
-        "--alpha", alpha, "--output", str(out), "--format", "json", "--quiet",
-    )  # fmt: skip
+        "--base",
+        str(base),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--max-eval-examples",
+        "40",
+        "--recipe",
+        "wise",
+        "--wise-of",
+        "uniform",
+        "--alpha",
+        alpha,
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -81,8 +105,11 @@ def test_a_base_head_with_the_same_labels_in_another_order_is_permuted(zoo, revi
 def to_bf16(source, target):
     folder = copy_model(source, target)
     state = load_file(str(folder / "model.safetensors"))
-    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return folder
 
 
@@ -90,10 +117,28 @@ def test_bf16_candidates_give_a_bf16_soup_scored_as_written(zoo, reviews, tmp_pa
     runs = [to_bf16(zoo[k], tmp_path / "runs" / k) for k in "abc"]
     out = tmp_path / "soup"
     result = run_main(
-        "--base", str(zoo["base"]), "--candidates", *map(str, runs), "--dataset", str(reviews["train"]),
-        "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
-        "--max-length", "64", "--recipe", "uniform", "--output", str(out), "--format", "json", "--quiet",
-    )  # fmt: skip
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *map(str, runs),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     stored = {t.dtype for t in load_file(str(out / "model.safetensors")).values() if t.is_floating_point()}
@@ -107,8 +152,13 @@ def test_bf16_candidates_give_a_bf16_soup_scored_as_written(zoo, reviews, tmp_pa
     with torch.no_grad():
         predicted = []
         for start in range(0, len(frame), 64):
-            batch = tokenizer(list(frame["review"][start : start + 64]), truncation=True, max_length=64,
-                              padding=True, return_tensors="pt")  # fmt: skip
+            batch = tokenizer(
+                list(frame["review"][start : start + 64]),
+                truncation=True,
+                max_length=64,
+                padding=True,
+                return_tensors="pt",
+            )
             predicted += model(**batch).logits.argmax(-1).tolist()
     labels = [LABELS.index(s) for s in frame["score"]]
     assert report["soup"]["report"]["test.csv"]["accuracy"] == pytest.approx(
@@ -137,8 +187,17 @@ def test_lora_updates_on_a_bf16_base_stay_float32_until_souped(tmp_path, tokeniz
         peft_model.save_pretrained(tmp_path / "runs" / str(seed))
         adapters.append(tmp_path / "runs" / str(seed))
     out = tmp_path / "soup"
-    result = run_main("--base", str(tmp_path / "base"), "--candidates", *map(str, adapters), "--recipe", "uniform",
-                      "--output", str(out), "--quiet")  # fmt: skip
+    result = run_main(
+        "--base",
+        str(tmp_path / "base"),
+        "--candidates",
+        *map(str, adapters),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     soup = load_file(str(out / "model.safetensors"))
     base = load_file(str(tmp_path / "base" / "model.safetensors"))
@@ -165,9 +224,21 @@ def test_fractional_labels_are_refused_naming_the_column(zoo, reviews, tmp_path)
     frame = pd.read_csv(reviews["train"]).head(120)
     frame["score"] = np.resize([0.3, 0.9, 1.7], len(frame))
     frame.to_csv(tmp_path / "floats.csv", index=False)
-    result = cli("--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset",
-                 str(tmp_path / "floats.csv"), "--text-column", "review", "--label-column", "score",
-                 "--output", str(tmp_path / "soup"))  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--dataset",
+        str(tmp_path / "floats.csv"),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--output",
+        str(tmp_path / "soup"),
+    )
     assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
     assert "label column 'score' holds numbers that are not class ids (e.g. " in result.stderr
     assert all(value in result.stderr for value in ("0.3", "0.9", "1.7"))
@@ -179,15 +250,33 @@ def test_missing_texts_are_counted_and_fatal_with_strict(zoo, reviews, tmp_path)
     blank = frame.index[::10]
     frame.loc[blank, "review"] = np.resize(["", "   ", None], len(blank))
     frame.to_csv(tmp_path / "test.csv", index=False)
-    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["a"]), str(zoo["b"]), "--dataset", str(reviews["train"]),
-            "--report-split", str(tmp_path / "test.csv"), "--text-column", "review", "--label-column", "score",
-            "--max-length", "64", "--recipe", "uniform"]  # fmt: skip
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["a"]),
+        str(zoo["b"]),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(tmp_path / "test.csv"),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--max-length",
+        "64",
+        "--recipe",
+        "uniform",
+    ]
     result = cli(*args, "--format", "json", "--quiet")
     assert result.returncode == 0, result.stderr
     expected = int(pd.read_csv(tmp_path / "test.csv")["review"].fillna("").str.strip().eq("").sum())
     assert expected == len(blank)
-    assert any(f"test.csv split has {expected} example(s) with a missing or blank text" in w
-               for w in json.loads(result.stdout)["warnings"])  # fmt: skip
+    assert any(
+        f"test.csv split has {expected} example(s) with a missing or blank text" in w
+        for w in json.loads(result.stdout)["warnings"]
+    )
     strict = cli(*args, "--strict", "--output", str(tmp_path / "soup"))
     assert strict.returncode == 2 and "--strict: The test.csv split has" in strict.stderr
     assert not (tmp_path / "soup").exists()
@@ -227,8 +316,16 @@ def test_packed_tensors_are_copied_when_identical_and_refused_when_not(zoo, tmp_
 
     pairs = (("a", 1), ("b", 2))
     differ = [with_packed_tensor(zoo[k], tmp_path / "differ" / k, [7, value], dtype) for k, value in pairs]
-    result = cli("--base", str(zoo["base"]), "--candidates", *map(str, differ), "--recipe", "uniform",
-                 "--output", str(tmp_path / "refused"))  # fmt: skip
+    result = cli(
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        *map(str, differ),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(tmp_path / "refused"),
+    )
     assert result.returncode == 2 and result.stderr.count("hf-soup: error:") == 1
     assert f"quant.packed is stored as {dtype}" in result.stderr and "Dequantize" in result.stderr
     assert not (tmp_path / "refused").exists()
@@ -257,26 +354,46 @@ def test_the_trainer_path_matches_labels_by_name_and_takes_any_metric(zoo, revie
 
     def metrics(prediction):
         predicted = prediction.predictions.argmax(-1)
-        return {"accuracy": float((predicted == prediction.label_ids).mean()),
-                "precision": float(precision_score(prediction.label_ids, predicted, zero_division=0))}  # fmt: skip
+        return {
+            "accuracy": float((predicted == prediction.label_ids).mean()),
+            "precision": float(precision_score(prediction.label_ids, predicted, zero_division=0)),
+        }
 
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=32, report_to="none",
-                             metric_for_best_model="accuracy", use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_eval_batch_size=32,
+        report_to="none",
+        metric_for_best_model="accuracy",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
         permute_labels(copy_model(zoo["a"], tmp_path / "live"))
     )
-    trainer = Trainer(model=model, args=args, eval_dataset=selection, processing_class=tokenizer,
-                      compute_metrics=metrics)  # fmt: skip
-    result = cook(base=str(zoo["base"]), candidates=[str(zoo["a"]), str(reversed_b)], trainer=trainer,
-                  recipe="greedy", report_dataset=report_split, quiet=True)  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, eval_dataset=selection, processing_class=tokenizer, compute_metrics=metrics
+    )
+    result = cook(
+        base=str(zoo["base"]),
+        candidates=[str(zoo["a"]), str(reversed_b)],
+        trainer=trainer,
+        recipe="greedy",
+        report_dataset=report_split,
+        quiet=True,
+    )
     report = result.report
     for candidate in report[
         "candidates"
     ]:  # each candidate's accuracy, by label name, from plain transformers
         own = AutoModelForSequenceClassification.from_pretrained(candidate["id"]).eval()
         with torch.no_grad():
-            batch = tokenizer(list(selection_frame["review"]), truncation=True, max_length=64, padding=True,
-                              return_tensors="pt")  # fmt: skip
+            batch = tokenizer(
+                list(selection_frame["review"]),
+                truncation=True,
+                max_length=64,
+                padding=True,
+                return_tensors="pt",
+            )
             names = [own.config.id2label[i] for i in own(**batch).logits.argmax(-1).tolist()]
         expected = accuracy_score(list(selection_frame["score"]), names)
         assert candidate["selection"]["accuracy"] == pytest.approx(expected), candidate["id"]

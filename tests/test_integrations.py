@@ -18,14 +18,26 @@ from test_compat import Payload
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_soup.cli import main
-from hf_soup.integrations import INGREDIENT_FILE, SoupCallback
+from hf_soup.training.integrations import INGREDIENT_FILE, SoupCallback
 
 LABELS = ["great", "other"]
 # Two CPU processes in one gloo group. (`accelerate launch --cpu` starts a single process unless given an MPI
 # hostfile; `--multi_gpu` is accelerate's torchrun launcher, and ACCELERATE_USE_CPU=1 puts it on the CPU.)
 # `accelerate launch` of this environment's accelerate, wherever its scripts were installed.
-LAUNCH_TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+LAUNCH_TWO_CPU_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +60,30 @@ def pot(zoo, reviews, tmp_path_factory):
     def accuracy(prediction):
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
-    args = TrainingArguments(output_dir=str(root / "out"), max_steps=6, per_device_train_batch_size=16,
-                             eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3,
-                             load_best_model_at_end=True, metric_for_best_model="accuracy", report_to="none",
-                             seed=7, use_cpu=True, disable_tqdm=True)  # fmt: skip
-    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=dev,
-                      processing_class=tokenizer, compute_metrics=accuracy,
-                      callbacks=[SoupCallback(root / "pot", base=str(zoo["base"]))])  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(root / "out"),
+        max_steps=6,
+        per_device_train_batch_size=16,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        report_to="none",
+        seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model_init=model_init,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev,
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+        callbacks=[SoupCallback(root / "pot", base=str(zoo["base"]))],
+    )
     import optuna
 
     grid = {
@@ -88,9 +117,29 @@ def test_a_sweep_fills_the_pot_with_described_ingredients(pot, zoo):
 
 def test_the_pot_soups_through_the_cli(pot, zoo, reviews, tmp_path, capsys):
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(pot / "*"), "--dataset", str(reviews["train"]),
-            "--report-split", str(reviews["test"]), "--text-column", "review", "--label-column", "score",
-            "--selection-fraction", "0.25", "--max-length", "64", "--output", str(out), "--format", "json", "--quiet"]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(pot / "*"),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--selection-fraction",
+        "0.25",
+        "--max-length",
+        "64",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["candidates"]) == 2 and (out / "model.safetensors").is_file()
@@ -108,8 +157,19 @@ def test_checkpoint_soup_ignores_optimizer_and_scheduler_files(pot, zoo, reviews
             with open(checkpoint / name, "wb") as handle:
                 pickle.dump(Payload(str(marker)), handle)
     out = tmp_path / "soup"
-    argv = ["--base", str(zoo["base"]), "--candidates", str(run / "checkpoint-*"), "--recipe", "uniform",
-            "--output", str(out), "--format", "json", "--quiet"]  # fmt: skip
+    argv = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(run / "checkpoint-*"),
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--format",
+        "json",
+        "--quiet",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert [i["id"] for i in report["mixture"]["ingredients"]] == [str(c) for c in checkpoints]
@@ -130,20 +190,41 @@ def _tokenized(tokenizer, frame, max_length=64):
 
 def test_greedy_scored_by_the_trainer_matches_greedy_scored_by_hf_soup(zoo, reviews, tmp_path):
     from hf_soup import SoupConfig, cook
-    from hf_soup.data import carve_selection, load_data
+    from hf_soup.evaluation.data import carve_selection, load_data
 
     _, selection = carve_selection(load_data(str(reviews["train"]), split="train"), 0.25, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=64, report_to="none",
-                             metric_for_best_model="accuracy", use_cpu=True, disable_tqdm=True)  # fmt: skip
-    trainer = Trainer(model=AutoModelForSequenceClassification.from_pretrained(zoo["a"]), args=args,
-                      eval_dataset=_tokenized(tokenizer, selection.to_pandas()), processing_class=tokenizer,
-                      compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_eval_batch_size=64,
+        report_to="none",
+        metric_for_best_model="accuracy",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(zoo["a"]),
+        args=args,
+        eval_dataset=_tokenized(tokenizer, selection.to_pandas()),
+        processing_class=tokenizer,
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )
     common = dict(base=str(zoo["base"]), candidates=[str(zoo["root"] / "runs" / "*")], recipe="greedy")
     by_trainer = cook(**common, trainer=trainer, output=str(tmp_path / "by-trainer"), quiet=True)
-    by_soup = cook(SoupConfig(**common, dataset=str(reviews["train"]), report_split=str(reviews["test"]),
-                              text_column="review", label_column="score", selection_fraction=0.25, max_length=64,
-                              selection_metric="accuracy", output=str(tmp_path / "by-soup")), quiet=True)  # fmt: skip
+    by_soup = cook(
+        SoupConfig(
+            **common,
+            dataset=str(reviews["train"]),
+            report_split=str(reviews["test"]),
+            text_column="review",
+            label_column="score",
+            selection_fraction=0.25,
+            max_length=64,
+            selection_metric="accuracy",
+            output=str(tmp_path / "by-soup"),
+        ),
+        quiet=True,
+    )
     assert by_trainer.mixture.weights() == by_soup.mixture.weights()
     assert by_trainer.report["task"]["selection_metric"] == "accuracy"
     ours = {c["id"]: c["selection"]["accuracy"] for c in by_soup.report["candidates"]}
@@ -162,15 +243,47 @@ def test_greedy_scored_by_the_trainer_matches_greedy_scored_by_hf_soup(zoo, revi
 @pytest.mark.slow
 def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_path):
     """`accelerate launch --num_processes 2 --cpu` (gloo) shards evaluation; results match one process."""
-    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset",
-            str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-            "--label-column", "score", "--selection-fraction", "0.25", "--max-length", "64", "--batch-size", "24",
-            "--recipe", "greedy", "--no-cache", "--format", "json", "--quiet"]  # fmt: skip
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--selection-fraction",
+        "0.25",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "24",
+        "--recipe",
+        "greedy",
+        "--no-cache",
+        "--format",
+        "json",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run([sys.executable, "-m", "hf_soup", *args, "--output", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    two = subprocess.run([*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "hf_soup", *args, "--output", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    two = subprocess.run(
+        [*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args, "--output", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     single, sharded = json.loads(one.stdout), json.loads(two.stdout)  # rank 1 printed nothing: one document
@@ -194,12 +307,31 @@ def test_two_processes_give_the_same_scores_and_soup_as_one(zoo, reviews, tmp_pa
 @pytest.mark.slow
 def test_an_error_under_two_processes_is_reported_once_and_writes_nothing(zoo, reviews, tmp_path):
     out = tmp_path / "soup"
-    args = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--dataset",
-            str(reviews["train"]), "--text-column", "no-such-column", "--label-column", "score",
-            "--selection-fraction", "0.25", "--output", str(out), "--quiet"]  # fmt: skip
+    args = [
+        "--base",
+        str(zoo["base"]),
+        "--candidates",
+        str(zoo["root"] / "runs" / "*"),
+        "--dataset",
+        str(reviews["train"]),
+        "--text-column",
+        "no-such-column",
+        "--label-column",
+        "score",
+        "--selection-fraction",
+        "0.25",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    two = subprocess.run([*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args], capture_output=True, text=True,
-                         env=env, timeout=600)  # fmt: skip
+    two = subprocess.run(
+        [*LAUNCH_TWO_CPU_PROCESSES, "-m", "hf_soup", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode != 0
     assert two.stderr.count("hf-soup: error:") == 1 and "no column 'no-such-column'" in two.stderr
     assert "Traceback" not in two.stderr.split("hf-soup: error:")[0]  # no rank crashed before reporting
@@ -210,10 +342,11 @@ def test_both_scorers_implement_the_scorer_protocol(zoo, reviews, tmp_path, monk
     """`scoring.MixtureScorer` is what the stages use: hf-soup's `Scorer` and `TrainerScorer` both implement all of
     it (TrainerScorer lacked `load` and `subset_value`), and a trainer's `subset_value` is the metric of that
     subset of its eval dataset, counted here from the trainer's own predictions."""
-    from hf_soup import cook, scored_stages
+    from hf_soup import cook
     from hf_soup.mixture import Mixture
-    from hf_soup.scoring import MixtureScorer, Scorer
-    from hf_soup.trainer_scoring import TrainerScorer
+    from hf_soup.pipeline import scored_stages
+    from hf_soup.scoring.scorer import MixtureScorer, Scorer
+    from hf_soup.scoring.trainer import TrainerScorer
 
     scorers = []
     recipe_stage = scored_stages.recipe_stage
@@ -224,15 +357,33 @@ def test_both_scorers_implement_the_scorer_protocol(zoo, reviews, tmp_path, monk
 
     monkeypatch.setattr(scored_stages, "recipe_stage", recording)
     candidates = [str(zoo["a"]), str(zoo["b"])]
-    cook(base=str(zoo["base"]), candidates=candidates, dataset=str(reviews["train"]), text_column="review",
-         label_column="score", recipe="uniform", max_eval_examples=16, quiet=True)  # fmt: skip
+    cook(
+        base=str(zoo["base"]),
+        candidates=candidates,
+        dataset=str(reviews["train"]),
+        text_column="review",
+        label_column="score",
+        recipe="uniform",
+        max_eval_examples=16,
+        quiet=True,
+    )
     selection = pd.read_csv(reviews["train"]).head(60)
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=64, report_to="none",
-                             metric_for_best_model="accuracy", use_cpu=True, disable_tqdm=True)  # fmt: skip
-    trainer = Trainer(model=AutoModelForSequenceClassification.from_pretrained(zoo["a"]), args=args,
-                      eval_dataset=_tokenized(tokenizer, selection), processing_class=tokenizer,
-                      compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_eval_batch_size=64,
+        report_to="none",
+        metric_for_best_model="accuracy",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(zoo["a"]),
+        args=args,
+        eval_dataset=_tokenized(tokenizer, selection),
+        processing_class=tokenizer,
+        compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    )
     cook(base=str(zoo["base"]), candidates=candidates, trainer=trainer, recipe="greedy", quiet=True)
     assert [type(scorer) for scorer in scorers] == [Scorer, TrainerScorer]
     assert all(isinstance(scorer, MixtureScorer) for scorer in scorers)  # every member of the protocol

@@ -12,12 +12,13 @@ from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_soup import cook
-from hf_soup.compat import check_compatibility
-from hf_soup.data import load_data, task_spec
-from hf_soup.materialize import Workbench
-from hf_soup.mixing import MixingTrainer
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.evaluation.data import load_data
+from hf_soup.evaluation.tasks import task_spec
+from hf_soup.evaluation.text import encode_text_split
+from hf_soup.merge.materialize import Workbench
 from hf_soup.recipes import LearnedOptions
-from hf_soup.text import encode_text_split
+from hf_soup.scoring.mixing import MixingTrainer
 
 CANDIDATES = ["a", "b", "c", "d"]
 
@@ -87,8 +88,17 @@ def test_streamed_gradients_match_an_all_in_memory_reference(setup, zoo, granula
 @pytest.fixture(scope="module")
 def learned_run(zoo, reviews, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learned")
-    config = config_for(zoo, reviews, tmp, recipe="learned", granularity="model", learn_epochs=3, learn_lr=0.3,
-                        selection_metric="loss", cache_dir=str(tmp / "cache"))  # fmt: skip
+    config = config_for(
+        zoo,
+        reviews,
+        tmp,
+        recipe="learned",
+        granularity="model",
+        learn_epochs=3,
+        learn_lr=0.3,
+        selection_metric="loss",
+        cache_dir=str(tmp / "cache"),
+    )
     return cook(config, quiet=True)
 
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_soup import SoupConfig, cook
 from hf_soup.errors import ConfigError
-from hf_soup.reproduce import reproduce
+from hf_soup.pipeline.reproduce import reproduce
 
 PEFT = "base_model.model."
 
@@ -42,8 +42,11 @@ def headed(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     torch.manual_seed(0)
     BertForSequenceClassification(tiny_config()).save_pretrained(root / "base")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "base")
-    specs = {"a": (2, ["query", "value"], {}), "b": (4, ["query", "key"], {}),
-             "c": (4, ["value", "key"], {"use_rslora": True})}  # fmt: skip
+    specs = {
+        "a": (2, ["query", "value"], {}),
+        "b": (4, ["query", "key"], {}),
+        "c": (4, ["value", "key"], {"use_rslora": True}),
+    }
     for seed, (name, (r, targets, options)) in enumerate(specs.items()):
         model = BertForSequenceClassification.from_pretrained(root / "base")
         _lora(model, r, targets, seed, **options).save_pretrained(root / "runs" / name)
@@ -76,8 +79,13 @@ def merged_state(base: Path, adapter: Path, num_labels: int = 2) -> dict[str, to
 
 
 def uniform(tmp_path, base, candidates, **options):
-    config = SoupConfig(base=str(base), candidates=[str(c) for c in candidates], recipe="uniform",
-                        output=str(tmp_path), **options)  # fmt: skip
+    config = SoupConfig(
+        base=str(base),
+        candidates=[str(c) for c in candidates],
+        recipe="uniform",
+        output=str(tmp_path),
+        **options,
+    )
     return cook(config, quiet=True)
 
 
@@ -165,8 +173,15 @@ def test_lora_rank_truncation_reports_the_frobenius_error(seq_cls, tmp_path):
     assert result.report["lora"]["rank"] == rank and report["rank"] == rank
     squared_error = squared_norm = 0.0
     for module, relative in report["modules"].items():
-        exact = sum(2.0 * s[f"{PEFT}{module}.lora_B.weight"].double() @ s[f"{PEFT}{module}.lora_A.weight"].double()
-                    for s in adapters) / 3  # fmt: skip
+        exact = (
+            sum(
+                2.0
+                * s[f"{PEFT}{module}.lora_B.weight"].double()
+                @ s[f"{PEFT}{module}.lora_A.weight"].double()
+                for s in adapters
+            )
+            / 3
+        )
         approx = (
             written[f"{PEFT}{module}.lora_B.weight"].double()
             @ written[f"{PEFT}{module}.lora_A.weight"].double()
@@ -228,10 +243,19 @@ def test_lora_and_full_candidates_mix_as_merged_models(seq_cls, tmp_path):
 
 
 def test_lora_candidates_are_scored_as_their_merged_models(seq_cls, reviews, tokenizer_dir, tmp_path):
-    config = SoupConfig(base=str(seq_cls["base"]), candidates=[str(seq_cls[n]) for n in "def"],
-                        dataset=str(reviews["train"]), report_split=str(reviews["test"]), text_column="review",
-                        label_column="score", recipe="greedy", selection_fraction=0.25, max_length=64,
-                        bootstrap=100, output=str(tmp_path / "soup"))  # fmt: skip
+    config = SoupConfig(
+        base=str(seq_cls["base"]),
+        candidates=[str(seq_cls[n]) for n in "def"],
+        dataset=str(reviews["train"]),
+        report_split=str(reviews["test"]),
+        text_column="review",
+        label_column="score",
+        recipe="greedy",
+        selection_fraction=0.25,
+        max_length=64,
+        bootstrap=100,
+        output=str(tmp_path / "soup"),
+    )
     result = cook(config, quiet=True)
     test = pd.read_csv(reviews["test"])
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -249,13 +273,31 @@ def test_hub_lora_of_another_base_is_rejected_before_its_weights_are_fetched(zoo
     try:
         server.upload_folder("org/base", zoo["base"])
         for name in "de":
-            server.upload_folder(f"org/lora-{name}", _adapter_copy(seq_cls[name], tmp_path / name,
-                                                                   base_model_name_or_path="org/base"))  # fmt: skip
-        server.upload_folder("org/lora-other", _adapter_copy(seq_cls["f"], tmp_path / "other",
-                                                             base_model_name_or_path="someone/else"))  # fmt: skip
+            server.upload_folder(
+                f"org/lora-{name}",
+                _adapter_copy(seq_cls[name], tmp_path / name, base_model_name_or_path="org/base"),
+            )
+        server.upload_folder(
+            "org/lora-other",
+            _adapter_copy(seq_cls["f"], tmp_path / "other", base_model_name_or_path="someone/else"),
+        )
         env = hub_env(server, tmp_path, token=None)
-        cooked = run(["--base", "org/base", "--candidates", "org/lora-*", "--recipe", "uniform", "--output",
-                      str(tmp_path / "soup"), "--format", "json", "--quiet"], env)  # fmt: skip
+        cooked = run(
+            [
+                "--base",
+                "org/base",
+                "--candidates",
+                "org/lora-*",
+                "--recipe",
+                "uniform",
+                "--output",
+                str(tmp_path / "soup"),
+                "--format",
+                "json",
+                "--quiet",
+            ],
+            env,
+        )
         assert cooked.returncode == 0, cooked.stderr
         report = json.loads(cooked.stdout)
         assert report["compatibility"]["rejected"][0]["id"] == "org/lora-other"
@@ -291,3 +333,47 @@ def test_an_adapter_with_nan_is_refused_without_merging_it(seq_cls, tmp_path):
     with pytest.raises(NonFiniteWeightsError, match=f"NaN or Inf values in {key}"):
         uniform(tmp_path / "soup", seq_cls["base"], [seq_cls["d"], bad])
     assert not (tmp_path / "soup").exists()
+
+
+def test_rank_and_alpha_patterns_are_merged_as_peft_merges_them(headed, tmp_path):
+    """An adapter whose modules have their own ranks and alphas (peft's `rank_pattern` / `alpha_pattern`): hf-soup's
+    merged model of it is peft's own `merge_and_unload` of it, module by module."""
+    model = BertForSequenceClassification.from_pretrained(headed["base"])
+    torch.manual_seed(7)
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value"],
+        init_lora_weights=False,
+        rank_pattern={"layer.0.attention.self.query": 4},
+        alpha_pattern={"value": 1},
+    )
+    get_peft_model(model, config).save_pretrained(tmp_path / "patterned")
+    saved = json.loads((tmp_path / "patterned" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]  # the patterns are in the file hf-soup reads
+    # A soup of it and a plain adapter: the mean of peft's two merged models.
+    result = uniform(tmp_path / "soup", headed["base"], [tmp_path / "patterned", headed["a"]])
+    assert sorted(result.report["compatibility"]["lora"]) == sorted(
+        [str(tmp_path / "patterned"), str(headed["a"])]
+    )
+    assert len(result.mixture.ingredients) == 2  # both in the soup (none flagged by the shared-init check)
+    ours = load_file(str(tmp_path / "soup" / "model.safetensors"))
+    merged = [merged_state(headed["base"], tmp_path / "patterned"), merged_state(headed["base"], headed["a"])]
+    # The adapted weights (the tiny base's classifier is not saved, so peft's loads draw their own heads).
+    adapted = [name for name in ours if ".attention.self." in name]
+    reference = {name: (merged[0][name].double() + merged[1][name].double()) / 2 for name in adapted}
+    assert max_difference({name: ours[name] for name in adapted}, reference) < 1e-5
+    # The patterns matter: read with the global lora_alpha alone, the merge would differ.
+    plain = _adapter_copy(tmp_path / "patterned", tmp_path / "plain", alpha_pattern={})
+    uniform(tmp_path / "soup-plain", headed["base"], [plain, headed["a"]])
+    plain_soup = load_file(str(tmp_path / "soup-plain" / "model.safetensors"))
+    assert max_difference({name: plain_soup[name] for name in adapted}, reference) > 1e-3
+
+
+def test_an_adapter_whose_ranks_disagree_with_its_config_is_refused(headed, tmp_path):
+    _adapter_copy(headed["b"], tmp_path / "pot" / "wrong-rank", r=8)  # its A tensors have rank 4
+    result = uniform(
+        tmp_path / "soup-wrong", headed["base"], [headed["a"], headed["c"], tmp_path / "pot" / "*"]
+    )
+    reasons = {Path(r["id"]).name: r["reason"] for r in result.report["compatibility"]["rejected"]}
+    assert "has rank 4, but adapter_config.json gives it rank 8" in reasons["wrong-rank"]

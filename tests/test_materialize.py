@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
-from hf_soup import materialize as materialize_module
-from hf_soup.compat import check_compatibility
-from hf_soup.materialize import Workbench, materialize
+from hf_soup.candidates.compat import check_compatibility
+from hf_soup.checkpoints.stream_writer import SafetensorsStreamWriter
+from hf_soup.merge import materialize as materialize_module
+from hf_soup.merge.materialize import Workbench, materialize
 from hf_soup.mixture import Ingredient, Mixture
-from hf_soup.stream_writer import SafetensorsStreamWriter
 
 
 def independent_average(folders, weights=None):
@@ -167,8 +167,13 @@ def test_each_tensor_is_on_disk_before_the_next_is_mixed(zoo, tmp_path, monkeypa
 
 
 def test_streamed_shards_read_like_save_file(tmp_path):
-    tensors = {"b.weight": torch.randn(3, 5, dtype=torch.bfloat16), "a.bias": torch.randn(7), "ids": torch.arange(5),
-               "h": torch.randn(2, 3, dtype=torch.float16), "mask": torch.tensor([True, False, True])}  # fmt: skip
+    tensors = {
+        "b.weight": torch.randn(3, 5, dtype=torch.bfloat16),
+        "a.bias": torch.randn(7),
+        "ids": torch.arange(5),
+        "h": torch.randn(2, 3, dtype=torch.float16),
+        "mask": torch.tensor([True, False, True]),
+    }
     planned = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
     with SafetensorsStreamWriter(
         tmp_path / "streamed.safetensors", planned, metadata={"format": "pt"}

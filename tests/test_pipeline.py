@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup import SoupConfig, cook
-from hf_soup.data import carve_selection, load_data, plan_splits, task_spec
+from hf_soup.evaluation.data import carve_selection, load_data, plan_splits
+from hf_soup.evaluation.tasks import task_spec
 
 
 def config_for(zoo, reviews, tmp_path, **overrides):
@@ -34,7 +35,7 @@ def config_for(zoo, reviews, tmp_path, **overrides):
         output=str(tmp_path / "soup"),
     )
     values.update(overrides)
-    return SoupConfig(**values)
+    return SoupConfig.from_options(**values)
 
 
 def manual_accuracy(state: dict, model_dir, texts, labels, tokenizer) -> float:
@@ -105,10 +106,11 @@ def test_greedy_never_below_best_individual(greedy_run, zoo, reviews):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     labels = [["great", "other"].index(s) for s in selection["score"]]
     accuracy = {
-        str(zoo[k]): manual_accuracy(load_file(str(zoo[k] / "model.safetensors")), zoo[k], list(selection["review"]),
-                                     labels, tokenizer)
+        str(zoo[k]): manual_accuracy(
+            load_file(str(zoo[k] / "model.safetensors")), zoo[k], list(selection["review"]), labels, tokenizer
+        )
         for k in "abcd"
-    }  # fmt: skip
+    }
     assert accuracy[report["best_individual"]["id"]] == max(accuracy.values())
     assert report["soup"]["selection"]["accuracy"] >= max(accuracy.values()) - 1e-12
     assert len(report["uniform"]["ingredients"]) == 4
@@ -159,7 +161,7 @@ def test_manifest_card_and_plots(greedy_run):
     assert manifest["splits"]["same_split"] is False
     assert set(manifest["versions"]) >= {"hf-soup", "torch", "transformers", "safetensors"}
     written = load_file(str(folder / "model.safetensors"))
-    from hf_soup.materialize import tensor_sha256
+    from hf_soup.merge.materialize import tensor_sha256
 
     assert {k: tensor_sha256(v) for k, v in written.items()} == manifest["tensor_sha256"]
     card = ModelCard.load(folder / "README.md")
@@ -295,7 +297,7 @@ def test_glue_task_on_a_local_copy(zoo, reviews, tmp_path):
 
 def test_metrics_match_their_textbook_definitions():
     """Each metric against its formula from confusion counts or ranks, not against the library call it wraps."""
-    from hf_soup.metrics import compute_metrics
+    from hf_soup.evaluation.metrics import compute_metrics
 
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
@@ -323,8 +325,15 @@ def test_metrics_match_their_textbook_definitions():
 @pytest.mark.parametrize("metric", ["loss", "accuracy"])
 def test_selection_metric_and_exact_early_rejection(zoo, reviews, tmp_path, metric):
     def run(early: bool, cache: str):
-        config = config_for(zoo, reviews, tmp_path, selection_metric=metric, no_early_rejection=not early,
-                            output=None, cache_dir=str(tmp_path / cache))  # fmt: skip
+        config = config_for(
+            zoo,
+            reviews,
+            tmp_path,
+            selection_metric=metric,
+            no_early_rejection=not early,
+            output=None,
+            cache_dir=str(tmp_path / cache),
+        )
         return cook(config, quiet=True).report
 
     full, early = run(False, "full"), run(True, "early")
@@ -344,18 +353,35 @@ def test_selection_metric_f1_on_a_pair_task(zoo, reviews, tmp_path):
     def pairs(path):
         frame = pd.read_csv(path)
         halves = [(r[: len(r) // 2], r[len(r) // 2 :]) for r in frame["review"]]
-        features = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
-                                      "label": datasets.ClassLabel(names=["great", "other"])})  # fmt: skip
+        features = datasets.Features(
+            {
+                "sentence1": datasets.Value("string"),
+                "sentence2": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["great", "other"]),
+            }
+        )
         return datasets.Dataset.from_dict(
-            {"sentence1": [a for a, _ in halves], "sentence2": [b for _, b in halves],
-             "label": [["great", "other"].index(s) for s in frame["score"]]}, features)  # fmt: skip
+            {
+                "sentence1": [a for a, _ in halves],
+                "sentence2": [b for _, b in halves],
+                "label": [["great", "other"].index(s) for s in frame["score"]],
+            },
+            features,
+        )
 
     folder = tmp_path / "mrpc"
     folder.mkdir()
     pairs(reviews["train"]).to_parquet(folder / "train.parquet")
     pairs(reviews["test"]).to_parquet(folder / "validation.parquet")
-    config = SoupConfig(base=str(zoo["base"]), candidates=[str(zoo["root"] / "runs" / "*")], task="glue/mrpc",
-                        dataset=str(folder), selection_metric="f1", max_length=64, batch_size=32)  # fmt: skip
+    config = SoupConfig(
+        base=str(zoo["base"]),
+        candidates=[str(zoo["root"] / "runs" / "*")],
+        task="glue/mrpc",
+        dataset=str(folder),
+        selection_metric="f1",
+        max_length=64,
+        batch_size=32,
+    )
     report = cook(config, quiet=True).report
     f1s = [c["selection"]["f1"] for c in report["candidates"]]
     assert f1s == sorted(f1s, reverse=True) and set(report["soup"]["report"]["validation"]) == {

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from hf_soup.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
+from hf_soup.evaluation.stats import compare, mcnemar_exact, paired_bootstrap, small_split_warning
 
 
 @pytest.fixture
@@ -48,9 +48,11 @@ def test_confusion_metric_intervals_match_sklearn_on_every_resample(metric, clas
     labels = rng.integers(0, classes, 12)
     a = np.where(rng.random(12) < 0.7, labels, rng.integers(0, classes, 12))
     b = np.where(rng.random(12) < 0.6, labels, rng.integers(0, classes, 12))
-    functions = {"f1": lambda y, p: f1_score(y, p, pos_label=1, zero_division=0.0),
-                 "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0.0),
-                 "matthews_correlation": matthews_corrcoef}  # fmt: skip
+    functions = {
+        "f1": lambda y, p: f1_score(y, p, pos_label=1, zero_division=0.0),
+        "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0.0),
+        "matthews_correlation": matthews_corrcoef,
+    }
     score = functions[metric]
     ours = paired_bootstrap(metric, labels, a, b, resamples=300, seed=2, level=0.5)
     rows = np.random.default_rng(2).integers(0, 12, (300, 12))
@@ -89,8 +91,8 @@ def test_small_split_warning():
 def test_intervals_only_for_metrics_hf_soup_can_recompute():
     """A Trainer's own metric names get no interval (never a KeyError), nor does F1 on more than two labels, whose
     averaging hf-soup cannot know; the paired bootstrap then runs on multiclass labels without crashing."""
-    from hf_soup.stats import compare
-    from hf_soup.summary import bootstrappable
+    from hf_soup.evaluation.stats import compare
+    from hf_soup.pipeline.summary import bootstrappable
 
     binary, multiclass = np.array([0, 1, 1, 0]), np.array([0, 1, 2, 2])
     assert bootstrappable(("accuracy", "f1", "precision", "auc"), binary) == ("accuracy", "f1")

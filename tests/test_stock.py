@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification, BertModel
 
 from hf_soup import cook
+from hf_soup.pipeline.reproduce import reproduce
 from hf_soup.recipes.stock import interpolation_ratio
-from hf_soup.reproduce import reproduce
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,17 @@ def reference_stock(base: dict, candidates: list[dict]) -> tuple[dict, dict]:
 
 def test_stock_matches_an_independent_implementation_without_data(family, tmp_path):
     runs = [family / "runs" / k for k in "abc"]
-    result = run_main("--base", str(family / "base"), "--candidates", *map(str, runs), "--recipe", "stock",
-                      "--output", str(tmp_path / "soup"), "--quiet")  # fmt: skip
+    result = run_main(
+        "--base",
+        str(family / "base"),
+        "--candidates",
+        *map(str, runs),
+        "--recipe",
+        "stock",
+        "--output",
+        str(tmp_path / "soup"),
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     written = load_file(str(tmp_path / "soup" / "model.safetensors"))
     base = load_file(str(family / "base" / "model.safetensors"))
@@ -104,9 +113,17 @@ def test_interpolation_ratio():
 
 
 def test_stock_with_data_is_reported_against_the_best_individual(family, tmp_path, reviews):
-    result = cook(base=str(family / "base"), candidates=[str(family / "runs" / "*")], dataset=str(reviews["train"]),
-                  report_split=str(reviews["test"]), text_column="review", label_column="score", recipe="stock",
-                  max_eval_examples=64, quiet=True)  # fmt: skip
+    result = cook(
+        base=str(family / "base"),
+        candidates=[str(family / "runs" / "*")],
+        dataset=str(reviews["train"]),
+        report_split=str(reviews["test"]),
+        text_column="review",
+        label_column="score",
+        recipe="stock",
+        max_eval_examples=64,
+        quiet=True,
+    )
     summary = result.summary
     assert summary.recipe.name == "stock" and summary.soup.name == "stock soup"
     assert summary.comparisons["test.csv"]["soup"]["accuracy"].delta == pytest.approx(
@@ -117,7 +134,16 @@ def test_stock_with_data_is_reported_against_the_best_individual(family, tmp_pat
 
 
 def test_stock_needs_two_fine_tunes(family, tmp_path):
-    result = run_main("--base", str(family / "base"), "--candidates", str(family / "runs" / "a"),
-                      "--recipe", "stock", "--output", str(tmp_path / "soup"), "--quiet")  # fmt: skip
+    result = run_main(
+        "--base",
+        str(family / "base"),
+        "--candidates",
+        str(family / "runs" / "a"),
+        "--recipe",
+        "stock",
+        "--output",
+        str(tmp_path / "soup"),
+        "--quiet",
+    )
     assert result.returncode != 0 and not (tmp_path / "soup").exists()
     assert "error:" in result.stderr

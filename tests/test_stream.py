@@ -28,8 +28,15 @@ SHARD = r"^/org/llama-ft-1/resolve/[0-9a-f]+/model-00001-of-\d+\.safetensors$"
 
 
 def llama(seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     if seed:
@@ -70,8 +77,19 @@ def soup(hub, tmp_path, name: str, *extra: str) -> tuple[subprocess.CompletedPro
     `tmp_path/name-disk` (its Hub cache and its output) while it runs; return the result and the peak."""
     disk = tmp_path / f"{name}-disk"
     env = hub_env(hub, disk)
-    command = [HF_SOUP, "--base", "org/llama-base", "--candidates", "org/llama-ft-*", "--recipe", "uniform",
-               "--output", str(disk / "out"), "--quiet", *extra]  # fmt: skip
+    command = [
+        HF_SOUP,
+        "--base",
+        "org/llama-base",
+        "--candidates",
+        "org/llama-ft-*",
+        "--recipe",
+        "uniform",
+        "--output",
+        str(disk / "out"),
+        "--quiet",
+        *extra,
+    ]
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -162,5 +180,12 @@ def test_a_streamed_candidate_with_nan_is_refused_with_nothing_written(hub, tmp_
 
 def test_stream_refuses_scored_recipes():
     with pytest.raises(ConfigError, match="--stream"):
-        SoupConfig(base="org/b", candidates=["org/*"], dataset="d.csv", text_column="t", label_column="l",
-                   recipe="greedy", stream=True)  # fmt: skip
+        SoupConfig(
+            base="org/b",
+            candidates=["org/*"],
+            dataset="d.csv",
+            text_column="t",
+            label_column="l",
+            recipe="greedy",
+            stream=True,
+        )

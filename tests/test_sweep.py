@@ -1,4 +1,4 @@
-"""`hf_soup.sweep`: a shared linear-probe head (equal to scikit-learn's fit on the frozen features, computed here
+"""`hf_soup.training.sweep`: a shared linear-probe head (equal to scikit-learn's fit on the frozen features, computed here
 independently), variants drawn from the documented grid, the selection carve-out never trained on, and pots that
 `cook` soups directly."""
 
@@ -20,16 +20,27 @@ from transformers import (
     default_data_collator,
 )
 
-from hf_soup.data import carve_selection, load_data
-from hf_soup.integrations import INGREDIENT_FILE
-from hf_soup.sweep import SweepGrid, augmenting, sample_variants, sweep
+from hf_soup.evaluation.data import carve_selection, load_data
+from hf_soup.training.integrations import INGREDIENT_FILE
+from hf_soup.training.sweep import SweepGrid, augmenting, sample_variants, sweep
 
 
 @pytest.fixture(scope="module")
 def pot(tmp_path_factory, zoo, reviews):
     folder = tmp_path_factory.mktemp("pot")
-    return sweep(zoo["base"], str(reviews["train"]), text_column="review", label_column="score", output=folder,
-                 variants=2, selection_fraction=0.2, seed=3, max_length=32, train_rows=64, quiet=True)  # fmt: skip
+    return sweep(
+        zoo["base"],
+        str(reviews["train"]),
+        text_column="review",
+        label_column="score",
+        output=folder,
+        variants=2,
+        selection_fraction=0.2,
+        seed=3,
+        max_length=32,
+        train_rows=64,
+        quiet=True,
+    )
 
 
 def test_the_shared_head_is_a_linear_probe_on_frozen_features(pot, zoo, reviews):
@@ -65,10 +76,33 @@ def test_variants_follow_the_grid_and_record_how_they_were_trained(pot):
 
 
 def test_a_sweep_soups_directly(pot, reviews, tmp_path):
-    result = run_main("--base", str(pot / "start"), "--candidates", str(pot / "runs" / "*"), "--dataset",
-                      str(reviews["train"]), "--report-split", str(reviews["test"]), "--text-column", "review",
-                      "--label-column", "score", "--selection-fraction", "0.2", "--seed", "3", "--max-length", "32",
-                      "--recipe", "uniform", "--format", "json", "--quiet", "--output", str(tmp_path / "soup"))  # fmt: skip
+    result = run_main(
+        "--base",
+        str(pot / "start"),
+        "--candidates",
+        str(pot / "runs" / "*"),
+        "--dataset",
+        str(reviews["train"]),
+        "--report-split",
+        str(reviews["test"]),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--selection-fraction",
+        "0.2",
+        "--seed",
+        "3",
+        "--max-length",
+        "32",
+        "--recipe",
+        "uniform",
+        "--format",
+        "json",
+        "--quiet",
+        "--output",
+        str(tmp_path / "soup"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["candidates"]) == 2 and report["compatibility"]["rejected"] == []
@@ -92,9 +126,24 @@ def image_pot(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_pot")
     data = fm.write_dataset(root / "data", 400, 50)
     base = fm.pretrain(root / "base", rows=400, quiet=True)
-    result = run_main("sweep", "--base", str(base), "--dataset", str(data), "--task", "image-classification",
-                      "--output", str(root / "pot"), "--variants", "2", "--selection-fraction", "0.25", "--seed", "5",
-                      "--quiet")  # fmt: skip
+    result = run_main(
+        "sweep",
+        "--base",
+        str(base),
+        "--dataset",
+        str(data),
+        "--task",
+        "image-classification",
+        "--output",
+        str(root / "pot"),
+        "--variants",
+        "2",
+        "--selection-fraction",
+        "0.25",
+        "--seed",
+        "5",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert "--task image-classification" in result.stdout  # the soup command it suggests
     return {"data": data, "base": base, "pot": root / "pot"}

@@ -37,8 +37,15 @@ def noisy_copy(base: LlamaForCausalLM, seed: int) -> LlamaForCausalLM:
 def family(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=len(tokenizer), tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(torch.bfloat16)
     paths = {name: root / name for name in ("base", "same", "added", "padded")}
@@ -78,19 +85,31 @@ def rows_by_token(folder: Path, tokenizer_from: Path | None = None) -> tuple[tor
 
 def soup(family, out: Path, *extra: str):
     candidates = [str(family[name]) for name in ("same", "added", "padded")]
-    result = run_main("--base", str(family["base"]), "--candidates", *candidates, "--recipe", "uniform",
-                      "--output", str(out), "--quiet", *extra)  # fmt: skip
+    result = run_main(
+        "--base",
+        str(family["base"]),
+        "--candidates",
+        *candidates,
+        "--recipe",
+        "uniform",
+        "--output",
+        str(out),
+        "--quiet",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
 
 def expected_rows(family, tokens: list[str]) -> torch.Tensor:
     """The float64 mean, per token, over the candidates that have it."""
-    tables = [rows_by_token(family[name], family["base"] if name == "same" else None)
-              for name in ("same", "added", "padded")]  # fmt: skip
-    return torch.stack([
-        torch.stack([table[vocab[t]] for table, vocab in tables if t in vocab]).mean(0) for t in tokens
-    ])  # fmt: skip
+    tables = [
+        rows_by_token(family[name], family["base"] if name == "same" else None)
+        for name in ("same", "added", "padded")
+    ]
+    return torch.stack(
+        [torch.stack([table[vocab[t]] for table, vocab in tables if t in vocab]).mean(0) for t in tokens]
+    )
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -161,8 +180,17 @@ def test_a_tokenizer_that_is_not_the_bases_is_refused(family, tokenizer_dir, tmp
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     for name in ("tokenizer_config.json",):
         (other / name).write_text((family["base"] / name).read_text())
-    result = run_main("check", "--base", str(family["base"]), "--candidates", str(family["same"]), str(other),
-                      "--format", "json", "--quiet")  # fmt: skip
+    result = run_main(
+        "check",
+        "--base",
+        str(family["base"]),
+        "--candidates",
+        str(family["same"]),
+        str(other),
+        "--format",
+        "json",
+        "--quiet",
+    )
     report = json.loads(result.stdout)
     (rejected,) = report["rejected"]
     assert rejected["id"] == str(other) and "lacks 400 of its 30522 tokens" in rejected["reason"]

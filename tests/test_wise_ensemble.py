@@ -13,9 +13,9 @@ from test_pipeline import config_for
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_soup import cook
-from hf_soup.ensemble import expected_calibration_error
 from hf_soup.errors import ConfigError
 from hf_soup.recipes import parse_alphas
+from hf_soup.scoring.ensemble import expected_calibration_error
 
 LABELS = ["great", "other"]
 
@@ -91,8 +91,9 @@ def manual_logits(folder, texts, tokenizer) -> np.ndarray:
     out = []
     with torch.no_grad():
         for start in range(0, len(texts), 32):
-            batch = tokenizer(texts[start : start + 32], truncation=True, max_length=64, padding=True,
-                              return_tensors="pt")  # fmt: skip
+            batch = tokenizer(
+                texts[start : start + 32], truncation=True, max_length=64, padding=True, return_tensors="pt"
+            )
             out.append(model(**batch).logits.numpy())
     return np.concatenate(out)
 

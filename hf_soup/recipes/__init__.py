@@ -1,10 +1,15 @@
 """Soup recipes, one file each. Each returns a `Mixture`; none touches tensors.
 
-The registry below is the only place a recipe is listed: `SoupConfig` takes `--recipe` choices from it, the pipeline
-builds recipes through `build_recipe`, and the card and table ask the recipe class about its own results.
+The registry below is the only place a recipe is listed: `SoupConfig` takes `--recipe` choices and the recipes'
+options from it, the CLI makes their flags from it, the pipeline builds recipes through `build_recipe`, and the card
+and table ask the recipe class about its own results.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ConfigError
 from .auto import AutoSoup
@@ -41,6 +46,48 @@ def recipe_class(name: str) -> type[SoupRecipe]:
     return RECIPES[name]
 
 
+def used_recipes(name: str) -> list[str]:
+    """`name` and every recipe it builds, directly or through another (their options apply to the run)."""
+    found = [name]
+    for current in found:
+        found += [built for built in recipe_class(current).builds if built not in found]
+    return found
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Each recipe option's name, and the recipes that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in RECIPES.items():
+        for item in dataclasses.fields(cls.Options):
+            owners.setdefault(item.name, []).append(name)
+    return owners
+
+
+def recipe_options(recipe: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Options` of `recipe` and of each recipe it builds, from the option values `given` (defaults for the rest).
+
+    Raises:
+        ConfigError: an option no recipe declares, one that none of this run's recipes uses, or a bad value.
+    """
+    owners, used = option_owners(), used_recipes(recipe)
+    for key in given:
+        flag = "--" + key.replace("_", "-")
+        if key not in owners:
+            raise ConfigError(
+                f"Unknown recipe option {key!r}: the recipes' options are {', '.join(sorted(owners))}."
+            )
+        if not set(owners[key]) & set(used):
+            raise ConfigError(
+                f"{flag} is an option of --recipe {' / '.join(owners[key])}, not of --recipe {recipe}."
+            )
+    options = {}
+    for name in used:
+        cls = recipe_class(name).Options
+        declared = {item.name for item in dataclasses.fields(cls)}
+        options[name] = cls(**{key: value for key, value in given.items() if key in declared})
+    return options
+
+
 def build_recipe(config, context: RecipeContext) -> SoupRecipe:
     """The recipe of `config` (its `recipe` and that recipe's options), built with what the pipeline offers."""
     context.build = lambda name: recipe_class(name).from_config(config, context)
@@ -63,7 +110,10 @@ __all__ = [
     "UniformSoup",
     "WiseSoup",
     "build_recipe",
+    "option_owners",
     "parse_alphas",
     "rank",
     "recipe_class",
+    "recipe_options",
+    "used_recipes",
 ]

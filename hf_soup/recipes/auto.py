@@ -18,11 +18,12 @@ The report split is never looked at; the usual paired interval against the best 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
 from ..mixture import Mixture
-from .base import Fold, RecipeContext, RecipeResult, SoupRecipe, rank
+from .base import Fold, RecipeContext, RecipeResult, SoupRecipe, option, rank
 
 CONTENDERS = ("uniform", "greedy", "pruned", "stock", "wise")
 BEST_INDIVIDUAL = "best individual"
@@ -41,6 +42,15 @@ split was not used.
 """
 
 
+@dataclass(frozen=True)
+class AutoOptions:
+    auto_learned: bool = option(
+        False,
+        "Auto: the learned soup is a contender too (slow: it is trained on each half, and again on the whole "
+        "selection split if chosen).",
+    )
+
+
 class AutoSoup(SoupRecipe):
     """Args:
     contenders (`dict[str, SoupRecipe]`): the recipes to choose from, in order of preference on ties.
@@ -48,13 +58,19 @@ class AutoSoup(SoupRecipe):
     loss (`bool`): the selection metric is the loss (objectives hold it negated; shown as a loss).
     """
 
+    Options = AutoOptions
+    builds = (*CONTENDERS, "learned")
     card_section = CARD_SECTION
 
     def __init__(self, contenders: dict[str, SoupRecipe], folds: list[Fold], loss: bool = False):
         self.contenders, self.folds, self.loss = contenders, folds, loss
         # Each contender as built for each half (a learned soup trains on that half); else the same recipe.
-        self.on_fold = {fold.name: {name: fold.build(name) if fold.build else recipe
-                                    for name, recipe in contenders.items()} for fold in folds}  # fmt: skip
+        self.on_fold = {
+            fold.name: {
+                name: fold.build(name) if fold.build else recipe for name, recipe in contenders.items()
+            }
+            for fold in folds
+        }
 
     @classmethod
     def name(cls) -> str:
@@ -71,7 +87,7 @@ class AutoSoup(SoupRecipe):
                 "--recipe auto confirms each recipe on half of hf-soup's own encoding of the selection split; "
                 "with cook(trainer=...) choose a recipe, or pass the data as dataset= instead of a trainer."
             )
-        names = (*CONTENDERS, "learned") if config.auto_learned else CONTENDERS
+        names = (*CONTENDERS, "learned") if config.options(cls).auto_learned else CONTENDERS
         contenders = {name: context.build(name) for name in names}
         return cls(contenders, context.folds(), loss=config.selection_metric == "loss")
 
@@ -80,8 +96,12 @@ class AutoSoup(SoupRecipe):
         return f"{soup_name} ({details['chosen']} chosen on held-out halves)"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
-        confirmation = {name: self._confirm(lambda fold, n=name: self.on_fold[fold.name][n].cook, candidates,
-                                            revisions, tie_break) for name in self.contenders}  # fmt: skip
+        confirmation = {
+            name: self._confirm(
+                lambda fold, n=name: self.on_fold[fold.name][n].cook, candidates, revisions, tie_break
+            )
+            for name in self.contenders
+        }
         confirmation[BEST_INDIVIDUAL] = self._confirm(
             lambda _fold: self._best_single, candidates, revisions, tie_break
         )

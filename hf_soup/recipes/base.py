@@ -1,10 +1,11 @@
 """The interface every recipe implements: candidates and an objective in, a Mixture (and its details) out.
 
 A recipe is one file in `hf_soup/recipes/` plus one line in the registry (`recipes/__init__.py`). It declares its
-options (read from `SoupConfig` in `from_config`), builds itself from the config and a `RecipeContext`, and returns
-its own record in `RecipeResult.details`; it may also describe that record in the model card (`card_section`) and
-in the results table (`label`). Recipes never touch tensors: a recipe that learns through the live model gets a
-trainer from the context.
+options as a frozen dataclass (`Options`, fields made with `option()`): the CLI gets one flag per field, `cook()` and
+`SoupConfig(recipe_options=...)` take them by name, and `soup.json` records them. It builds itself from the config
+(`config.options(cls)`) and a `RecipeContext`, and returns its own record in `RecipeResult.details`; it may also
+describe that record in the model card (`card_section`) and in the results table (`label`). Recipes never touch
+tensors: a recipe that learns through the live model gets a trainer from the context.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..errors import ConfigError
 from ..mixture import Ingredient, Mixture
 
 SOUPS_PAPER = "https://arxiv.org/abs/2203.05482"
@@ -21,6 +23,23 @@ SOUPS_PAPER = "https://arxiv.org/abs/2203.05482"
 # Scores a mixture on the selection split; higher is better (scorers negate losses). The second argument is the
 # score the trial must reach to be accepted: a scorer may stop early and return None once it provably cannot.
 Objective = Callable[[Mixture, "float | None"], "float | None"]
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A field of a recipe's `Options`: its default, and its `--flag`'s help (plus argparse settings such as
+    `metavar`). The flag's type and choices come from the field's annotation (a `Literal` gives the choices)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a recipe that has none."""
+
+
+def at_least(value: float, minimum: float, flag: str) -> None:
+    """Refuse `--flag value` below `minimum` (the usual check of a recipe option)."""
+    if value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum:g}, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -106,19 +125,19 @@ class SoupRecipe(ABC):
     needs_data: ClassVar[bool] = True
     # For a recipe that returns a curve: (the curve field on the x axis, its label, the plot's title).
     curve_plot: ClassVar[tuple[str, str, str] | None] = None
+    # The recipe's options: a frozen dataclass whose fields (made with `option()`) are its flags. Its
+    # `__post_init__` refuses bad values, before any work.
+    Options: ClassVar[type] = NoOptions
+    # The recipes this one builds through `RecipeContext.build` (their options apply to this run too).
+    builds: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def reference_title(cls) -> str:
         return "Wortsman et al. 2022, *Model soups*"
 
     @classmethod
-    def validate(cls, config) -> None:
-        """Refuse bad options early, before any work (called by `SoupConfig`). Most recipes have none."""
-        return None
-
-    @classmethod
     def from_config(cls, config, context: RecipeContext) -> SoupRecipe:
-        """Build the recipe from `SoupConfig` options and what the pipeline offers."""
+        """Build the recipe from its options (`config.options(cls)`) and what the pipeline offers."""
         return cls()
 
     @classmethod

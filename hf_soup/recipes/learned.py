@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from ..errors import ConfigError
-from .base import RecipeContext, RecipeResult, SoupRecipe, Step, rank
+from .base import RecipeContext, RecipeResult, SoupRecipe, Step, option, rank
 
 # One weight per model, or one per tensor (`--granularity`).
 Granularity = Literal["model", "layer"]
@@ -37,6 +37,8 @@ Per-tensor weights are in `soup.json` (`mixture.per_tensor_weights`).
 
 @dataclass(frozen=True)
 class LearnedOptions:
+    """How the mixing trainer learns (`hf_soup.scoring.mixing`): the recipe's flags, and the run's seed."""
+
     granularity: Granularity = "model"
     epochs: int = 3
     lr: float = 0.05
@@ -51,18 +53,29 @@ class LearnedOptions:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError("--learn-epochs and --learn-batch-size must be >= 1, and --learn-lr > 0.")
 
-    @classmethod
-    def from_config(cls, config) -> LearnedOptions:
-        return cls(
-            config.granularity, config.learn_epochs, config.learn_lr, config.learn_batch_size, config.seed
-        )
+
+@dataclass(frozen=True)
+class LearnedFlags:
+    """The learned soup's options (its flags)."""
+
+    granularity: Granularity = option("model", "Learned soup: one weight per model, or per layer (tensor).")
+    learn_epochs: int = option(3, "Learned soup: epochs over the selection split.")
+    learn_lr: float = option(0.05, "Learned soup: Adam learning rate of the mixing logits.")
+    learn_batch_size: int = option(16, "Learned soup: examples per gradient step.")
+
+    def __post_init__(self) -> None:
+        self.trainer_options(seed=0)  # refuses bad values
+
+    def trainer_options(self, seed: int) -> LearnedOptions:
+        return LearnedOptions(self.granularity, self.learn_epochs, self.learn_lr, self.learn_batch_size, seed)
 
 
 class LearnedSoup(SoupRecipe):
     """Args:
-    trainer (`MixingTrainer`): learns the weights through the live model (`hf_soup.mixing`).
+    trainer (`MixingTrainer`): learns the weights through the live model (`hf_soup.scoring.mixing`).
     """
 
+    Options = LearnedFlags
     card_section = CARD_SECTION
 
     def __init__(self, trainer):
@@ -77,17 +90,13 @@ class LearnedSoup(SoupRecipe):
         return "Learned soup"
 
     @classmethod
-    def validate(cls, config) -> None:
-        LearnedOptions.from_config(config)
-
-    @classmethod
     def from_config(cls, config, context: RecipeContext) -> LearnedSoup:
         if context.mixing_trainer is None:
             raise ConfigError(
                 "--recipe learned trains on hf-soup's own encoding of the selection split; with cook(trainer=...) "
                 "use greedy, pruned, uniform or wise, or pass the data as dataset= instead of a trainer."
             )
-        return cls(context.mixing_trainer(LearnedOptions.from_config(config)))
+        return cls(context.mixing_trainer(config.options(cls).trainer_options(config.seed)))
 
     @classmethod
     def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:

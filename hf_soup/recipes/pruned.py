@@ -7,17 +7,29 @@ The idea comes from a follow-up study of soups ("pruned soup"), where it beat gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..mixture import Mixture
-from .base import RecipeResult, SoupRecipe, Step, rank
+from .base import RecipeResult, SoupRecipe, Step, at_least, option, rank
+
+
+@dataclass(frozen=True)
+class PrunedOptions:
+    passes: int = option(1, "Passes of the pruned recipe.")
+
+    def __post_init__(self) -> None:
+        at_least(self.passes, 1, "--passes")
 
 
 class PrunedSoup(SoupRecipe):
+    Options = PrunedOptions
+
     def __init__(self, passes: int = 1):
         self.passes = passes
 
     @classmethod
     def from_config(cls, config, context) -> PrunedSoup:
-        return cls(config.passes)
+        return cls(config.options(cls).passes)
 
     @classmethod
     def name(cls) -> str:

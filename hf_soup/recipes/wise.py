@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from ..errors import ConfigError
 from ..mixture import Ingredient, Mixture
-from .base import CurvePoint, RecipeContext, RecipeResult, SoupRecipe, Step
+from .base import CurvePoint, RecipeContext, RecipeResult, SoupRecipe, Step, option
 
 # The soups WiSE-FT can interpolate with the base (`--wise-of`).
 WiseEndpoint = Literal["greedy", "uniform", "pruned"]
@@ -69,6 +70,22 @@ def interpolate(endpoint: Mixture, base: Ingredient, alpha: float, headless: Seq
     return Mixture("wise", ingredients, Ingredient(base.id, 1.0 - alpha, base.revision), head or None)
 
 
+@dataclass(frozen=True)
+class WiseOptions:
+    alpha: str = option(
+        "0:1:0.1",
+        "WiSE-FT: the weight of the fine-tuned soup against the base, or a sweep START:STOP:STEP scored on the "
+        "selection split.",
+        metavar="A",
+    )
+    wise_of: WiseEndpoint = option("greedy", "WiSE-FT: the soup interpolated with the base.")
+
+    def __post_init__(self) -> None:
+        parse_alphas(self.alpha)
+        if self.wise_of not in WISE_ENDPOINTS:
+            raise ConfigError(f"--wise-of must be one of {', '.join(WISE_ENDPOINTS)}, got {self.wise_of!r}.")
+
+
 class WiseSoup(SoupRecipe):
     """Args:
     endpoint (`SoupRecipe`): the recipe that builds the fine-tuned endpoint.
@@ -77,6 +94,8 @@ class WiseSoup(SoupRecipe):
     headless (`Sequence[str]`): tensors the base does not have (the task head).
     """
 
+    Options = WiseOptions
+    builds = WISE_ENDPOINTS
     card_section = CARD_SECTION
     curve_plot = (
         "alpha",
@@ -104,16 +123,11 @@ class WiseSoup(SoupRecipe):
         return "Wortsman et al. 2022, *Robust fine-tuning of zero-shot models*"
 
     @classmethod
-    def validate(cls, config) -> None:
-        parse_alphas(config.alpha)
-        if config.wise_of not in WISE_ENDPOINTS:
-            raise ConfigError(
-                f"--wise-of must be one of {', '.join(WISE_ENDPOINTS)}, got {config.wise_of!r}."
-            )
-
-    @classmethod
     def from_config(cls, config, context: RecipeContext) -> WiseSoup:
-        return cls(context.build(config.wise_of), parse_alphas(config.alpha), context.base, context.headless)
+        options = config.options(cls)
+        return cls(
+            context.build(options.wise_of), parse_alphas(options.alpha), context.base, context.headless
+        )
 
     @classmethod
     def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
