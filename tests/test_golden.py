@@ -174,6 +174,20 @@ def test_reproduce_reads_a_soup_json_written_by_0_3_0(golden_root):
     assert result.ok and result.groups and not result.mismatched
 
 
+def test_reproduce_reads_a_soup_json_written_by_0_4_0(golden_root):
+    """The stored 0.4.0 manifest (recipe options as flat config fields, before recipes owned their options;
+    written by hf-soup 0.4.0 on these fixtures, commit 6aa84f9) is reproduced bit for bit by this code."""
+    folder = golden_root / "from-0.4.0"
+    if not folder.exists():
+        source = golden_root / "greedy"
+        shutil.copytree(run_scenario(golden_root, "greedy") if not source.exists() else source, folder)
+    old = json.loads((GOLDEN / "soup-0.4.0.json").read_text())
+    assert old["format_version"] == 2 and "passes" in old["config"] and "recipe_options" not in old["config"]
+    (folder / "soup.json").write_text(json.dumps(old))
+    result = reproduce(str(folder), quiet=True)
+    assert result.ok and result.groups and not result.mismatched
+
+
 if __name__ == "__main__" and "--regenerate" in sys.argv:
     import os
     import tempfile
