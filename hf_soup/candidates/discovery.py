@@ -23,6 +23,7 @@ from .hub import (
     ADAPTER_PATTERNS,
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
+    HubRef,
     derives_from,
     download,
     expand,
@@ -269,3 +270,23 @@ def _checked_base(candidate: Candidate, trust_remote_code: bool) -> Candidate:
     except CandidateFormatError as error:
         raise CandidateFormatError(f"The base {candidate.id}: {error}.") from error
     return candidate
+
+
+def fetch_accepted(
+    accepted: list[Candidate],
+    readers: dict[str, Any],
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    hub_weights: HubWeights,
+) -> None:
+    """Fetch the accepted Hub candidates at their pinned SHAs and open their weights; streamed, their readers
+    stay the Range readers opened for the check, and only trusted custom code is downloaded."""
+    code = ["*.py"] if trust_remote_code else []
+    for candidate in accepted:
+        if candidate.source == "hub" and candidate.kind == "full":  # adapters are small and already fetched
+            ref = HubRef(candidate.id, candidate.revision)
+            if hub_weights == "stream":  # their tokenizers, to align vocabularies; the weights stay remote
+                candidate.local_dir = download(ref, ["config.json", *TOKENIZER_PATTERNS, *code])
+                continue
+            candidate.local_dir = download(ref, [*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *code])
+            readers[candidate.id] = TensorSource(candidate.local_dir, allow_pickle=allow_pickle)

@@ -1,7 +1,7 @@
 """Backbone soups (`--soup backbone`, the paper's cross-dataset soups, section 3.5): the target task's labels, the
 live classifier built for them, and its head.
 
-The candidates may come from different tasks; only their shared body is souped (`compat.body_of`). The live model
+The candidates may come from different tasks; only their shared body is souped (`base_alignment.body_of`). The live model
 is the candidates' architecture with the target task's labels: its head is a linear probe fitted for each scored
 mixture (`probe.ProbeHead`), or the head of one candidate trained on the target task (`probe.CandidateHead`). The
 written soup is that model: the souped body and the head, a plain transformers classifier.
