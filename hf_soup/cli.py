@@ -19,8 +19,8 @@ import typing
 from typing import Any
 
 from .config import SoupConfig, split_options
-from .errors import EXIT_CODE, HfSoupError
-from .recipes import RECIPES
+from .errors import EXIT_CODE, ConfigError, HfSoupError
+from .recipes import RECIPES, option_owners
 from .version import __version__
 
 VERBS = ("cook", "check", "evaluate", "push", "reproduce", "demo", "sweep", "convert-gguf")
@@ -47,8 +47,12 @@ EVALUATE_OPTIONS = (
 FORMATS = ("human", "json")
 
 
+MERGEKIT_FLAG = "--mergekit-config"
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """`--learn-lr` for `learn_lr`; a trailing underscore (`lambda_`, a Python keyword) is not part of the flag."""
+    return "--" + name.rstrip("_").replace("_", "-")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -60,10 +64,12 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """Add each recipe's own options (its `Options` fields), one group per recipe, from the registry. A flag
     that is not given is left out of the namespace, so the recipe's default applies (and is recorded)."""
     seen: set[str] = set()
-    for name, cls in RECIPES.items():
+    owners = option_owners()
+    for cls in RECIPES.values():
         fields = [item.name for item in dataclasses.fields(cls.Options) if item.name not in seen]
         if fields:
-            group = parser.add_argument_group(f"{cls.pretty_name()} options (--recipe {name})")
+            users = [recipe for recipe in RECIPES if any(recipe in owners[f] for f in fields)]
+            group = parser.add_argument_group(f"{cls.pretty_name()} options (--recipe {', '.join(users)})")
             _add_fields(group, cls.Options, tuple(fields), suppress=True)
             seen.update(fields)
 
@@ -92,6 +98,8 @@ def _argument_type(hint) -> dict[str, Any]:
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if hint is bool:
         return {"action": "store_true"}
+    if args == [bool]:  # `bool | None`: --x / --no-x, None (the recipe's own default) when neither is given
+        return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is typing.Literal:
         return {"choices": typing.get_args(hint)}
     if hint in (int, float) or (len(args) == 1 and args[0] in (int, float)):
@@ -115,10 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf-soup {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}")
 
-    cook = verbs.add_parser("cook", help="check, score, soup, evaluate and write a soup (the default verb)")
-    add_config_arguments(cook)
-    add_recipe_arguments(cook)
-    _common(cook)
+    _add_cook(verbs)
 
     check = verbs.add_parser("check", help="compatibility only; reads no tensor data")
     add_config_arguments(
@@ -153,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sweep(verbs)
     _add_convert_gguf(verbs)
+    _add_demo(verbs)
+    return parser
+
+
+def _add_cook(verbs) -> None:
+    cook = verbs.add_parser("cook", help="check, score, soup, evaluate and write a soup (the default verb)")
+    add_config_arguments(cook)
+    add_recipe_arguments(cook)
+    cook.add_argument(
+        MERGEKIT_FLAG,
+        metavar="MERGE.yml",
+        help="Read the base, the models, the method and its parameters from a mergekit YAML config (instead of "
+        "--base, --candidates, --recipe and its options); add --dataset/--task to score the merge.",
+    )
+    _common(cook)
+
+
+def _add_demo(verbs) -> None:
     demo = verbs.add_parser(
         "demo", help="fine-tune MiniLM variants on bundled reviews and soup them, offline"
     )
@@ -164,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="where the fine-tuned variants go (default: a temp folder)"
     )
     _common(demo)
-    return parser
 
 
 def _add_convert_gguf(verbs) -> None:
@@ -304,7 +326,7 @@ def _cook(args, argv: list[str]) -> int:
     human = (
         soup_table(summary)
         if summary.scored
-        else f"{summary.recipe.pretty_name} of {count} models (no data)."
+        else f"{summary.recipe.pretty_name} of {count} model{'' if count == 1 else 's'} (no data)."
     )
     if summary.lora:
         human += "\n" + lora_summary(summary.lora)
@@ -455,6 +477,38 @@ def _config_from_eval(args) -> SoupConfig:
     )
 
 
+def with_mergekit_config(argv: list[str]) -> list[str]:
+    """`argv` with `--mergekit-config FILE` replaced by the flags the file means (`mergekit_yaml.py`).
+
+    Raises:
+        ConfigError: the file cannot be read as a supported mergekit config, or a flag it sets is also given.
+    """
+    if argv[:1] != ["cook"] or not any(a == MERGEKIT_FLAG or a.startswith(MERGEKIT_FLAG + "=") for a in argv):
+        return argv
+    from .mergekit_yaml import mergekit_options
+
+    rest, path = [], None
+    for index, arg in enumerate(argv):
+        if arg.startswith(MERGEKIT_FLAG + "="):
+            path = arg.split("=", 1)[1]
+        elif arg == MERGEKIT_FLAG:
+            path = argv[index + 1] if index + 1 < len(argv) else None
+        elif index == 0 or argv[index - 1] != MERGEKIT_FLAG:
+            rest.append(arg)
+    if not path:
+        raise ConfigError(f"{MERGEKIT_FLAG} needs a file: {MERGEKIT_FLAG} merge.yml.")
+    flags: list[str] = []
+    for key, value in mergekit_options(path).items():
+        flag = _flag(key)
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise ConfigError(f"{MERGEKIT_FLAG} {path} sets {flag}; drop {flag} from the command line.")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return [*rest, *flags]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in (*VERBS, "-h", "--help", "--version"):
@@ -462,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]
     parser = build_parser()
+    try:
+        argv = with_mergekit_config(argv)
+    except HfSoupError as error:
+        print(f"hf-soup: error: {error}", file=sys.stderr)
+        return EXIT_CODE
     args = parser.parse_args(argv)
     _setup_logging(args.quiet or not _main_process())
     with _interrupts_recorded() as interrupted:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -42,6 +43,9 @@ class Mixture:
         ingredients (`tuple[Ingredient, ...]`): the weighted ingredients; weights sum to 1 with the base's.
         base (`Ingredient`, *optional*): the shared initialisation, with weight 0 unless interpolated with.
         per_tensor_weights (`dict`, *optional*): per-tensor weight overrides, `{tensor_name: {id: weight}}`.
+        method (`dict`, *optional*): a merge method that is not a weighted average, with its parameters:
+            `{"name": "ties", "lambda": 1.0, "normalize": True, "density": {id: 0.5}}` (`merge/methods.py`);
+            the ingredients' weights are then its per-model weights.
 
     Example:
     ```python
@@ -54,6 +58,7 @@ class Mixture:
     ingredients: tuple[Ingredient, ...]
     base: Ingredient | None = None
     per_tensor_weights: dict[str, dict[str, float]] | None = field(default=None, compare=True)
+    method: dict[str, Any] | None = None
 
     @classmethod
     def uniform(cls, recipe: str, ids: list[str], revisions: dict[str, str | None] | None = None) -> Mixture:
@@ -68,12 +73,32 @@ class Mixture:
     def weights(self) -> dict[str, float]:
         return {ingredient.id: ingredient.weight for ingredient in self.ingredients}
 
+    def renamed(self, rename: Callable[[str], str]) -> Mixture:
+        """This mixture with every ingredient id (and the base's) replaced by `rename(id)`, wherever ids appear:
+        the ingredients, the per-tensor weights and a method's per-model parameters."""
+
+        def by_new_id(values: dict[str, Any]) -> dict[str, Any]:
+            return {rename(cid): value for cid, value in values.items()}
+
+        return Mixture(
+            self.recipe,
+            tuple(replace(i, id=rename(i.id)) for i in self.ingredients),
+            base=replace(self.base, id=rename(self.base.id)) if self.base else None,
+            per_tensor_weights={name: by_new_id(w) for name, w in self.per_tensor_weights.items()}
+            if self.per_tensor_weights
+            else None,
+            method={k: by_new_id(v) if isinstance(v, dict) else v for k, v in self.method.items()}
+            if self.method is not None
+            else None,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
             "base": asdict(self.base) if self.base else None,
             "ingredients": [asdict(ingredient) for ingredient in self.ingredients],
             "per_tensor_weights": self.per_tensor_weights,
+            **({"method": self.method} if self.method is not None else {}),
         }
 
     @classmethod
@@ -84,6 +109,7 @@ class Mixture:
             ingredients=tuple(Ingredient(**item) for item in data["ingredients"]),
             base=base,
             per_tensor_weights=data.get("per_tensor_weights"),
+            method=data.get("method"),
         )
 
     def content_key(self, fingerprints: dict[str, str]) -> str:
@@ -104,6 +130,12 @@ class Mixture:
                 name: sorted((content(cid), round(w, 12)) for cid, w in weights.items() if w != 0)
                 for name, weights in self.per_tensor_weights.items()
             }
+        if self.method is not None:  # per-model parameters by content, as the weights are
+            payload["method"] = {
+                key: {content(cid): v for cid, v in value.items()} if isinstance(value, dict) else value
+                for key, value in self.method.items()
+            }
+            payload["order"] = [content(i.id) for i in self.ingredients]  # SLERP's direction, DARE's seeds
         if self.base is not None and self.base.weight != 0:
             payload["base"] = (fingerprints[self.base.id], round(self.base.weight, 12))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

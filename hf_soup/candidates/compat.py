@@ -17,7 +17,7 @@ from pathlib import Path
 from ..checkpoints.sources import SoupSources
 from ..checkpoints.vocab import VocabMode
 from .base_alignment import align_with_base, bodies_of, body_of
-from .discovery import HubWeights, fetch_accepted, gather_candidates, resolve_base
+from .discovery import HubWeights, fetch_accepted, gather_candidates, given_order, resolve_base
 from .report import CompatibilityReport, Rejection, SoupKind
 from .screening import screen_candidates
 from .vocab_plan import dtype_warnings, plan_vocabulary
@@ -65,6 +65,7 @@ def check_compatibility(
     backbone = soup == "backbone"  # then bodies are what is compared and souped
     found = [(c, body_of(base_source, s)) for c, s in found] if backbone else found
     report, screening = screen_candidates(found, refused, base, label_order, soup)
+    report.given_order = given_order(list(patterns), [c.id for c, _ in found])
     readers = {c.id: screening.readers[c.id] for c in report.accepted}
     if hub_weights != "headers":
         fetch_accepted(report.accepted, readers, allow_pickle, trust_remote_code, hub_weights)

@@ -6,6 +6,7 @@ are: their optimizer, scheduler and RNG files are never opened.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -132,6 +133,22 @@ def resolve_patterns(
             "'./runs/*' or 'out/checkpoint-*' (quote globs so the shell does not expand them)."
         )
     return sorted(found.values())
+
+
+def given_order(patterns: list[str], ids: list[str]) -> list[str]:
+    """`ids` in the order `patterns` name them (a glob's matches among themselves as they are): the order that
+    per-model options such as `--weights 0.6,0.4` follow."""
+
+    def named_by(cid: str, pattern: str) -> bool:
+        expanded = os.path.expanduser(split_revision(pattern)[0] if is_hub_pattern(pattern) else pattern)
+        if cid == expanded or fnmatch.fnmatchcase(cid, expanded):
+            return True
+        return os.path.exists(cid) and os.path.exists(expanded) and os.path.samefile(cid, expanded)
+
+    def first(cid: str) -> int:
+        return next((i for i, pattern in enumerate(patterns) if named_by(cid, pattern)), len(patterns))
+
+    return sorted(ids, key=first)
 
 
 def split_patterns(patterns: list[str]) -> tuple[list[str], list[str]]:

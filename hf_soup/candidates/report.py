@@ -34,6 +34,8 @@ class CompatibilityReport:
     # Backbone soups: each candidate's tensors left out of the soup (its head), and its own label names.
     left_out: dict[str, list[str]] = field(default_factory=dict)
     ingredient_labels: dict[str, list[str] | None] = field(default_factory=dict)
+    # Every candidate found, in the order --candidates named them (per-model options follow it).
+    given_order: list[str] = field(default_factory=list)
 
     @property
     def permutations(self) -> dict[str, list[int]]:

@@ -24,6 +24,7 @@ from ..checkpoints.weights import BUFFER_DTYPES, SAFE_WEIGHTS_INDEX_NAME, averag
 from ..errors import ConfigError, IncompatibleCandidatesError
 from ..mixture import Mixture
 from ..progress import progress_bar
+from .methods import method_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def mix_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tuple[torch
     if not averaged(sources.reference.dtype(name)):
         copied = _copied(mixture, sources, name)
         return copied, _nbytes(copied)
+    if mixture.method is not None and (made := method_tensor(mixture, sources, name)) is not None:
+        return made
     pairs = tensor_weights(mixture, name)
     if not pairs:
         raise ConfigError(f"The mixture gives every ingredient weight 0 for {name}; nothing to average.")

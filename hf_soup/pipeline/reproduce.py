@@ -6,7 +6,6 @@ after the run does not change the rebuild. The expected result is bit-exact.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -126,21 +125,6 @@ def _locator(target: str) -> Callable[[str], str]:
     return locate
 
 
-def _located(mixture: Mixture, locate: Callable[[str], str]) -> Mixture:
-    """`mixture` with each local ingredient's id replaced by where it is found now."""
-    return Mixture(
-        mixture.recipe,
-        tuple(dataclasses.replace(i, id=locate(i.id)) for i in mixture.ingredients),
-        base=dataclasses.replace(mixture.base, id=locate(mixture.base.id)) if mixture.base else None,
-        per_tensor_weights={
-            name: {locate(cid): w for cid, w in weights.items()}
-            for name, weights in mixture.per_tensor_weights.items()
-        }
-        if mixture.per_tensor_weights
-        else None,
-    )
-
-
 def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
     """Rebuild the soup described by `target`'s manifest; check the rebuild *and* the published weights against
     the manifest's tensor hashes.
@@ -153,7 +137,7 @@ def reproduce(target: str, quiet: bool = False) -> ReproduceResult:
     """
     manifest = load_manifest(target)
     summary, locate = manifest.summary, _locator(target)
-    mixture = _located(summary.mixture, locate)
+    mixture = summary.mixture.renamed(locate)
     options = summary.config or {}
     report, sources = check_compatibility(
         _pinned(mixture.base) if mixture.base else locate(summary.base),

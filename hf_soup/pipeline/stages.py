@@ -24,7 +24,7 @@ from ..errors import IncompatibleCandidatesError, NoCandidatesError
 from ..merge.adapter import require_lora_candidates
 from ..merge.materialize import soup_dtype
 from ..mixture import Ingredient, Mixture
-from ..recipes import RecipeContext, RecipeResult, SoupRecipe, build_recipe
+from ..recipes import RecipeContext, RecipeResult, SoupRecipe, build_recipe, recipe_class
 from ..results import CandidateRow, RecipeInfo
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,15 @@ def check_stage(
         vocab=config.vocab,
         soup=config.soup,
     )
-    compatibility.raise_if_unusable(strict=config.strict)
+    minimum = recipe_class(config.recipe).min_candidates
+    compatibility.raise_if_unusable(strict=config.strict, minimum=minimum)
     if config.output_kind == "lora":
         require_lora_candidates(compatibility.accepted)
     cache = JsonCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
     fingerprints = ingredient_fingerprints(compatibility, sources, cache, quiet=quiet)
     for duplicate in compatibility.reject_duplicates(fingerprints):
         logger.warning("%s is identical to another candidate; it counts once.", duplicate)
-    compatibility.raise_if_unusable(strict=config.strict)
+    compatibility.raise_if_unusable(strict=config.strict, minimum=minimum)
     sources = sources.restricted([c.id for c in compatibility.accepted])
     diagnostics = _diagnostics(sources, fingerprints, cache, quiet)
     excluded = excluded_candidates(config, diagnostics)
@@ -143,7 +144,8 @@ def recipe_context(checked: Checked, quiet: bool) -> RecipeContext:
     headless = [
         n for n in reference.keys() if n not in sources.alignment.base_names and averaged(reference.dtype(n))
     ]
-    context = RecipeContext(checked.base, headless, quiet=quiet)
+    order = [cid for cid in checked.compatibility.given_order if cid in checked.pool]
+    context = RecipeContext(checked.base, headless, quiet=quiet, candidate_order=order)
     context.task_vector_cosines = lambda ids: tensor_cosines(sources, ids, quiet=quiet)
     return context
 

@@ -14,10 +14,15 @@ from typing import Any
 from ..errors import ConfigError
 from .auto import AutoSoup
 from .base import CurvePoint, Fold, Objective, RecipeContext, RecipeResult, SoupRecipe, Step, rank
+from .dare_linear import DareLinearSoup
+from .dare_ties import DareTiesSoup
 from .greedy import GreedySoup
 from .learned import LearnedOptions, LearnedSoup
 from .pruned import PrunedSoup
+from .slerp import SlerpSoup
 from .stock import StockSoup
+from .task_arithmetic import TaskArithmeticSoup
+from .ties import TiesSoup
 from .uniform import UniformSoup
 from .wise import WiseSoup, parse_alphas
 
@@ -31,6 +36,11 @@ RECIPES: dict[str, type[SoupRecipe]] = {
         WiseSoup,
         StockSoup,
         AutoSoup,
+        TaskArithmeticSoup,
+        TiesSoup,
+        DareLinearSoup,
+        DareTiesSoup,
+        SlerpSoup,
     )
 }
 
@@ -71,7 +81,7 @@ def recipe_options(recipe: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """
     owners, used = option_owners(), used_recipes(recipe)
     for key in given:
-        flag = "--" + key.replace("_", "-")
+        flag = "--" + key.rstrip("_").replace("_", "-")
         if key not in owners:
             raise ConfigError(
                 f"Unknown recipe option {key!r}: the recipes' options are {', '.join(sorted(owners))}."

@@ -104,6 +104,8 @@ class RecipeContext:
             scores and objective, for recipes that confirm a choice on data they did not choose on (`auto`);
             `None` without hf-soup's own encoding of the data.
         quiet (`bool`): no progress bars.
+        candidate_order (`list[str]`): the soup's candidates in the order `--candidates` named them (globs
+            expanded in sorted order), which per-model options such as `--weights 0.6,0.4` follow.
     """
 
     base: Ingredient
@@ -113,6 +115,7 @@ class RecipeContext:
     task_vector_cosines: Callable[[list[str]], dict[str, float]] | None = None
     folds: Callable[[], list[Fold]] | None = None
     quiet: bool = False
+    candidate_order: list[str] = field(default_factory=list)
 
 
 class SoupRecipe(ABC):
@@ -128,6 +131,8 @@ class SoupRecipe(ABC):
     # The recipe's options: a frozen dataclass whose fields (made with `option()`) are its flags. Its
     # `__post_init__` refuses bad values, before any work.
     Options: ClassVar[type] = NoOptions
+    # The fewest compatible candidates the recipe can soup (SLERP from the base needs one).
+    min_candidates: ClassVar[int] = 2
     # The recipes this one builds through `RecipeContext.build` (their options apply to this run too).
     builds: ClassVar[tuple[str, ...]] = ()
 
