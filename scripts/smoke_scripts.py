@@ -36,6 +36,7 @@ SMALL = {
     "reproduce_backbone_soups": "--workdir {scratch}/work --results {scratch} --pool-rows 600 --pretrain-rows 300 "
     "--test-rows 60 --digits-rows 100 --review-rows 32 --text-steps 1 --target-rows 400 --report-rows 96",
     "compare_stock_mergekit": "--candidates 2",
+    "compare_methods_mergekit": "--bert-size tiny --methods ties,slerp --seeds 2",
     "reproduce_fashion_mnist": "--workdir {scratch}/work --results {scratch} --pool-rows 300 --pretrain-rows 300 "
     "--pretrain-epochs 1 --test-rows 200 --variants 2 --recalibrate-bn 2",
     "reproduce_fine_foods": "--workdir {scratch}/runs --results {scratch} --variants 2 --train-rows 32 "
