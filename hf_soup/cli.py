@@ -84,7 +84,9 @@ def _add_fields(parser, cls, only: tuple[str, ...] | None = None, suppress: bool
             continue
         kwargs: dict[str, Any] = {"help": meta.pop("help"), **_argument_type(hints[item.name])}
         default = item.default
-        if default not in (None, False, dataclasses.MISSING) and kwargs.get("action") != "store_true":
+        if default is True:  # a switch that is on: --x / --no-x
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif default not in (None, False, dataclasses.MISSING) and kwargs.get("action") != "store_true":
             kwargs["help"] += f" (default: {default})"
         if suppress:
             kwargs["default"] = argparse.SUPPRESS

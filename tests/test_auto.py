@@ -13,9 +13,9 @@ from test_golden import build_fixtures
 
 from hf_soup import cook
 from hf_soup.evaluation.splits import EncodedSplit
-from hf_soup.mixture import Mixture
-from hf_soup.recipes import Fold, GreedySoup, RecipeResult, SoupRecipe, UniformSoup
-from hf_soup.recipes.auto import BEST_INDIVIDUAL, AutoSoup
+from hf_soup.mixture import Ingredient, Mixture
+from hf_soup.recipes import Fold, GreedySoup, RecipeContext, RecipeResult, SoupRecipe, UniformSoup
+from hf_soup.recipes.auto import BEST_INDIVIDUAL, DENSITY_GRID, LAMBDA_GRID, AutoSoup, method_contenders
 
 SCORES = {"a": 0.9, "b": 0.8, "c": 0.1}
 
@@ -76,6 +76,42 @@ def test_ties_go_to_the_earlier_contender():
     flat = dict.fromkeys(HELPFUL, 0.5)
     recipe = AutoSoup({"uniform": UniformSoup(), "greedy": GreedySoup()}, [fold("A", flat), fold("B", flat)])
     assert recipe.cook(list(SCORES), SCORES, objective_from(flat)).details["chosen"] == "uniform"
+
+
+def by_method(scores: dict[tuple, float]):
+    """An objective that knows a mixture by its method and that method's parameter (others score 0.5)."""
+
+    def objective(mixture, _bar):
+        method = mixture.method or {}
+        key = (
+            method.get("name"),
+            method.get("lambda"),
+            tuple(sorted(set((method.get("density") or {}).values()))),
+        )
+        return scores.get(key, 0.5)
+
+    return objective
+
+
+def test_mergekit_methods_are_contenders_over_the_stated_grids():
+    """Built so the answer is known: task arithmetic at λ = 1.5 scores 0.99 on both halves, DARE-TIES at density
+    0.5 scores 0.9, everything else 0.5 or less; auto chooses the first and rebuilds it with that λ."""
+    context = RecipeContext(Ingredient("base", 0.0), candidate_order=list(SCORES))
+    contenders = method_contenders(context, seed=3)
+    assert list(contenders) == [
+        *(f"task_arithmetic λ={lam:g}" for lam in LAMBDA_GRID),
+        *(f"ties density={d:g}" for d in DENSITY_GRID),
+        *(f"dare_ties density={d:g}" for d in DENSITY_GRID),
+    ]
+    objective = by_method({("task_arithmetic", 1.5, ()): 0.99, ("dare_ties", 1.0, (0.5,)): 0.9})
+    folds = [Fold(name, dict.fromkeys(SCORES, 0.4), objective) for name in "AB"]
+    recipe = AutoSoup({"uniform": UniformSoup(), **contenders}, folds)
+    result = recipe.cook(list(SCORES), SCORES, objective)
+    assert result.details["chosen"] == "task_arithmetic λ=1.5" and result.details["tried"] == 1 + 9 + 1
+    assert result.mixture.method == {"name": "task_arithmetic", "lambda": 1.5, "normalize": True}
+    assert result.details["contenders"]["dare_ties density=0.5"]["folds"] == [0.9, 0.9]
+    dare = contenders["dare_ties density=0.5"].cook(list(SCORES), SCORES, objective).mixture.method
+    assert dare["seed"] == 3 and dare["normalize"] is True
 
 
 class Fixed(SoupRecipe):
@@ -148,8 +184,11 @@ def test_auto_end_to_end(tmp_path, tokenizer_dir):
         "stock",
         "wise",
         "learned",
+        *(f"task_arithmetic λ={lam:g}" for lam in LAMBDA_GRID),
+        *(f"{method} density={d:g}" for method in ("ties", "dare_ties") for d in DENSITY_GRID),
         BEST_INDIVIDUAL,
     }
+    assert details["tried"] == 6 + 9 + 1
     best = max(details["contenders"].values(), key=lambda c: c["confirmation"])["confirmation"]
     assert details["contenders"][details["chosen"]]["confirmation"] == pytest.approx(best)
     # Selection loss: shown as a loss, objectives hold it negated.
@@ -157,6 +196,7 @@ def test_auto_end_to_end(tmp_path, tokenizer_dir):
         assert contender["shown"] == pytest.approx(-contender["confirmation"]) and contender["shown"] > 0
     card = (tmp_path / "soup" / "README.md").read_text()
     assert "### Auto: the recipe chosen on held-out halves" in card and "(chosen)" in card
+    assert "of the 16 contenders tried" in card
     assert result.summary.comparisons["test.csv"]["soup"]["accuracy"].delta == pytest.approx(
         result.summary.soup.report["test.csv"]["accuracy"]
         - result.summary.best_individual.report["test.csv"]["accuracy"]

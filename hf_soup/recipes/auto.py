@@ -10,9 +10,17 @@ already maximised that score. So each contender is judged by **cross-fitting**:
 
 The contenders are uniform, greedy, pruned, Model Stock and WiSE-FT (with `--alpha` and `--wise-of`), the learned
 soup with `--auto-learned` (off by default: it is trained through the live model on each half, and again if
-chosen; on a half it trains on that half only), and the **best individual** itself (on each half: the candidate
-best on that half): so `auto` never chooses a soup that did worse than picking one model, on data neither was
-chosen on. Ties go to the earlier contender in that list.
+chosen; on a half it trains on that half only), mergekit's methods over stated grids (`--no-auto-methods` leaves
+them out):
+
+- task arithmetic on the mean task vector, θ_0 + λ·mean_i(θ_i − θ_0), for λ in `LAMBDA_GRID` (λ = 1 is the
+  uniform soup, already a contender; λ > 1 extrapolates along the mean fine-tuning direction);
+- TIES and DARE-TIES (normalised, λ = 1, DARE's masks seeded by `--seed`) at each density in `DENSITY_GRID`;
+
+and the **best individual** itself (on each half: the candidate best on that half): so `auto` never chooses a soup
+that did worse than picking one model, on data neither was chosen on. Ties go to the earlier contender in that list.
+More contenders give the halves more chances to be fooled by one that fits them by luck; the report and card say
+how many were tried, and `scripts/reproduce_fine_foods.py` measures auto with and without the methods.
 The report split is never looked at; the usual paired interval against the best individual is reported on it.
 """
 
@@ -24,15 +32,38 @@ from typing import Any
 from ..errors import ConfigError
 from ..mixture import Mixture
 from .base import Fold, RecipeContext, RecipeResult, SoupRecipe, option, rank
+from .dare_ties import DareTiesSoup
+from .task_arithmetic import TaskArithmeticSoup
+from .task_vectors import SparseOptions, TaskArithmeticOptions
+from .ties import TiesSoup
 
 CONTENDERS = ("uniform", "greedy", "pruned", "stock", "wise")
 BEST_INDIVIDUAL = "best individual"
+LAMBDA_GRID = (0.5, 1.5, 2.0)  # task arithmetic on the mean task vector
+DENSITY_GRID = (0.2, 0.5, 0.8)  # TIES and DARE-TIES
+
+
+def method_contenders(context: RecipeContext, seed: int) -> dict[str, SoupRecipe]:
+    """mergekit's methods over the stated grids, by contender name (`"ties density=0.2"`)."""
+    contenders: dict[str, SoupRecipe] = {
+        f"task_arithmetic λ={lam:g}": TaskArithmeticSoup(
+            TaskArithmeticOptions(lambda_=lam, normalize=True), context
+        )
+        for lam in LAMBDA_GRID
+    }
+    for density in DENSITY_GRID:
+        contenders[f"ties density={density:g}"] = TiesSoup(SparseOptions(density=str(density)), context)
+    for density in DENSITY_GRID:
+        options = SparseOptions(density=str(density), normalize=True)
+        contenders[f"dare_ties density={density:g}"] = DareTiesSoup(options, context, seed)
+    return contenders
+
 
 CARD_SECTION = """### Auto: the recipe chosen on held-out halves
 
 Each contender was built on one half of the selection split and scored on the other, both ways (cross-fitting);
-the one with the best mean confirmation {{ chosen_by }} was rebuilt on the whole selection split. The report
-split was not used.
+the one with the best mean confirmation {{ chosen_by }} of the {{ details.contenders | length }} contenders tried was
+rebuilt on the whole selection split. The report split was not used.
 
 | contender | confirmation {{ chosen_by }} (mean) | built on A, scored on B | built on B, scored on A |
 |---|---|---|---|
@@ -49,6 +80,11 @@ class AutoOptions:
         "Auto: the learned soup is a contender too (slow: it is trained on each half, and again on the whole "
         "selection split if chosen).",
     )
+    auto_methods: bool = option(
+        True,
+        "Auto: task arithmetic (λ in 0.5, 1.5, 2 on the mean task vector), TIES and DARE-TIES (density in 0.2, "
+        "0.5, 0.8) are contenders too; --no-auto-methods leaves them out.",
+    )
 
 
 class AutoSoup(SoupRecipe):
@@ -64,10 +100,12 @@ class AutoSoup(SoupRecipe):
 
     def __init__(self, contenders: dict[str, SoupRecipe], folds: list[Fold], loss: bool = False):
         self.contenders, self.folds, self.loss = contenders, folds, loss
-        # Each contender as built for each half (a learned soup trains on that half); else the same recipe.
+        # Each contender that uses data as built for each half (a learned soup trains on that half); a data-free
+        # one (uniform, Model Stock, a method at a grid point) is the same on both.
         self.on_fold = {
             fold.name: {
-                name: fold.build(name) if fold.build else recipe for name, recipe in contenders.items()
+                name: fold.build(name) if fold.build and recipe.needs_data else recipe
+                for name, recipe in contenders.items()
             }
             for fold in folds
         }
@@ -87,13 +125,17 @@ class AutoSoup(SoupRecipe):
                 "--recipe auto confirms each recipe on half of hf-soup's own encoding of the selection split; "
                 "with cook(trainer=...) choose a recipe, or pass the data as dataset= instead of a trainer."
             )
-        names = (*CONTENDERS, "learned") if config.options(cls).auto_learned else CONTENDERS
+        options = config.options(cls)
+        names = (*CONTENDERS, "learned") if options.auto_learned else CONTENDERS
         contenders = {name: context.build(name) for name in names}
+        if options.auto_methods:
+            contenders.update(method_contenders(context, config.seed))
         return cls(contenders, context.folds(), loss=config.selection_metric == "loss")
 
     @classmethod
     def label(cls, soup_name: str, details: dict[str, Any] | None) -> str:
-        return f"{soup_name} ({details['chosen']} chosen on held-out halves)"
+        tried = details.get("tried", len(details["contenders"]))  # soup.json of hf-soup 0.4.0 has no "tried"
+        return f"{soup_name} ({details['chosen']} chosen of {tried} contenders on held-out halves)"
 
     def cook(self, candidates, individual_scores, objective, revisions=None, tie_break=None) -> RecipeResult:
         confirmation = {
@@ -119,6 +161,7 @@ class AutoSoup(SoupRecipe):
             "why": f"the best mean confirmation score of {len(confirmation)} contenders, each built on one half "
             "of the selection split and scored on the other",
             "contenders": {name: self._record(folds) for name, folds in confirmation.items()},
+            "tried": len(confirmation),
             "chosen_details": result.details,
         }
         return RecipeResult(result.mixture, result.trajectory, details, result.curve)
