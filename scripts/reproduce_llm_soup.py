@@ -5,9 +5,10 @@ embeddings, shipped as a Q4_1 GGUF file), converted to a plain safetensors folde
 Python API. It is fine-tuned K ways on fine-food reviews as domain text: full fine-tunes (AdamW, learning rates
 and data orders differ) and LoRA fine-tunes (peft, rank 8 on the attention projections), all from that one start.
 Then hf-soup soups them through its public API, as users would: candidates ranked by mean token NLL on a
-selection split carved from `train.csv` (never trained on), the uniform, greedy and Model Stock soups and the
-probability ensemble reported as perplexity on `test.csv` (never used to choose), with paired bootstrap intervals
-over documents against the best individual.
+selection split carved from `train.csv` (never trained on), the uniform, greedy and Model Stock soups, mergekit's
+TIES and DARE-TIES (density 0.2, the TIES paper's), `auto` with and without mergekit's methods among its
+contenders, and the probability ensemble reported as perplexity on `test.csv` (never used to choose), with paired
+bootstrap intervals over documents against the best individual.
 
     python scripts/reproduce_llm_soup.py              # about 25 minutes on 2 CPU cores; resumable
     python scripts/reproduce_llm_soup.py --full 2 --lora 1 --steps 10
@@ -28,7 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "fine_food_reviews"
 BUNDLED = ROOT / "hf_soup" / "data" / "fine_foods"  # for a clone without ../shared
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RECIPES = ("uniform", "greedy", "stock")
+# Each run of cook(): its name here, and its recipe options.
+RECIPES = {
+    "uniform": {"recipe": "uniform"},
+    "greedy": {"recipe": "greedy"},
+    "stock": {"recipe": "stock"},
+    "ties": {"recipe": "ties", "density": "0.2"},
+    "dare_ties": {"recipe": "dare_ties", "density": "0.2", "normalize": True},
+    "auto": {"recipe": "auto"},
+    "auto without methods": {"recipe": "auto", "auto_methods": False},
+}
 # Full fine-tunes: (learning rate, data-order seed); LoRA fine-tunes: (learning rate, seed). Cycled for larger K.
 FULL_RUNS = [(2e-5, 1), (5e-5, 2), (1e-4, 3), (3e-5, 4)]
 LORA_RUNS = [(1e-3, 5), (3e-3, 6)]
@@ -144,8 +154,19 @@ def write_results(summaries: dict[str, dict], args, seconds: dict[str, float], r
     comparisons = greedy["comparisons"][split]
     lines.append(row("uniform soup", greedy["uniform"], split, comparisons["uniform"]))
     lines.append(row("greedy soup", greedy["soup"], split, comparisons["soup"]))
-    stock = summaries["stock"]
-    lines.append(row("Model Stock soup", stock["soup"], split, stock["comparisons"][split]["soup"]))
+    named = {
+        "stock": "Model Stock soup",
+        "ties": "TIES (density 0.2)",
+        "dare_ties": "DARE-TIES (density 0.2, normalised)",
+        "auto": "auto, {chosen} chosen of {tried}",
+        "auto without methods": "auto without mergekit's methods, {chosen} chosen of {tried}",
+    }
+    for key, label in named.items():
+        if key in summaries:
+            details = summaries[key].get("auto") or {}
+            shown = label.format(chosen=details.get("chosen"), tried=details.get("tried"))
+            summary = summaries[key]
+            lines.append(row(shown, summary["soup"], split, summary["comparisons"][split]["soup"]))
     ensemble = greedy["ensembles"][0]
     lines.append(
         row(
@@ -186,7 +207,14 @@ def main() -> int:
     parser.add_argument("--train-docs", type=int, default=1500, help="documents to fine-tune on")
     parser.add_argument("--selection-docs", type=int, default=128)
     parser.add_argument("--report-docs", type=int, default=256)
+    parser.add_argument(
+        "--recipes", default=",".join(RECIPES), help=f"a comma-separated subset of: {', '.join(RECIPES)}"
+    )
     args = parser.parse_args()
+    chosen = ["greedy", *(r for r in args.recipes.split(",") if r != "greedy")]  # the table's reference
+    unknown = sorted(set(chosen) - set(RECIPES))
+    if unknown:
+        parser.error(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     import pandas as pd
 
     from hf_soup import cook
@@ -215,7 +243,8 @@ def main() -> int:
     seconds["fine-tune"] = time.perf_counter() - started
     summaries = {}
     started = time.perf_counter()
-    for recipe in RECIPES:
+    for key in chosen:
+        options = RECIPES[key]
         result = cook(
             base=str(base),
             candidates=[str(workdir / name) for name, *_ in runs],
@@ -226,12 +255,12 @@ def main() -> int:
             report_split=str(workdir / "report.csv"),
             max_length=args.max_length,
             batch_size=16,
-            recipe=recipe,
+            **options,
             cache_dir=str(workdir / "cache"),
             quiet=True,
         )
-        summaries[recipe] = result.summary.to_dict()
-        print(f"{recipe}: done", flush=True)
+        summaries[key] = result.summary.to_dict()
+        print(f"{key}: done", flush=True)
     seconds["soups"] = time.perf_counter() - started
     print(write_results(summaries, args, seconds, Path(args.results)))
     return 0
