@@ -27,7 +27,7 @@ SoupDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 # The recipes that soup backbones: each trial's body gets a head of its own (`probe.py`), so recipes that learn
 # weights or interpolate with the base's head do not apply.
-BACKBONE_RECIPES = ("uniform", "greedy", "pruned")
+BACKBONE_RECIPES = ("uniform", "greedy", "pruned", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 
 def _opt(help: str, **cli) -> dict:

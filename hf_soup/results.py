@@ -166,7 +166,7 @@ class SoupSummary:
     the paired comparisons, and how the run went. Unscored runs (a plain merge) leave the scores `None`.
 
     `details` is the recipe's own record (WiSE-FT's α curve, a learned soup's weights), stored in `soup.json`
-    under the recipe's name.
+    under the recipe's name (`details_key`: `ties_recipe` for TIES, whose name is taken by the tie-breaks).
     """
 
     recipe: RecipeInfo
@@ -214,7 +214,7 @@ class SoupSummary:
                 continue
             data[item.name] = comparisons_to_dict(value) if item.name == "comparisons" else _plain(value)
         if self.details is not None:
-            data[self.recipe.name] = self.details
+            data[details_key(self.recipe.name)] = self.details
         return data
 
     @classmethod
@@ -231,10 +231,15 @@ class SoupSummary:
         values["candidates"] = [CandidateRow.from_dict(c) for c in data.get("candidates") or []]
         values["mixture"] = Mixture.from_dict(data["mixture"])
         values["comparisons"] = comparisons_from_dict(data.get("comparisons"))
-        values["details"] = data.get(values["recipe"].name)
+        values["details"] = data.get(details_key(values["recipe"].name))
         values.setdefault("excluded", {})  # hf-soup 0.3.0 recorded none
         values.setdefault("dtype", "auto")
         return cls(**{key: value for key, value in values.items() if key in cls.__dataclass_fields__})
+
+
+def details_key(recipe: str) -> str:
+    """Where `soup.json` keeps a recipe's own record: under its name, unless a summary field has that name."""
+    return f"{recipe}_recipe" if recipe in SoupSummary.__dataclass_fields__ else recipe
 
 
 def _plain(value: Any) -> Any:

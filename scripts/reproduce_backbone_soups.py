@@ -4,7 +4,8 @@ Models fine-tuned from one start on *different* tasks (other label sets) are sou
 (`--soup backbone`), and the soup gets a head for a task held out from every fine-tune: a linear probe (scikit-learn
 `LogisticRegression`) fitted on the target's selection split. Compared on the target's report split, with paired
 bootstrap intervals against the best single fine-tune with a probe: the base with a probe (the zero-shot-like
-start), and the uniform, greedy and pruned backbone soups.
+start), and the uniform, greedy and pruned backbone soups and mergekit's TIES and DARE-TIES (density 0.2, the TIES
+paper's; made for merging fine-tunes of different tasks) on the same bodies.
 
 **Images** (`apt-get install dataset-fashion-mnist`; scikit-learn's bundled digits): Fashion-MNIST's classes in
 disjoint groups. The start is a small ResNet pretrained on training images 30000+ of the tops and lower-body
@@ -41,7 +42,13 @@ SHARED = ROOT.parent / "shared" / "data" / "fine_food_reviews"
 BUNDLED = ROOT / "hf_soup" / "data" / "fine_foods"
 GROUPS = {"tops": [0, 2, 4, 6], "lower": [1, 3, 8], "footwear": [5, 7, 9]}  # Fashion-MNIST class ids
 TARGET = "footwear"
-RECIPES = ("uniform", "greedy", "pruned")
+RECIPES = {  # the table's name of each soup, and its recipe options
+    "uniform": {"recipe": "uniform"},
+    "greedy": {"recipe": "greedy"},
+    "pruned": {"recipe": "pruned"},
+    "TIES (density 0.2)": {"recipe": "ties", "density": "0.2"},
+    "DARE-TIES (density 0.2, normalised)": {"recipe": "dare_ties", "density": "0.2", "normalize": True},
+}
 VARIANTS = [(1e-3, 1), (3e-3, 2)]  # image fine-tunes: learning rate, seed
 TEXT_VARIANTS = [(5e-5, 1), (1e-4, 2)]
 
@@ -225,12 +232,12 @@ def soups(base: Path, runs: list[Path], data: dict, cache: Path) -> dict[str, di
     from hf_soup import cook
 
     out = {}
-    for recipe in RECIPES:
+    for recipe, options in RECIPES.items():
         result = cook(
             base=str(base),
             candidates=[str(r) for r in runs],
             soup="backbone",
-            recipe=recipe,
+            **options,
             cache_dir=str(cache),
             quiet=True,
             **data,

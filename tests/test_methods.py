@@ -338,8 +338,9 @@ def test_a_mergekit_config_with_a_flag_it_sets_is_refused(family, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_method_with_data_is_reported_against_the_best_individual(family, reviews):
+def test_a_method_with_data_is_reported_against_the_best_individual(family, reviews, tmp_path):
     result = cook(
+        output=str(tmp_path / "soup"),
         base=str(family / "base"),
         candidates=[str(family / "runs" / "*")],
         dataset=str(reviews["train"]),
@@ -358,3 +359,45 @@ def test_a_method_with_data_is_reported_against_the_best_individual(family, revi
     assert summary.comparisons["test.csv"]["soup"]["accuracy"].delta == pytest.approx(
         summary.soup.report["test.csv"]["accuracy"] - best.report["test.csv"]["accuracy"]
     )
+    # "ties" in soup.json is the tie-breaks' list; the TIES recipe's record is "ties_recipe".
+    manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert isinstance(manifest["ties"], list) and manifest["ties_recipe"]["normalize"] is True
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "### TIES-Merging" in card and "statistically significant" in card
+
+
+def test_batchnorm_statistics_are_averaged_not_merged_by_the_method(tmp_path):
+    """Built so the method would break them: each fine-tune lowers every running variance by 60%, so DARE at
+    density 0.2 (τ/0.2 = −3·var) or λ = 3 would make the variances negative. They are the weights' normalised
+    average instead; the weights are merged by the method."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    torch.manual_seed(0)
+    base = ResNetForImageClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    runs = []
+    for index in range(2):
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        for name, value in state.items():
+            if name.endswith("running_var"):
+                value.mul_(0.4)
+            elif value.is_floating_point():
+                value.add_(0.01 * torch.randn(value.shape, generator=torch.Generator().manual_seed(index)))
+        model = ResNetForImageClassification(config)
+        model.load_state_dict(state)
+        model.save_pretrained(tmp_path / f"run{index}")
+        runs.append(str(tmp_path / f"run{index}"))
+    for recipe, flags in (("dare_ties", ["--density", "0.2"]), ("task_arithmetic", ["--lambda", "3"])):
+        out = tmp_path / recipe
+        args = ["--base", str(tmp_path / "base"), "--candidates", *runs, "--recipe", recipe, *flags]
+        result = run_main(*args, "--weights", "0.3,0.7", "--output", str(out), "--quiet", "--include-flagged")
+        assert result.returncode == 0, result.stderr
+        written, models = tensors(out), [tensors(tmp_path / f"run{i}") for i in range(2)]
+        statistics = [k for k in written if k.endswith(("running_var", "running_mean"))]
+        assert statistics
+        for name in statistics:
+            expected = 0.3 * models[0][name].double() + 0.7 * models[1][name].double()
+            torch.testing.assert_close(written[name].double(), expected, rtol=0, atol=1e-6, msg=name)
+        weight = "resnet.embedder.embedder.convolution.weight"
+        assert not torch.allclose(written[weight], 0.3 * models[0][weight] + 0.7 * models[1][weight])

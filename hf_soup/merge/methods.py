@@ -13,6 +13,9 @@ rounding. DARE drops each entry with probability 1 − density and rescales the 
 paper does (mergekit rescales to keep each task vector's L1 norm instead). Its masks come from a generator seeded
 by (seed, tensor name, ingredient position): the same seed gives the same soup, on any machine and any thread count.
 
+BatchNorm's running statistics are not weights: a rescaled (DARE) or extrapolated (λ > 1) variance can go negative,
+so under a task-vector method they are the weights' normalised average, Σ w_i θ_i / Σ w_i, as a soup's are.
+
 The sign election needs the sum of all δ_j before any is kept, so it reads the candidates twice (or holds them, when
 `hold` allows); memory holds a few float32 tensors of one tensor's size, never one per candidate. Tensors the base
 lacks (a new task head) are the weights' normalised average.
@@ -33,6 +36,7 @@ from ..mixture import Mixture
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 SPARSIFICATION = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}
 SIGN_ELECTION = {"ties", "dare_ties"}
+RUNNING_STATISTICS = ("running_mean", "running_var")  # BatchNorm's: averaged, never task-vector merged
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -183,4 +187,17 @@ def method_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tuple[to
         )
     if name not in sources.alignment.base_names:
         return None
+    if name.rsplit(".", 1)[-1] in RUNNING_STATISTICS:
+        return _normalised_average(mixture, sources, name)
     return task_vector_tensor(mixture, sources, name)
+
+
+def _normalised_average(mixture: Mixture, sources: SoupSources, name: str) -> tuple[torch.Tensor, int]:
+    """Σ w_i θ_i / Σ w_i of one tensor, in float32."""
+    pairs = [(ing.id, ing.weight) for ing in mixture.ingredients if ing.weight != 0]
+    total = sum(weight for _, weight in pairs)
+    mixed = None
+    for cid, weight in pairs:
+        tensor = sources.read(cid, name).to(torch.float32) * (weight / total)
+        mixed = tensor if mixed is None else mixed.add_(tensor)
+    return mixed, 2 * _nbytes(mixed)
