@@ -20,7 +20,7 @@ them out):
 and the **best individual** itself (on each half: the candidate best on that half): so `auto` never chooses a soup
 that did worse than picking one model, on data neither was chosen on. Ties go to the earlier contender in that list.
 More contenders give the halves more chances to be fooled by one that fits them by luck; the report and card say
-how many were tried, and `scripts/reproduce_fine_foods.py` measures auto with and without the methods.
+how many were tried, and `scripts/reproduce_llm_soup.py` measures auto with and without the methods.
 The report split is never looked at; the usual paired interval against the best individual is reported on it.
 """
 
