@@ -10,7 +10,7 @@ TIES and DARE-TIES (density 0.2, the TIES paper's), `auto` with and without merg
 contenders, and the probability ensemble reported as perplexity on `test.csv` (never used to choose), with paired
 bootstrap intervals over documents against the best individual.
 
-    python scripts/reproduce_llm_soup.py              # about 25 minutes on 2 CPU cores; resumable
+    python scripts/reproduce_llm_soup.py              # about 45 minutes on 2 CPU cores (two `auto` runs); resumable
     python scripts/reproduce_llm_soup.py --full 2 --lora 1 --steps 10
 
 Writes `results/llm_soup.md` and `results/llm_soup.json`.
