@@ -20,7 +20,7 @@ other; Amazon Fine Food Reviews via R modeldata, MIT) and on word sentiment stre
 by 10 people from -4 to +4; MIT licence; Hutto and Gilbert 2014). Target, held out: VADER polarity (negative <= -0.5
 < neutral < 0.5 <= positive) on the other half of the lexicon's entries, so no target text was seen in fine-tuning.
 
-    python scripts/reproduce_backbone_soups.py                  # about 15 minutes on 2 CPU cores; resumable
+    python scripts/reproduce_backbone_soups.py                  # about 20 minutes on 2 CPU cores; resumable
     python scripts/reproduce_backbone_soups.py --only images
 
 Writes `results/backbone_soups.md` and `results/backbone_soups.json`.
