@@ -16,8 +16,8 @@ by (seed, tensor name, ingredient position): the same seed gives the same soup, 
 BatchNorm's running statistics are not weights: a rescaled (DARE) or extrapolated (λ > 1) variance can go negative,
 so under a task-vector method they are the weights' normalised average, Σ w_i θ_i / Σ w_i, as a soup's are.
 
-The sign election needs the sum of all δ_j before any is kept, so it reads the candidates twice (or holds them, when
-`hold` allows); memory holds a few float32 tensors of one tensor's size, never one per candidate. Tensors the base
+The sign election needs the sum of all δ_j before any is kept, so it reads the candidates twice; memory holds a
+few float32 tensors of one tensor's size, never one per candidate. Tensors the base
 lacks (a new task head) are the weights' normalised average.
 """
 
