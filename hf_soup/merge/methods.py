@@ -17,8 +17,8 @@ BatchNorm's running statistics are not weights: a rescaled (DARE) or extrapolate
 so under a task-vector method they are the weights' normalised average, Σ w_i θ_i / Σ w_i, as a soup's are.
 
 The sign election needs the sum of all δ_j before any is kept, so it reads the candidates twice; memory holds a
-few float32 tensors of one tensor's size, never one per candidate. Tensors the base
-lacks (a new task head) are the weights' normalised average.
+few float32 tensors of one tensor's size, never one per candidate. Tensors the base lacks (a new task head) are the
+weights' normalised average.
 """
 
 from __future__ import annotations
