@@ -120,7 +120,8 @@ def main() -> int:
     rows.append(row(f"oracle: best on report ({Path(oracle['id']).name}; not a claim)", oracle))
     rows.append(row("uniform soup", first["uniform"], first["comparisons"][split]["uniform"][metric]))
     for label, report in reports.items():
-        chosen = f" → {report['auto']['chosen']}" if report.get("auto") else ""  # what auto chose
+        auto = report.get("auto")  # what auto chose, of how many contenders
+        chosen = f" → {auto['chosen']} of {auto['tried']} tried" if auto else ""
         rows.append(row(label + chosen, report["soup"], report["comparisons"][split]["soup"][metric]))
     all_ensemble = first["ensembles"][0]
     rows.append(
@@ -150,6 +151,10 @@ def recipes():
         ("WiSE-FT of the greedy soup (by loss)", {"recipe": "wise", "selection_metric": "loss"}),
         ("Model Stock (no data)", {"recipe": "stock", "selection_metric": "loss"}),
         ("auto (chosen on held-out halves, by loss)", {"recipe": "auto", "selection_metric": "loss"}),
+        (
+            "auto without mergekit's methods (by loss)",
+            {"recipe": "auto", "selection_metric": "loss", "auto_methods": False},
+        ),
     ]
 
 

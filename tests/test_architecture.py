@@ -226,3 +226,34 @@ def test_a_recipe_is_one_file_and_one_registry_line(tmp_path, monkeypatch, token
     card = (tmp_path / "merged" / "README.md").read_text()
     assert merged.summary.soup is None and "### Best single\n\nPicked `../runs/" in card
     assert "Recipe options: `--pick 1`." in card
+
+
+# Imported by some runs only: a plain merge needs none of them, and no run needs `evaluate` (whose package imports
+# `transformers.pipelines`: about 8 s on 2 cores) or `transformers.pipelines` itself.
+HEAVY = ("evaluate", "transformers.pipelines", "datasets", "scipy", "sklearn", "matplotlib")
+NEVER = ("evaluate", "transformers.pipelines")
+
+
+def _modules_after(args: list[str]) -> set[str]:
+    """The heavy modules a `hf-soup` run with `args` imported, run in a fresh interpreter."""
+    script = (
+        "import sys\nfrom hf_soup.cli import main\n"
+        f"code = main({args!r})\nassert code == 0, code\n"
+        f"print('imported:', *(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return set(run.stdout.splitlines()[-1].split()[1:])
+
+
+@pytest.mark.slow
+def test_a_plain_merge_imports_no_evaluation_and_a_scored_run_no_evaluate(zoo, reviews, tmp_path):
+    candidates = ["--base", str(zoo["base"]), "--candidates", str(zoo["root"] / "runs" / "*"), "--quiet"]
+    plain = _modules_after([*candidates, "--recipe", "uniform", "--output", str(tmp_path / "plain")])
+    assert plain == set(), f"a plain merge imported {sorted(plain)}"
+    data = ["--dataset", str(reviews["train"]), "--text-column", "review", "--label-column", "score"]
+    scored = _modules_after(
+        [*candidates, *data, "--max-eval-examples", "40", "--output", str(tmp_path / "s")]
+    )
+    assert {"datasets", "matplotlib"} <= scored  # what scoring and its plots use, so the probe above is live
+    assert not scored & set(NEVER), f"a scored run imported {sorted(scored & set(NEVER))}"

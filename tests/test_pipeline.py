@@ -322,6 +322,33 @@ def test_metrics_match_their_textbook_definitions():
     assert got == pytest.approx({"pearson": pearson, "spearmanr": spearman}, abs=1e-6)
 
 
+def test_the_evaluate_module_gives_the_same_metrics():
+    """`TaskMetric`, the same metrics as an `evaluate` module, through evaluate's own `compute`."""
+    from hf_soup.evaluation.evaluate_metric import TaskMetric
+    from hf_soup.evaluation.metrics import compute_metrics
+
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 3, 120), rng.integers(0, 3, 120)
+    a, b = rng.normal(size=80), rng.normal(size=80)
+    scores = rng.normal(size=(120, 7)).astype(np.float32)
+    cases = [
+        ("accuracy", p, y, {}),
+        ("macro_f1", p, y, {}),
+        ("matthews_correlation", p, y, {}),
+        ("f1", p % 2, y % 2, {"pos_label": 0}),
+        ("pearson", a, b, {}),
+        ("spearmanr", a, b, {}),
+    ]
+    for name, predictions, references, kwargs in cases:
+        expected = compute_metrics((name,), predictions, references, **kwargs)
+        got = TaskMetric(config_name=name).compute(predictions=predictions, references=references, **kwargs)
+        assert got == pytest.approx(expected, abs=1e-12), name
+    expected = compute_metrics(("top5_accuracy",), None, y, scores=scores)
+    assert TaskMetric(config_name="top5_accuracy").compute(predictions=scores, references=y) == expected
+    top5 = np.argsort(-scores, axis=1)[:, :5]
+    assert expected["top5_accuracy"] == pytest.approx(np.mean([y[i] in top5[i] for i in range(120)]))
+
+
 @pytest.mark.parametrize("metric", ["loss", "accuracy"])
 def test_selection_metric_and_exact_early_rejection(zoo, reviews, tmp_path, metric):
     def run(early: bool, cache: str):

@@ -1,18 +1,17 @@
-"""Task metrics as `evaluate` modules.
+"""Task metrics: the GLUE metrics' math (scikit-learn and scipy, as the Hub's metric scripts use), and top-5
+accuracy for image classification.
 
-`evaluate.load("accuracy")` downloads and runs a metric script from the Hub at run time, which fails offline
-and executes remote code. So the GLUE metrics are defined here as `evaluate.Metric` subclasses with the same
-names and the same math (scikit-learn and scipy, as the Hub scripts use). Image classification adds
-`top5_accuracy`, computed from the scores with scikit-learn's `top_k_accuracy_score`.
+Computed by calling the functions directly rather than through `evaluate`: `evaluate.load("accuracy")` fetches and
+runs a metric script from the Hub at run time (it fails offline, and it is remote code), and `import evaluate` alone
+takes about 8 s on 2 cores, because the package imports `transformers.pipelines`, which every hf-soup run would
+pay. The same metrics as `evaluate` modules are in `evaluation/evaluate_metric.py`, for code that wants one; a
+test checks that both give the same values. scikit-learn and scipy are imported when a metric is first computed, so
+that the reporting modules can use the constants here without them.
 """
 
 from __future__ import annotations
 
-import datasets
-import evaluate
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef, top_k_accuracy_score
 
 # Metrics computed from each example's scores (logits) rather than from one predicted label.
 SCORE_METRICS = {"top5_accuracy": 5}
@@ -21,25 +20,63 @@ SCORE_METRICS = {"top5_accuracy": 5}
 LOWER_IS_BETTER = frozenset({"perplexity", "nll"})
 
 
-def _correlation(function):
-    """A correlation of references and predictions; 0 when either is constant (undefined there)."""
-    return lambda y, p: float(function(y, p)[0]) if np.std(p) > 0 and np.std(y) > 0 else 0.0
+def _accuracy(y, p) -> float:
+    return float(np.mean(np.asarray(y) == np.asarray(p)))
 
 
-# The metrics' math, once: the `evaluate` metrics below call it, and so does the bootstrap (`stats.py`), which calls
-# each one a thousand times, where an `evaluate.Metric` costs ~10 ms per call in bookkeeping alone.
+def _f1(y, p, pos_label: int = 1) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, p, pos_label=pos_label, average="binary", zero_division=0.0))
+
+
+def _macro_f1(y, p) -> float:
+    """The mean per-class F1."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, p, average="macro", zero_division=0.0))
+
+
+def _matthews_correlation(y, p) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(y, p))
+
+
+def _correlation(name: str):
+    """scipy's correlation `name` of references and predictions; 0 when either is constant (undefined there)."""
+
+    def correlation(y, p) -> float:
+        import scipy.stats
+
+        if np.std(p) > 0 and np.std(y) > 0:
+            return float(getattr(scipy.stats, name)(y, p)[0])
+        return 0.0
+
+    return correlation
+
+
+def _top_k_accuracy(k: int):
+    def top_k(y, scores) -> float:
+        from sklearn.metrics import top_k_accuracy_score
+
+        scores = np.asarray(scores)
+        return float(top_k_accuracy_score(y, scores, k=k, labels=np.arange(scores.shape[1])))
+
+    return top_k
+
+
+# The metrics' math, once: `compute_metrics` calls it, and so does the bootstrap (`stats.py`), a thousand times.
 METRIC_FUNCTIONS = {
-    "accuracy": lambda y, p: float(np.mean(np.asarray(y) == np.asarray(p))),
-    "f1": lambda y, p, pos_label=1: float(
-        f1_score(y, p, pos_label=pos_label, average="binary", zero_division=0.0)
-    ),
-    "macro_f1": lambda y, p: float(
-        f1_score(y, p, average="macro", zero_division=0.0)
-    ),  # the mean per-class F1
-    "matthews_correlation": lambda y, p: float(matthews_corrcoef(y, p)),
-    "pearson": _correlation(pearsonr),
-    "spearmanr": _correlation(spearmanr),
+    "accuracy": _accuracy,
+    "f1": _f1,
+    "macro_f1": _macro_f1,
+    "matthews_correlation": _matthews_correlation,
+    "pearson": _correlation("pearsonr"),
+    "spearmanr": _correlation("spearmanr"),
 }
+# Computed from each example's scores (the logits), by name.
+SCORE_FUNCTIONS = {name: _top_k_accuracy(k) for name, k in SCORE_METRICS.items()}
 
 
 def higher_is_better(metric: str, value: float) -> float:
@@ -52,43 +89,6 @@ def describe_delta(metric: str, delta: float) -> str:
     if metric in LOWER_IS_BETTER:
         return f"{delta:+.3f} {metric} (lower is better)"
     return f"{delta * 100:+.2f} points of {metric}"
-
-
-_CITATION = "Wang et al. 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (arXiv 1804.07461)."
-
-
-class TaskMetric(evaluate.Metric):
-    """One GLUE-style metric; `config_name` picks which (`accuracy`, `f1`, `matthews_correlation`, ...)."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        dtype = "float32" if self.config_name in ("pearson", "spearmanr") else "int64"
-        if self.config_name in SCORE_METRICS:
-            predictions = datasets.Sequence(datasets.Value("float32"))
-            references = datasets.Value("int64")
-        else:
-            predictions = references = datasets.Value(dtype)
-        return evaluate.MetricInfo(
-            description=f"{self.config_name}, computed as in the GLUE metric.",
-            citation=_CITATION,
-            inputs_description="predictions and references: one value per example (for top-k: one score per "
-            "class per example).",
-            features=datasets.Features({"predictions": predictions, "references": references}),
-        )
-
-    def _compute(self, predictions, references, pos_label: int = 1):
-        name = self.config_name
-        if name == "f1":
-            value = METRIC_FUNCTIONS[name](references, predictions, pos_label=pos_label)
-        elif name in METRIC_FUNCTIONS:
-            value = METRIC_FUNCTIONS[name](references, predictions)
-        elif name in SCORE_METRICS:
-            scores = np.asarray(predictions)
-            value = top_k_accuracy_score(
-                references, scores, k=SCORE_METRICS[name], labels=np.arange(scores.shape[1])
-            )
-        else:
-            raise ValueError(f"Unknown metric {name!r}")
-        return {name: float(value)}
 
 
 def compute_metrics(
@@ -108,11 +108,19 @@ def compute_metrics(
     """
     results: dict[str, float] = {}
     for name in names:
-        kwargs = {"pos_label": pos_label} if name == "f1" else {}
-        inputs = scores if name in SCORE_METRICS else predictions
-        results.update(
-            TaskMetric(config_name=name, keep_in_memory=True).compute(
-                predictions=inputs, references=references, **kwargs
-            )
-        )
+        results[name] = metric_value(name, predictions, references, pos_label, scores)
     return results
+
+
+def metric_value(
+    name: str, predictions, references, pos_label: int = 1, scores: np.ndarray | None = None
+) -> float:
+    """One metric of one split: `predictions` are labels (or values, for regression); the top-k metrics read
+    `scores` (one row of class scores per example)."""
+    if name == "f1":
+        return _f1(references, predictions, pos_label=pos_label)
+    if name in METRIC_FUNCTIONS:
+        return METRIC_FUNCTIONS[name](references, predictions)
+    if name in SCORE_FUNCTIONS:
+        return SCORE_FUNCTIONS[name](references, scores)
+    raise ValueError(f"Unknown metric {name!r}")
