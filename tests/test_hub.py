@@ -152,6 +152,9 @@ def test_full_hub_session(hub, tmp_path, reviews):
     base_model, relation, metric = json.loads(loaded.stdout)
     assert base_model == [i["id"] for i in report["mixture"]["ingredients"]]
     assert relation == "merge" and metric == "accuracy"
+    card = hub.store.blob(files["README.md"]).decode()
+    for ingredient in report["mixture"]["ingredients"]:  # Hub ingredients by their ids, pinned
+        assert f"| `{ingredient['id']}` @ `{ingredient['revision'][:12]}` |" in card
 
     # A candidate changes on the Hub after the run: reproduce still uses the pinned SHAs and passes.
     changed = copy_model(tmp_path / "seed" / "a", tmp_path / "changed")
@@ -440,7 +443,10 @@ def test_a_soup_of_local_candidates_pushes_no_local_path(hub, zoo, reviews, tmp_
         assert not [prefix for prefix in machine if prefix.encode() in content], path
     metadata = _card_metadata(hub.store.blob(files["README.md"]))
     assert "base_model" not in metadata  # local ingredients have no Hub id to list
-    assert metadata["model-index"][0]["results"][0]["dataset"]["type"] == "train"  # a plain name, not a path
+    # Local data: a readable name (its folder's, for a split-named file) and the builder that read it, not a path
+    # and not a Hub dataset; the split by its name.
+    dataset = metadata["model-index"][0]["results"][0]["dataset"]
+    assert dataset == {"name": reviews["train"].parent.name, "type": "csv", "split": "test"}
 
 
 def _card_metadata(readme: bytes) -> dict:

@@ -27,7 +27,7 @@ epoch 0 is the uniform start), temperature β = {{ '%.4f' % details.temperature 
 | ingredient | α |
 |---|---|
 {% for cid, a in details.alpha['*'].items() -%}
-| `{{ cid }}` | {{ '%.4f' % a }} |
+| `{{ name(cid) }}` | {{ '%.4f' % a }} |
 {% endfor %}
 {% else -%}
 Per-tensor weights are in `soup.json` (`mixture.per_tensor_weights`).

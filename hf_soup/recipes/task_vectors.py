@@ -160,7 +160,7 @@ class TaskVectorRecipe(SoupRecipe):
 CARD_SECTION = """### {{ details_title }}
 
 {{ formula }}
-Per model: {% for cid, w in details.weights.items() %}`{{ cid }}` w = {{ '%g' % w }}{% if details.density %}, density = {{ '%g' % details.density[cid] }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}.
+Per model: {% for cid, w in details.weights.items() %}`{{ name(cid) }}` w = {{ '%g' % w }}{% if details.density %}, density = {{ '%g' % details.density[cid] }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}.
 λ = {{ '%g' % details['lambda'] }}, normalize = {{ 'on' if details.normalize else 'off' }}{% if details.seed is defined %}, masks seeded by `--seed {{ details.seed }}`{% endif %}.
 Tensors the base lacks (the task head) and BatchNorm's running statistics are the weights' normalised average.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -11,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..evaluation.metrics import LOWER_IS_BETTER
 from ..recipes import recipe_class
 from ..results import SoupManifest, SoupSummary, TaskInfo
+from .names import short_names
 
 # Recipe sections are rendered apart, then placed in the template: their last newline is part of the text.
 _SECTIONS = jinja2.Environment(keep_trailing_newline=True)
@@ -54,29 +56,71 @@ def _pipeline_tag(summary: SoupSummary) -> str | None:
     return None
 
 
-def _dataset_id(task: TaskInfo) -> str:
-    """A Hub dataset id, or for local data a plain name (a file's or folder's stem): never a path."""
-    dataset = task.dataset or ""
-    if _is_hub_id(dataset):
-        return dataset
-    name = Path(dataset).stem if dataset else task.name
-    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "custom"
+_SPLIT_WORDS = {"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval", "data"}
+_LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _readable(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-.") or "custom"
+
+
+def _local_dataset(task: TaskInfo) -> tuple[str, str]:
+    """model-index's (`type`, `name`) for local data. The type is the `datasets` builder that read it (`csv`,
+    `json`, `parquet`, `imagefolder`), as Trainer's cards have it: a dataset id the Hub accepts that claims no Hub
+    dataset. The name is the file's or folder's stem, with its folder's for a split-named file
+    (`fine_foods/train.csv` is "fine_foods")."""
+    path = Path(task.dataset or task.name)
+    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        kinds = (
+            {_LOCAL_BUILDERS.get(f.suffix.lower()) for f in path.glob("*")} - {None}
+            if path.is_dir()
+            else set()
+        )
+        builder = (
+            kinds.pop()
+            if len(kinds) == 1
+            else "imagefolder"
+            if task.name == "image-classification"
+            else "csv"
+        )
+    stem = path.stem if path.suffix else path.name
+    if stem.lower() in _SPLIT_WORDS and path.parent.name not in ("", ".", ".."):
+        stem = path.parent.name
+    return builder, _readable(stem)
+
+
+def dataset_label(task: TaskInfo) -> str:
+    """The data as the card's text names it: a Hub id (and config), or a local file's readable name and format."""
+    if _is_hub_id(task.dataset):
+        return " ".join(filter(None, [task.dataset, task.dataset_config]))
+    builder, name = _local_dataset(task)
+    return f"{name}, local {builder}"
+
+
+def _split_name(split: str) -> str:
+    """A report split as the card names it: `test.csv` (a file given as the split) is "test"."""
+    return Path(split).stem if Path(split).suffix.lower() in _LOCAL_BUILDERS else split
 
 
 def _eval_results(summary: SoupSummary) -> list[EvalResult]:
     task, soup = summary.task, summary.soup
     if not task or not soup:
         return []
+    if _is_hub_id(task.dataset):
+        dataset_type, dataset_name = task.dataset, " ".join(filter(None, [task.dataset, task.dataset_config]))
+    else:
+        dataset_type, dataset_name = _local_dataset(task)
     results = []
     for split, metrics in soup.report.items():
         for metric, value in metrics.items():
             results.append(
                 EvalResult(
                     task_type=_pipeline_tag(summary),
-                    dataset_type=_dataset_id(task),
-                    dataset_name=_dataset_id(task) if task.name == "custom" else task.name,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
                     dataset_config=task.dataset_config,
-                    dataset_split=split,
+                    dataset_split=_split_name(split),
                     metric_type=metric,
                     metric_value=round(float(value), 6),
                 )
@@ -101,6 +145,25 @@ def _base_model(summary: SoupSummary) -> tuple[list[str] | None, str | None]:
     return None, None
 
 
+def ingredient_namer(summary: SoupSummary) -> Callable[[str], str]:
+    """The card names the base and each ingredient by a short name unique within the soup (`reporting.names`);
+    `soup.json` keeps the full references."""
+    compatibility = summary.compatibility or {}
+    hub = set(compatibility.get("hub") or []) | (
+        {summary.base} if compatibility.get("base_on_hub") else set()
+    )
+    distances = (summary.diagnostics or {}).get("relative_distance") or {}
+    references = [
+        summary.base,
+        (summary.config or {}).get("base"),
+        *(c.id for c in summary.candidates),
+        *summary.mixture.ids(),
+        *distances,
+    ]
+    names = short_names([r for r in references if r], hub)
+    return lambda reference: names.get(reference, reference)
+
+
 def recipe_section(summary: SoupSummary) -> str:
     """The recipe's own part of the card (WiSE-FT's α curve, learned weights), from its `card_section`."""
     recipe = recipe_class(summary.recipe.name)
@@ -112,6 +175,7 @@ def recipe_section(summary: SoupSummary) -> str:
         details=summary.details,
         metric=task.primary_metric if task else None,
         chosen_by=task.selection_metric if task else None,
+        name=ingredient_namer(summary),
     )
 
 
@@ -137,6 +201,8 @@ def build_model_card(manifest: SoupManifest) -> ModelCard:
         manifest=manifest,
         model_name=model_name,
         ingredients=summary.mixture.ids(),
+        name=ingredient_namer(summary),
+        dataset=dataset_label(task) if task else None,
         reference_title=recipe_class(summary.recipe.name).reference_title(),
         recipe_section=recipe_section(summary),
         citation=CITATION,

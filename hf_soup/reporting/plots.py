@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from ..evaluation.metrics import LOWER_IS_BETTER
 from ..recipes import recipe_class
 from ..results import Entry, SoupSummary
+from .names import short_names
 
 
 def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
@@ -133,11 +134,13 @@ def write_angle_heatmap(path: Path, diagnostics: dict) -> None:
     """Pairwise angles (degrees) between the candidates' task vectors (θ_i − θ_base), as a heatmap."""
     angles = diagnostics["angle_degrees"]
     count = len(angles)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * count, 0.8 + 0.6 * count))
+    names = short_names(diagnostics["ids"])
+    rows = [f"#{i + 1} {names[cid]}" for i, cid in enumerate(diagnostics["ids"])]  # which candidate is which
+    width = 1.2 + 0.6 * count + 0.07 * max(len(r) for r in rows)
+    fig, ax = plt.subplots(figsize=(width, 0.8 + 0.6 * count))
     image = ax.imshow(angles, vmin=0, vmax=max(90.0, *(max(r) for r in angles)), cmap="viridis")
-    labels = [f"#{i + 1}" for i in range(count)]
-    ax.set_xticks(range(count), labels)
-    ax.set_yticks(range(count), labels)
+    ax.set_xticks(range(count), [f"#{i + 1}" for i in range(count)])
+    ax.set_yticks(range(count), rows)
     if count <= 16:
         for i in range(count):
             for j in range(count):
