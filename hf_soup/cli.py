@@ -114,6 +114,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--format", choices=FORMATS, default="human", help="human tables, or one JSON object on stdout"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also the libraries' own console: Trainer's bars and logs, transformers' loading and saving bars",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +191,9 @@ def _add_demo(verbs) -> None:
         "--output", default="./soup-demo", help="where to write the soup (default: ./soup-demo)"
     )
     demo.add_argument(
-        "--workdir", default=None, help="where the fine-tuned variants go (default: a temp folder)"
+        "--workdir",
+        default=None,
+        help="where the fine-tuned variants go, kept and reused on a rerun (default: <output>-runs/ beside the soup)",
     )
     _common(demo)
 
@@ -255,7 +262,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     package_logger = logging.getLogger("hf_soup")
@@ -276,6 +283,10 @@ def _setup_logging(quiet: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    elif not verbose:
+        from .progress import library_bars_off
+
+        library_bars_off()
 
 
 def _main_process() -> bool:
@@ -372,7 +383,9 @@ def _demo(args) -> int:
     from .demo import run_demo
     from .reporting.tables import soup_table
 
-    result = run_demo(quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet)
+    result = run_demo(
+        quick=args.quick, output=args.output, workdir=args.workdir, quiet=args.quiet, verbose=args.verbose
+    )
     _emit(args, result.report, soup_table(result.summary) + f"\nSoup written to {result.output}")
     return 0
 
@@ -397,6 +410,7 @@ def _sweep(args) -> int:
         max_length=args.max_length,
         train_rows=args.train_rows,
         quiet=args.quiet,
+        verbose=args.verbose,
     )
     runs = sorted(p.name for p in (folder / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
     if is_image_task(args.task):
@@ -524,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-soup: error: {error}", file=sys.stderr)
         return EXIT_CODE
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet or not _main_process())
+    _setup_logging(args.quiet or not _main_process(), args.verbose)
     with _interrupts_recorded() as interrupted:
         try:
             return _run(args, argv)

@@ -8,8 +8,6 @@ the public API and writes `./soup-demo`.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,11 +62,16 @@ def _soup_config(workdir: Path, variants, output: Path, quick: bool) -> SoupConf
     )
 
 
+def default_workdir(output: Path, quick: bool) -> Path:
+    return output.parent / f"{output.name}-runs" / ("quick" if quick else "full")
+
+
 def run_demo(
     quick: bool = False,
     output: str | Path = "./soup-demo",
     workdir: str | Path | None = None,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> SoupResult:
     """Fine-tune the sweep, cook a greedy soup of it and write it to `output`.
 
@@ -76,7 +79,11 @@ def run_demo(
         quick (`bool`, *optional*, defaults to `False`): a tiny sweep on a few dozen reviews, for tests.
         output (`str` or `Path`, *optional*, defaults to `"./soup-demo"`): the soup folder. An earlier demo soup
             there (a folder with `soup.json`) is replaced; anything else is refused.
-        workdir (`str` or `Path`, *optional*): where the start and the variants go; reused when rerun.
+        verbose (`bool`, *optional*, defaults to `False`): Trainer's own bar and logs instead of one bar and one
+            line per variant.
+        workdir (`str` or `Path`, *optional*): where the start and the variants go, kept and reused when rerun.
+            Defaults to `<output>-runs/quick` or `<output>-runs/full` beside the soup (the two sweeps train on
+            different rows, so neither reuses the other's variants).
     """
     output = Path(output)
     if output.exists() and not (output / "soup.json").is_file():
@@ -84,31 +91,24 @@ def run_demo(
     pretrained = pretrained_path()
     variants = QUICK_SWEEP if quick else FULL_SWEEP
     started = time.perf_counter()
-    scratch = None
-    if workdir is None:
-        scratch = tempfile.mkdtemp(prefix="hf-soup-demo-")
-        workdir = scratch
-    workdir = Path(workdir)
-    try:
-        sweep(
-            pretrained,
-            str(DATA_DIR / "train.csv"),
-            text_column="review",
-            label_column="score",
-            output=workdir,
-            variants=variants,
-            head="probe",
-            selection_fraction=SELECTION_FRACTION,
-            max_length=MAX_LENGTH,
-            train_rows=48 if quick else TRAIN_ROWS,
-            quiet=quiet,
-        )
-        trained = time.perf_counter()
-        config = _soup_config(workdir, variants, output, quick)
-        command = "hf-soup demo" + (" --quick" if quick else "")
-        result = cook(config, command=command, quiet=quiet)
-        result.timings.update({"fine_tuning": trained - started, "total": time.perf_counter() - started})
-        return result
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    workdir = Path(workdir) if workdir else default_workdir(output, quick)
+    sweep(
+        pretrained,
+        str(DATA_DIR / "train.csv"),
+        text_column="review",
+        label_column="score",
+        output=workdir,
+        variants=variants,
+        head="probe",
+        selection_fraction=SELECTION_FRACTION,
+        max_length=MAX_LENGTH,
+        train_rows=48 if quick else TRAIN_ROWS,
+        quiet=quiet,
+        verbose=verbose,
+    )
+    trained = time.perf_counter()
+    config = _soup_config(workdir, variants, output, quick)
+    command = "hf-soup demo" + (" --quick" if quick else "")
+    result = cook(config, command=command, quiet=quiet)
+    result.timings.update({"fine_tuning": trained - started, "total": time.perf_counter() - started})
+    return result

@@ -59,6 +59,7 @@ from ..evaluation.tasks import IMAGE_TASK, is_image_task
 from ..progress import progress_bar
 from ..scoring.probe import fit_probe, head_layer, set_head
 from .integrations import INGREDIENT_FILE, SoupCallback
+from .progress import VariantProgress, use_variant_progress
 
 logger = logging.getLogger(__name__)
 
@@ -169,13 +170,16 @@ def sweep(
     train_rows: int | None = None,
     batch_size: int | None = None,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> Path:
     """Fine-tune `variants` (a count to sample from `grid`, or a list) of `base` on `dataset` minus the selection
     carve-out, from one shared start; return `output`, which holds `start/` (the base with the shared head: soup
     with `--base output/start`) and `runs/<variant>/`. Resumable: variants already in `runs/` are skipped.
 
     Text needs `text_column` and `label_column`; images need `task="image-classification"` (`image_column` and
-    `label_column` default to "image" and "label"). The grid defaults to `SweepGrid()` for text and `SweepGrid.for_images()` for images; the batch size to 16 and 64.
+    `label_column` default to "image" and "label"). The grid defaults to `SweepGrid()` for text and
+    `SweepGrid.for_images()` for images; the batch size to 16 and 64. Each variant shows one bar with its loss, then
+    one line (name, learning rate, epochs, seconds); `verbose` shows Trainer's own bar and logs instead.
     """
     image = is_image_task(task)
     label_column = label_column or ("label" if image else None)
@@ -201,10 +205,11 @@ def sweep(
     for index, variant in enumerate(plan, start=1):
         if (output / RUNS / variant.name / "model.safetensors").is_file():
             continue
-        logger.info("Fine-tuning variant %d/%d: %s", index, len(plan), variant)
         record = {"variant": dataclasses.asdict(variant), "head": head, "grid": dataclasses.asdict(grid)}
         record.update(data=dataclasses.asdict(data), trained_on_rows=len(train))
-        _fine_tune(start, variant, (train, inputs), output / RUNS, record, batch_size=batch_size, quiet=quiet)
+        label = None if verbose else f"{index}/{len(plan)} {variant.name}"
+        run = (train, inputs, batch_size)
+        _fine_tune(start, variant, run, output / RUNS, record, quiet=quiet, label=label)
     return output
 
 
@@ -342,10 +347,19 @@ def fit_linear_probe(model, train, collator, batch_size: int = 16) -> float:
 
 
 def _fine_tune(
-    start: Path, variant: SweepVariant, training, runs: Path, record: dict, *, batch_size: int, quiet: bool
+    start: Path,
+    variant: SweepVariant,
+    training,
+    runs: Path,
+    record: dict,
+    *,
+    quiet: bool,
+    label: str | None,
 ):
-    """One variant with `transformers.Trainer`; `SoupCallback` saves it into `runs/`, with the sweep's record."""
-    train, inputs = training
+    """One variant with `transformers.Trainer`; `SoupCallback` saves it into `runs/`, with the sweep's record.
+    With a `label`, one bar and one line (`VariantProgress`) replace Trainer's bar and logs (`--verbose` keeps them)."""
+    train, inputs, batch_size = training
+    console = None if label is None else VariantProgress(label, variant.learning_rate, variant.epochs, quiet)
     model = inputs.model_class.from_pretrained(start)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -359,7 +373,8 @@ def _fine_tune(
             per_device_train_batch_size=batch_size,
             seed=variant.seed,
             save_strategy="no",
-            logging_strategy="no",
+            logging_strategy="no" if console is None else "steps",
+            logging_steps=1,  # the console's running loss
             report_to="none",
             disable_tqdm=quiet,
             use_cpu=not torch.cuda.is_available(),
@@ -372,6 +387,8 @@ def _fine_tune(
             data_collator=inputs.collator_for(variant),
             callbacks=[SoupCallback(runs, base=str(start))],
         )
+        if console is not None:
+            use_variant_progress(trainer, console)
         # Trainer prints its logs; stdout is for results (and --quiet means quiet).
         with contextlib.redirect_stdout(open(os.devnull, "w") if quiet else sys.stderr):
             trainer.train()
