@@ -21,6 +21,10 @@ def _without(data: dict[str, Any], *names: str) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key not in names}
 
 
+# What `SoupCallback` (training/integrations.py) writes beside a run's weights: how it was trained.
+INGREDIENT_FILE = "hf_soup_ingredient.json"
+
+
 @dataclass
 class Entry:
     """One row of the results: a candidate, the best individual, a soup, a baseline or a logit ensemble.

@@ -19,13 +19,12 @@ import torch
 from ..config import SoupConfig
 from ..mixture import Mixture
 from ..recipes import Fold, RecipeContext, RecipeResult, SoupRecipe, build_recipe, rank, recipe_class
-from ..results import CandidateRow, Entry, SplitsInfo, TaskInfo
+from ..results import INGREDIENT_FILE, CandidateRow, Entry, SplitsInfo, TaskInfo
 from ..scoring.backbone import head_tensors
 from ..scoring.mixing import MixingTrainer
 from ..scoring.preparation import prepare_scorer, prepare_trainer_scorer, task_spec_of
 from ..scoring.scorer import MixtureScorer
 from ..scoring.trainer import trainer_label_names
-from ..training.integrations import INGREDIENT_FILE
 from .stages import Checked, recipe_context, recipe_info
 from .summary import Summary, ties
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from ..errors import ConfigError, DatasetError
 from ..evaluation.splits import EncodedSplit
@@ -47,6 +45,10 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int) -> tupl
             f"The selection split has no example of label id(s) {missing}: the probe cannot learn them. Use a "
             "larger --selection-fraction, or a selection split with every label."
         )
+    from sklearn.linear_model import (
+        LogisticRegression,  # 1.3 s of imports, for backbone soups and sweeps only
+    )
+
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(np.asarray(features, dtype=np.float64), labels)
     if probe.coef_.shape[0] == 1:
         return _as_logits(probe.coef_[0]).T, _as_logits(probe.intercept_)[0]
@@ -72,6 +74,9 @@ def cross_fitted_logits(
             f"The selection split has {counts.min()} example(s) of label id {int(counts.argmin())}: the probe's "
             "cross-fitted scores need two. Use a larger --selection-fraction."
         )
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
     folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed)
     scores = cross_val_predict(
         LogisticRegression(C=1.0, max_iter=2000),

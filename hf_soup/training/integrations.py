@@ -26,7 +26,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainingArguments
 
-INGREDIENT_FILE = "hf_soup_ingredient.json"
+from ..results import INGREDIENT_FILE
+
 # Where a run writes, not how it trains: left out of the recorded hyperparameters.
 _NOT_HYPERPARAMETERS = {
     "output_dir",
