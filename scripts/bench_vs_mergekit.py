@@ -16,6 +16,7 @@ mergekit is installed into its own venv (never a dependency of hf-soup), reusing
 from __future__ import annotations
 
 import argparse
+import fcntl
 import statistics
 import subprocess
 import sys
@@ -55,10 +56,15 @@ def make_family(folder: Path, count: int) -> tuple[Path, list[Path]]:
 
 
 def mergekit(venv: Path) -> Path:
+    """`mergekit-yaml` in its own venv, installed once: under a lock, since the comparison scripts may run at the
+    same time (the test suite's two workers) and share the venv."""
     script = venv / "bin" / "mergekit-yaml"
-    if not script.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{venv}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not script.exists():
+            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
     return script
 
 

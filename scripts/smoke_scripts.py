@@ -42,7 +42,7 @@ SMALL = {
     "reproduce_fine_foods": "--workdir {scratch}/runs --results {scratch} --variants 2 --train-rows 32 "
     "--max-length 32 --selection-fraction 0.05 --max-eval-examples 32",
     "reproduce_llm_soup": "--workdir {scratch}/runs --results {scratch} --full 2 --lora 1 --steps 2 --train-docs 16 "
-    "--selection-docs 8 --report-docs 8 --max-length 16 --recipes greedy,ties",
+    "--selection-docs 8 --report-docs 8 --max-length 16 --recipes greedy",
     "trainer_sweep": "--trials 2 --steps 2 --eval-rows 32 --workdir {scratch}",
 }
 
