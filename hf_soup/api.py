@@ -161,8 +161,8 @@ def cook(
     ```
 
     Returns:
-        `SoupResult`: the `SoupSummary` (candidates with selection and report scores, the best individual, the
-        uniform soup, the soup, the baselines and comparisons, the mixture), and where it was written.
+        `SoupResult`: the `SoupSummary` (candidates with selection and report scores, the best individual,
+            the uniform soup, the soup, the baselines and comparisons, the mixture), and where it was written.
     """
     config = _config_of(config, trainer, kwargs)
     output = Path(config.output) if config.output else None

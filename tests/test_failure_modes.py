@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs and faults (docs/failure-modes.md): each one fails safely, and says what to do."""
+"""The catalogue of bad inputs and faults (docs/reference/failure-modes.md): each one fails safely, and says what to do."""
 
 from __future__ import annotations
 
