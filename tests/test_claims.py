@@ -96,8 +96,9 @@ def test_headline_compares_with_the_best_selection_accuracy_not_the_lowest_loss(
     assert best["accuracy"] == pytest.approx(float(np.mean(labels == "great")))  # "sure" always says great
 
     human = soup_table(SoupSummary.from_dict(report))  # what the CLI prints for this report
-    assert f"vs best individual ({sure}, the best selection accuracy) on test.csv" in human
-    assert f"best individual ({sure})" in human and f"best by loss ({hedge}; not compared)" in human
+    # ... by the runs' folder names
+    assert f"vs best individual ({sure.name}, the best selection accuracy) on test.csv" in human
+    assert f"best individual ({sure.name})" in human and f"best by loss ({hedge.name}; not compared)" in human
 
 
 def write_pairs(frame: pd.DataFrame, path, labels) -> None:

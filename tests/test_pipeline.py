@@ -166,7 +166,8 @@ def test_manifest_card_and_plots(greedy_run):
     assert {k: tensor_sha256(v) for k, v in written.items()} == manifest["tensor_sha256"]
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model is None  # local ingredients and base: no Hub id to name
-    assert all(f"`{relative[i]}`" in card.text for i in result.mixture.ids())
+    assert all(f"| `{Path(i).name}` |" in card.text for i in result.mixture.ids())  # by folder name
+    assert not any(relative[i] in card.text for i in result.mixture.ids())  # paths stay in soup.json
     assert set(card.data.tags) == {"model-soup", "merge", "hf-soup"}
     assert card.data.eval_results[0].metric_type == "accuracy"
     assert card.data.eval_results[0].metric_value == pytest.approx(
