@@ -1,11 +1,11 @@
-"""Do hf-soup's task arithmetic, TIES and SLERP write mergekit's tensors, from the same mergekit YAML? And does DARE
-drop and rescale as the paper says?
+"""Do hf-soup's task arithmetic, TIES and SLERP write mergekit's tensors, from the same mergekit YAML, and do its
+`linear` and `model_stock` mappings (to `uniform` and `stock`)? And does DARE drop and rescale as the paper says?
 
 Two families, each a base and three fine-tunes (task vectors that share a direction plus their own noise):
 - BERT (`--bert-size base`: bert-base's shape) in float32, the base shipping the classifier head;
 - a small Llama in bfloat16, sharded, with tied embeddings.
 
-For task arithmetic, TIES and SLERP it writes one mergekit YAML, runs `hf-soup --mergekit-config` and
+For each of those methods it writes one mergekit YAML, runs `hf-soup --mergekit-config` and
 `mergekit-yaml` on it, and prints the largest difference over all tensors (relative to each tensor's largest
 magnitude) and the fraction of entries that differ at all. mergekit runs with `dtype: float32` (its arithmetic in
 float32, as hf-soup's always is); the Llama family is written both in float32 and in bfloat16 (`out_dtype`), where an
@@ -51,6 +51,9 @@ METHODS = {  # method: (its parameters, per-model parameters, how many fine-tune
         3,
     ),
     "slerp": ({"t": 0.3}, [{}, {}], 2),
+    # The YAML mappings of hf-soup's own recipes: `linear` with equal weights is `uniform`; `model_stock` is `stock`.
+    "linear": ({}, [{"weight": 1.0}, {"weight": 1.0}, {"weight": 1.0}], 3),
+    "model_stock": ({}, [{}, {}, {}], 3),
 }
 
 
