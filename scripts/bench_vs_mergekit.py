@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import site
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,13 @@ def mergekit(venv: Path) -> Path:
     with open(f"{venv}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not script.exists():
-            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            # This interpreter's packages, torch among them, are on the venv's path (a .pth file), so pip installs
+            # only what mergekit adds: never a second torch (from a venv, `--system-site-packages` would see the
+            # base interpreter's packages instead, and pip would fetch a multi-GB CUDA build of torch).
+            version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+            packages = venv / "lib" / version / "site-packages"
+            (packages / "hf_soup_parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "mergekit"], check=True)
     return script
 
