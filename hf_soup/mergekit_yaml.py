@@ -138,6 +138,13 @@ def mergekit_options(path: str | Path) -> dict[str, Any]:
         options["candidates"] = [m for m in models if m != base]
         if "t" in parameters:
             options["t"] = _scalar(path, "t", parameters["t"], float)
+    elif method == "linear" and base in models:
+        # mergekit's linear averages base_model in when it is listed (it asks for its weight): with n fine-tunes and
+        # equal weights that is θ_base + Σ (θ_i − θ_base) / (n + 1), task arithmetic at weight 1/(n + 1) each.
+        options.update(_task_vector_options(path, method, models, parameters))
+        candidates = [m for m in models if m != base]
+        weights = _per_model({m: 1 / len(models) for m in candidates})
+        options.update(recipe="task_arithmetic", candidates=candidates, weights=weights)
     else:
         candidates = {m: p for m, p in models.items() if m != base}
         options["candidates"] = list(candidates)
@@ -158,6 +165,8 @@ def _task_vector_options(
                 path,
                 f"{method} with per-model weights or densities (hf-soup's {METHODS[method]} is unweighted)",
             )
+        if parameters.get("normalize", True) is not True:
+            raise _refuse(path, f"{method} with normalize: false (a sum of the models, not their average)")
         return options
     if weights:
         options["weights"] = _per_model({m: weights.get(m, 1.0) for m in models})

@@ -116,6 +116,8 @@ def merge_yaml(method: str, paths: list[Path], out_dtype: str) -> str:
     if method == "slerp":  # SLERP's base_model is its t = 0 end: the first fine-tune
         base = runs[0]
     lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    if method == "linear":  # mergekit's linear merges base_model too, and asks for its weight
+        runs, per_model = [base, *runs], [{"weight": 1.0}, *per_model]
     for run, params in zip(runs, per_model, strict=True):
         lines.append(f"  - model: {run}")
         if params:

@@ -309,6 +309,27 @@ def test_a_mergekit_config_gives_the_soup_its_flags_give(family, tmp_path):
     assert direct.output and (tmp_path / "python" / "model.safetensors").read_bytes() == expected
 
 
+def test_a_linear_config_averages_every_model_listed_as_mergekit_does(family, tmp_path):
+    """mergekit's linear merges base_model too when it is listed with a weight (and fails without one): the base is
+    then an ingredient, and otherwise only the base of the checks."""
+    base, runs = str(family / "base"), [str(family / "runs" / r) for r in "ab"]
+    config = tmp_path / "linear.yml"
+
+    def options_of(listed: list[str], extra: str = "") -> dict:
+        models = "".join(f"  - model: {m}\n    parameters: {{weight: 2.0}}\n" for m in listed)
+        config.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n{models}{extra}")
+        return mergekit_options(config)
+
+    # Without the base among the models: the mean of the others (their uniform soup).
+    assert options_of(runs) == {"base": base, "recipe": "uniform", "candidates": runs}
+    # With it: (θ_base + θ_a + θ_b) / 3 = θ_base + (τ_a + τ_b) / 3, task arithmetic at λ = 1, weights 1/3.
+    with_base = options_of([base, *runs])
+    assert with_base["recipe"] == "task_arithmetic" and with_base["candidates"] == runs
+    assert with_base["weights"] == ",".join(f"{r}={1 / 3!r}" for r in runs) and "lambda_" not in with_base
+    with pytest.raises(ConfigError, match="normalize: false"):  # a sum, which no hf-soup recipe writes
+        options_of(runs, "parameters: {normalize: false}\n")
+
+
 @pytest.mark.parametrize(
     "method, extra, named",
     [
