@@ -16,13 +16,12 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from ..errors import DatasetError
-from .tasks import TaskSpec, check_selection_fraction
+from .tasks import DATA_BUILDERS, TaskSpec, check_selection_fraction
 
 logger = logging.getLogger(__name__)
 
 # A class holding less than this share of a uniform split (1/K each) is rare: 20% of the examples for binary labels.
 RARE_SHARE_OF_UNIFORM = 0.4
-_DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def load_data(source: str, config: str | None = None, split: str | None = None):
     path = Path(source)
     try:
         if path.is_file():
-            builder = _DATA_BUILDERS.get(path.suffix.lower())
+            builder = DATA_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DatasetError(f"{source}: unsupported file type; use CSV, JSON(L) or parquet.")
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
@@ -122,9 +121,9 @@ def _files_by_split(folder: Path) -> tuple[str, dict[str, str]] | None:
     files = {
         f.stem: f
         for f in folder.iterdir()
-        if f.is_file() and f.suffix.lower() in _DATA_BUILDERS and f.stem not in metadata
+        if f.is_file() and f.suffix.lower() in DATA_BUILDERS and f.stem not in metadata
     }
-    builders = {_DATA_BUILDERS[f.suffix.lower()] for f in files.values()}
+    builders = {DATA_BUILDERS[f.suffix.lower()] for f in files.values()}
     if "train" not in files or len(builders) != 1 or any(f.suffix.lower() == ".tsv" for f in files.values()):
         return None
     return builders.pop(), {stem: str(f) for stem, f in files.items()}

@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 
+# The data files hf-soup reads, by suffix, and the `datasets` builder that reads each.
+DATA_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
 IMAGE_TASK = "image-classification"
 CAUSAL_LM_TASK = "causal-lm"
 TOP5 = "top5_accuracy"

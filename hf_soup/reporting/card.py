@@ -10,9 +10,10 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.metrics import LOWER_IS_BETTER
+from ..evaluation.tasks import DATA_BUILDERS, IMAGE_TASK
 from ..recipes import recipe_class
 from ..results import SoupManifest, SoupSummary, TaskInfo
-from .names import short_names
+from .names import soup_names
 
 # Recipe sections are rendered apart, then placed in the template: their last newline is part of the text.
 _SECTIONS = jinja2.Environment(keep_trailing_newline=True)
@@ -57,7 +58,6 @@ def _pipeline_tag(summary: SoupSummary) -> str | None:
 
 
 _SPLIT_WORDS = {"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval", "data"}
-_LOCAL_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def _readable(text: str) -> str:
@@ -70,20 +70,10 @@ def _local_dataset(task: TaskInfo) -> tuple[str, str]:
     dataset. The name is the file's or folder's stem, with its folder's for a split-named file
     (`fine_foods/train.csv` is "fine_foods")."""
     path = Path(task.dataset or task.name)
-    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        kinds = (
-            {_LOCAL_BUILDERS.get(f.suffix.lower()) for f in path.glob("*")} - {None}
-            if path.is_dir()
-            else set()
-        )
-        builder = (
-            kinds.pop()
-            if len(kinds) == 1
-            else "imagefolder"
-            if task.name == "image-classification"
-            else "csv"
-        )
+    folder_builder = (
+        "imagefolder" if task.name == IMAGE_TASK else "parquet"
+    )  # a folder: its task's usual export
+    builder = DATA_BUILDERS.get(path.suffix.lower(), folder_builder)
     stem = path.stem if path.suffix else path.name
     if stem.lower() in _SPLIT_WORDS and path.parent.name not in ("", ".", ".."):
         stem = path.parent.name
@@ -100,7 +90,7 @@ def dataset_label(task: TaskInfo) -> str:
 
 def _split_name(split: str) -> str:
     """A report split as the card names it: `test.csv` (a file given as the split) is "test"."""
-    return Path(split).stem if Path(split).suffix.lower() in _LOCAL_BUILDERS else split
+    return Path(split).stem if Path(split).suffix.lower() in DATA_BUILDERS else split
 
 
 def _eval_results(summary: SoupSummary) -> list[EvalResult]:
@@ -145,26 +135,7 @@ def _base_model(summary: SoupSummary) -> tuple[list[str] | None, str | None]:
     return None, None
 
 
-def ingredient_namer(summary: SoupSummary) -> Callable[[str], str]:
-    """The card names the base and each ingredient by a short name unique within the soup (`reporting.names`);
-    `soup.json` keeps the full references."""
-    compatibility = summary.compatibility or {}
-    hub = set(compatibility.get("hub") or []) | (
-        {summary.base} if compatibility.get("base_on_hub") else set()
-    )
-    distances = (summary.diagnostics or {}).get("relative_distance") or {}
-    references = [
-        summary.base,
-        (summary.config or {}).get("base"),
-        *(c.id for c in summary.candidates),
-        *summary.mixture.ids(),
-        *distances,
-    ]
-    names = short_names([r for r in references if r], hub)
-    return lambda reference: names.get(reference, reference)
-
-
-def recipe_section(summary: SoupSummary) -> str:
+def recipe_section(summary: SoupSummary, name: Callable[[str], str]) -> str:
     """The recipe's own part of the card (WiSE-FT's α curve, learned weights), from its `card_section`."""
     recipe = recipe_class(summary.recipe.name)
     if not recipe.card_section or summary.details is None:
@@ -175,7 +146,7 @@ def recipe_section(summary: SoupSummary) -> str:
         details=summary.details,
         metric=task.primary_metric if task else None,
         chosen_by=task.selection_metric if task else None,
-        name=ingredient_namer(summary),
+        name=name,
     )
 
 
@@ -184,6 +155,7 @@ def build_model_card(manifest: SoupManifest) -> ModelCard:
     summary = manifest.summary
     model_name = manifest.output or "soup"
     base_model, relation = _base_model(summary)
+    name = soup_names(summary)
     task = summary.task
     card_data = ModelCardData(
         base_model=base_model,
@@ -201,10 +173,10 @@ def build_model_card(manifest: SoupManifest) -> ModelCard:
         manifest=manifest,
         model_name=model_name,
         ingredients=summary.mixture.ids(),
-        name=ingredient_namer(summary),
+        name=name,
         dataset=dataset_label(task) if task else None,
         reference_title=recipe_class(summary.recipe.name).reference_title(),
-        recipe_section=recipe_section(summary),
+        recipe_section=recipe_section(summary, name),
         citation=CITATION,
         lower_is_better=sorted(
             LOWER_IS_BETTER | {"loss"}

@@ -7,8 +7,10 @@ or the Hub id as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
+
+from ..results import SoupSummary
 
 
 def _folders(reference: str) -> list[str]:
@@ -33,3 +35,21 @@ def short_names(references: Iterable[str], hub: Iterable[str] = ()) -> dict[str,
         folders = {r: parts for r, parts in folders.items() if r not in names}
         depth += 1
     return names
+
+
+def soup_names(summary: SoupSummary) -> Callable[[str], str]:
+    """The short name of every reference a soup's table, card and plots show (the base, the candidates, the
+    ingredients, the rows that are one candidate), unique among all of them; anything else as it is."""
+    compatibility = summary.compatibility or {}
+    bases = [summary.base, (summary.config or {}).get("base")]
+    hub = set(compatibility.get("hub") or []) | (set(bases) if compatibility.get("base_on_hub") else set())
+    entries = [summary.best_individual, summary.best_by_selection_metric, summary.oracle]
+    references = [
+        *bases,
+        *(c.id for c in summary.candidates),
+        *summary.mixture.ids(),
+        *(e.id for e in entries if e is not None),
+        *((summary.diagnostics or {}).get("ids") or []),
+    ]
+    names = short_names([r for r in references if r], hub)
+    return lambda reference: names.get(reference, reference)

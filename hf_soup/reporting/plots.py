@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt
 from ..evaluation.metrics import LOWER_IS_BETTER
 from ..recipes import recipe_class
 from ..results import Entry, SoupSummary
-from .names import short_names
+from .names import soup_names
 
 
 def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
@@ -42,7 +43,7 @@ def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
         )
         written.append(f"{folder.name}/{recipe.name()}.png")
     if summary.diagnostics and len(summary.diagnostics["ids"]) > 1:
-        write_angle_heatmap(folder / "angles.png", summary.diagnostics)
+        write_angle_heatmap(folder / "angles.png", summary.diagnostics, soup_names(summary))
         written.append(f"{folder.name}/angles.png")
     return written
 
@@ -130,12 +131,11 @@ def write_curve(path: Path, curve: list[Entry], axis: tuple[str, str, str], xs: 
     plt.close(fig)
 
 
-def write_angle_heatmap(path: Path, diagnostics: dict) -> None:
+def write_angle_heatmap(path: Path, diagnostics: dict, name: Callable[[str], str]) -> None:
     """Pairwise angles (degrees) between the candidates' task vectors (θ_i − θ_base), as a heatmap."""
     angles = diagnostics["angle_degrees"]
     count = len(angles)
-    names = short_names(diagnostics["ids"])
-    rows = [f"#{i + 1} {names[cid]}" for i, cid in enumerate(diagnostics["ids"])]  # which candidate is which
+    rows = [f"#{i + 1} {name(cid)}" for i, cid in enumerate(diagnostics["ids"])]  # which candidate is which
     width = 1.2 + 0.6 * count + 0.07 * max(len(r) for r in rows)
     fig, ax = plt.subplots(figsize=(width, 0.8 + 0.6 * count))
     image = ax.imshow(angles, vmin=0, vmax=max(90.0, *(max(r) for r in angles)), cmap="viridis")

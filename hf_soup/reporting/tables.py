@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..evaluation.metrics import LOWER_IS_BETTER, describe_delta
 from ..evaluation.tasks import CAUSAL_LM_TASK
 from ..recipes import recipe_class
 from ..results import CandidateRow, Entry, SoupSummary
-from .names import short_names
+from .names import soup_names
 
 
 def format_delta(result: dict, metric: str = "accuracy") -> str:
@@ -84,19 +85,19 @@ def soup_table(summary: SoupSummary) -> str:
     ECE (15 bins) is shown for the report split(s) where the task is a classification.
     """
     columns = _Columns(summary)
-    name = ingredient_names(summary)
-    rows = [columns.row(name[c.id], c.scores, _kept(c)) for c in summary.candidates]
+    name = soup_names(summary)
+    rows = [columns.row(name(c.id), c.scores, _kept(c)) for c in summary.candidates]
     rows.append(["" for _ in columns.headers()])
     best = summary.best_individual
-    rows.append(columns.row(f"best individual ({name[best.id]})", best, ece=True))
+    rows.append(columns.row(f"best individual ({name(best.id)})", best, ece=True))
     if summary.best_by_selection_metric:
         other = summary.best_by_selection_metric
         rows.append(
-            columns.row(f"best by {columns.chosen_by} ({name[other.id]}; not compared)", other, ece=True)
+            columns.row(f"best by {columns.chosen_by} ({name(other.id)}; not compared)", other, ece=True)
         )
     if summary.oracle and summary.oracle.id != best.id:
         oracle = summary.oracle
-        rows.append(columns.row(f"oracle on {oracle.split} ({name[oracle.id]}; not a claim)", oracle))
+        rows.append(columns.row(f"oracle on {oracle.split} ({name(oracle.id)}; not a claim)", oracle))
     if summary.base_with_head:  # a backbone soup's start
         rows.append(columns.row(summary.base_with_head.name, summary.base_with_head, ece=True))
     rows.append(columns.row("uniform soup", summary.uniform, ece=True))
@@ -113,21 +114,14 @@ def soup_table(summary: SoupSummary) -> str:
     return "\n".join(lines)
 
 
-def ingredient_names(summary: SoupSummary) -> dict[str, str]:
-    """Every candidate's short name (`reporting.names`): the run folder's name, or the Hub id."""
-    entries = [summary.best_individual, summary.best_by_selection_metric, summary.oracle]
-    references = [c.id for c in summary.candidates] + [e.id for e in entries if e is not None and e.id]
-    return short_names(references, (summary.compatibility or {}).get("hub") or [])
-
-
-def _claims(summary: SoupSummary, columns: _Columns, name: dict[str, str]) -> list[str]:
+def _claims(summary: SoupSummary, columns: _Columns, name: Callable[[str], str]) -> list[str]:
     """The soup against the best individual on each report split, then every paired comparison."""
     soup, best, metric = summary.soup, summary.best_individual, columns.metric
     lines = []
     for split in columns.splits:
         delta = soup.report[split][metric] - best.report[split][metric]
         lines.append(
-            f"{soup.name} vs best individual ({name[best.id]}, the best selection {metric}) on {split}: "
+            f"{soup.name} vs best individual ({name(best.id)}, the best selection {metric}) on {split}: "
             f"{describe_delta(metric, delta)}"
         )
     for split, comparisons in (summary.comparisons or {}).items():
@@ -156,11 +150,11 @@ def _backbone(summary: SoupSummary) -> list[str]:
     ]
 
 
-def _ties(ties: list[dict], chosen_by: str, name: dict[str, str]) -> list[str]:
+def _ties(ties: list[dict], chosen_by: str, name: Callable[[str], str]) -> list[str]:
     lines = []
     for tie in ties:
         at = f"TIE at selection {tie.get('metric', chosen_by)} {tie['score']:.4f}"
-        members = [(name.get(c, c), loss) for c, loss in zip(tie["candidates"], tie["losses"])]
+        members = [(name(c), loss) for c, loss in zip(tie["candidates"], tie["losses"])]
         if len(members) > 2:  # a long list stays in the JSON report; the table names the winner
             first, loss = members[0]
             lines.append(
