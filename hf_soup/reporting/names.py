@@ -51,5 +51,7 @@ def soup_names(summary: SoupSummary) -> Callable[[str], str]:
         *(e.id for e in entries if e is not None),
         *((summary.diagnostics or {}).get("ids") or []),
     ]
-    names = short_names([r for r in references if r], hub)
-    return lambda reference: names.get(reference, reference)
+    names = short_names(
+        [str(r) for r in references if r], {str(h) for h in hub}
+    )  # a Trainer's base is a Path
+    return lambda reference: names.get(str(reference), str(reference))

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from ..evaluation.metrics import LOWER_IS_BETTER
 from ..recipes import recipe_class
 from ..results import Entry, SoupSummary
-from .names import soup_names
+from .names import short_names, soup_names
 
 
 def write_plots(folder: Path, summary: SoupSummary) -> list[str]:
@@ -131,10 +131,11 @@ def write_curve(path: Path, curve: list[Entry], axis: tuple[str, str, str], xs: 
     plt.close(fig)
 
 
-def write_angle_heatmap(path: Path, diagnostics: dict, name: Callable[[str], str]) -> None:
+def write_angle_heatmap(path: Path, diagnostics: dict, name: Callable[[str], str] | None = None) -> None:
     """Pairwise angles (degrees) between the candidates' task vectors (θ_i − θ_base), as a heatmap."""
     angles = diagnostics["angle_degrees"]
     count = len(angles)
+    name = name or short_names(diagnostics["ids"]).__getitem__  # `check --diagnostics` has no summary
     rows = [f"#{i + 1} {name(cid)}" for i, cid in enumerate(diagnostics["ids"])]  # which candidate is which
     width = 1.2 + 0.6 * count + 0.07 * max(len(r) for r in rows)
     fig, ax = plt.subplots(figsize=(width, 0.8 + 0.6 * count))
