@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -25,12 +26,22 @@ from huggingface_hub import HfApi
 from .candidates.compat import CompatibilityReport, check_compatibility
 from .candidates.diagnostics import Diagnostics, diagnose
 from .candidates.hub import check_push_target, push
+from .checkpoints.sources import SoupSources
 from .config import SoupConfig, split_options
 from .errors import ConfigError, OutputExistsError
 from .evaluation.preprocessors import load_preprocessor
+from .merge.materialize import soup_dtype
 from .mixture import Mixture
-from .pipeline.output import write_soup_folder
-from .pipeline.stages import Checked, check_stage, data_free_stage, recipe_info, unscored_rows
+from .pipeline.output import staged_soup_folder, write_soup_folder
+from .pipeline.single_pass import check_and_write, single_pass_applies
+from .pipeline.stages import (
+    Checked,
+    compatible_stage,
+    data_free_stage,
+    recipe_info,
+    unscored_rows,
+    verified_stage,
+)
 from .recipes import RecipeResult
 from .results import SoupSummary, WrittenFiles
 from .runtime import process_state
@@ -50,6 +61,7 @@ class SoupResult:
     written: WrittenFiles | None = None
     push: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    bytes_read: dict[str, int] = field(default_factory=dict)  # tensor bytes read from the inputs, per stage
     requested_output: str | None = None  # `--output` as given (None when only staged for a push)
 
     @property
@@ -79,20 +91,30 @@ class SoupResult:
         if self.push is not None:
             data["push"] = self.push
         data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        data["bytes_read"] = dict(self.bytes_read)
         return data
 
 
 class _Stopwatch:
-    """Wall time per stage: each `lap(name)` records the time since the previous one."""
+    """Wall time per stage: each `lap(name)` records the time since the previous one, and with `sources`, the
+    tensor bytes read from the inputs since then."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.bytes_read: dict[str, int] = {}
         self._last = time.perf_counter()
+        self._read = 0
+        self.sources: SoupSources | None = None  # counted from the first lap that names them
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str, sources: SoupSources | None = None) -> None:
         now = time.perf_counter()
         self.timings[name] = now - self._last
         self._last = now
+        self.sources = sources = sources or self.sources
+        if sources is not None:
+            total = sources.bytes_read()
+            self.bytes_read[name] = total - self._read
+            self._read = total
 
 
 def check(
@@ -222,26 +244,34 @@ def _cook(run: _Run) -> SoupResult:
     clock = _Stopwatch()
     scored = _scored_stages() if config.scored else None
     label_order = scored.label_order(run.trainer) if scored else None
-    checked = check_stage(config, api, label_order=label_order, quiet=quiet)
-    preprocessor, preprocessor_dir = load_preprocessor(checked.compatibility, config.image_task)
-    clock.lap("check")
-    summary, recipe_result, overrides = _summary(run, checked, preprocessor, clock)
-    for message in checked.diagnostics.warnings():
-        logger.warning("Shared initialisation: %s", message)
     main_process = process_state().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
-    written = None
-    if output is not None and main_process:
-        written = write_soup_folder(
-            output,
-            config,
-            summary,
-            checked,
-            (preprocessor, preprocessor_dir),
-            quiet=quiet,
-            overrides=overrides,
-        )
-        summary = replace(summary, lora=written.lora)
-        clock.lap("write")
+    writes = output is not None and main_process
+    with (
+        contextlib.ExitStack() as stack
+    ):  # a staging folder opened here moves into place at the end of the block
+        opened = compatible_stage(config, api, label_order=label_order)
+        clock.lap("check", opened[1])
+        checked, staged = _verified(run, opened, writes, stack)
+        clock.lap("verify and merge" if staged else "verify", checked.sources)
+        preprocessor, preprocessor_dir = load_preprocessor(checked.compatibility, config.image_task)
+        summary, recipe_result, overrides = _summary(run, checked, preprocessor, clock)
+        for message in checked.diagnostics.warnings():
+            logger.warning("Shared initialisation: %s", message)
+        written = None
+        if writes:
+            written = write_soup_folder(
+                output,
+                config,
+                summary,
+                checked,
+                (preprocessor, preprocessor_dir),
+                quiet=quiet,
+                overrides=overrides,
+                staged=staged,
+            )
+            summary = replace(summary, lora=written.lora)
+    if writes:
+        clock.lap("write" if staged else "merge and write")
     pushed = None
     if config.push_to and main_process:
         pushed = push(output, config.push_to, config.private, api)
@@ -254,7 +284,21 @@ def _cook(run: _Run) -> SoupResult:
         written=written,
         push=pushed,
         timings=clock.timings,
+        bytes_read=clock.bytes_read,
     )
+
+
+def _verified(run: _Run, opened: tuple, writes: bool, stack: contextlib.ExitStack):
+    """`(Checked, staged)`: the candidates verified; on a first data-free run, with the soup's weights already
+    written from the same reads into a staging folder (`staged`: the folder and its weights; otherwise None)."""
+    config = run.config
+    if not single_pass_applies(config, opened, writes):
+        return verified_stage(config, *opened, run.quiet), None
+    sources = opened[1]
+    dtype = soup_dtype(sources, config.dtype)
+    staging = stack.enter_context(staged_soup_folder(run.output, config, sources, dtype))
+    checked, weights = check_and_write(config, opened, staging, quiet=run.quiet)
+    return checked, (staging, weights)
 
 
 def _scored_stages():

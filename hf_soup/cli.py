@@ -179,6 +179,12 @@ def _add_cook(verbs) -> None:
         help="Read the base, the models, the method and its parameters from a mergekit YAML config (instead of "
         "--base, --candidates, --recipe and its options); add --dataset/--task to score the merge.",
     )
+    cook.add_argument(
+        "--profile",
+        action="store_true",
+        help="print each stage's seconds and the tensor bytes it read from the inputs (on stderr; with "
+        "--format json they are the report's `timings` and `bytes_read`)",
+    )
     _common(cook)
 
 
@@ -329,7 +335,7 @@ def _run(args, argv: list[str]) -> int:
 
 def _cook(args, argv: list[str]) -> int:
     from .api import cook
-    from .reporting.tables import compatibility_table, lora_summary, soup_table
+    from .reporting.tables import compatibility_table, lora_summary, profile_table, soup_table
 
     result = cook(_config_from(args), command="hf-soup " + shlex.join(argv), quiet=args.quiet)
     if _main_process():
@@ -347,6 +353,8 @@ def _cook(args, argv: list[str]) -> int:
         human += f"\nSoup written to {result.output}"
     if result.push:
         human += f"\nPushed: {result.push['commit_url']}"
+    if args.profile and _main_process():
+        print(profile_table(result.timings, result.bytes_read), file=sys.stderr)
     _emit(args, result.report, human)
     return 0
 

@@ -220,6 +220,7 @@ class HubServer:
     def __init__(self, root: Path):
         self.store = HubStore(root)
         self.log: list[tuple[str, str, int]] = []  # (method, path, status); ranged reads log as "GET-RANGE"
+        self.served: list[tuple[str, int]] = []  # (path, body bytes) of every file resolved: the traffic
         self.tokens: dict[str, str] = {}
         self.faults: list[dict] = []  # {"method", "pattern", "status", "times"}
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -250,6 +251,11 @@ class HubServer:
                 "from_byte": from_byte,
             }
         )
+
+    def bytes_served(self, contains: str = "", suffix: str = "") -> int:
+        """Bytes of file content sent (ranged reads and downloads) for paths containing `contains`, ending with
+        `suffix`."""
+        return sum(size for path, size in self.served if contains in path and path.endswith(suffix))
 
     def requests(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.log if (method is None or m == method) and contains in p]
@@ -503,6 +509,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         headers["Content-Length"] = str(len(body))
+        if not head:
+            self.hub.served.append((self.path, len(body)))
         self._send(status, body, headers, head=head)
 
     def _create_repo(self, query) -> None:

@@ -391,7 +391,7 @@ def test_disk_filling_up_while_writing_leaves_nothing(zoo, tmp_path, capsys, mon
     ]
     err = fails(argv, "The disk filled up while writing", capsys, out)
     assert "no partial folder was left" in err and "needs about" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup_cache"]  # the score cache, nothing else
+    assert [p.name for p in tmp_path.iterdir() if p.name != "soup_cache"] == []  # at most the cache
 
 
 # --- 7./8. interruption and concurrency ---------------------------------------------------------------------

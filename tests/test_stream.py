@@ -21,6 +21,7 @@ from test_hub import hub_env
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_soup import SoupConfig
+from hf_soup.checkpoints.ranged import HubBytes
 from hf_soup.errors import ConfigError
 
 HF_SOUP = installed_script("hf-soup")
@@ -134,6 +135,40 @@ def test_streamed_soup_equals_the_downloaded_one_and_stores_no_weights(hub, tmp_
     # Disk: the soup and small files, against base + candidates + soup for a download.
     assert streamed_peak < 1.2 * one_model, (streamed_peak, one_model)
     assert downloaded_peak > 4 * one_model, (downloaded_peak, one_model)
+
+
+@pytest.mark.slow
+def test_a_first_streamed_run_fetches_each_model_once_and_a_rerun_the_candidates(hub, tmp_path):
+    """N + 1 models of traffic on a first run (verification and merge share every read), N on a rerun (the
+    verdicts are cached; the base is not needed for a uniform soup): counted by the test Hub's bytes served."""
+
+    def traffic() -> dict[str, int]:
+        return {
+            repo: hub.bytes_served(f"/org/{repo}/resolve/", ".safetensors")
+            for repo in ("llama-base", "llama-ft-1", "llama-ft-2", "llama-ft-3")
+        }
+
+    def weights(seed: int) -> tuple[int, int]:  # (bytes of the weight files, how many files)
+        files = list((tmp_path / "seed" / str(seed)).glob("*.safetensors"))
+        return sum(p.stat().st_size for p in files), len(files)
+
+    hub.served.clear()
+    first, _ = soup(hub, tmp_path, "streamed", "--stream")
+    assert first.returncode == 0, first.stderr
+    first_traffic = traffic()
+    hub.served.clear()
+    rerun, _ = soup(hub, tmp_path, "streamed", "--stream", "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    rerun_traffic = traffic()
+    for seed, repo in enumerate(first_traffic):
+        size, files = weights(seed)
+        headers = files * HubBytes.PREFIX_BYTES  # each file's first request, the header, may overlap a tensor
+        assert size <= first_traffic[repo] <= size + headers, (repo, first_traffic[repo], size)  # once
+        if seed:
+            assert size <= rerun_traffic[repo] <= size + headers, (repo, rerun_traffic[repo], size)
+        else:
+            assert rerun_traffic[repo] <= headers, rerun_traffic  # the base's headers only
+    assert size > headers  # so that reading a model twice could not pass for once
 
 
 @pytest.mark.slow

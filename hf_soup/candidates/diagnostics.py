@@ -68,6 +68,13 @@ class Diagnostics:
             flagged=data["flagged"],
         )
 
+    def restricted(self, ids: list[str]) -> Diagnostics:
+        """The same measures for the candidates `ids` only (duplicates dropped), flagged among themselves."""
+        index = [self.ids.index(cid) for cid in ids]
+        distance = {cid: self.relative_distance[cid] for cid in ids}
+        cosine = self.cosine[np.ix_(index, index)]
+        return Diagnostics(list(ids), distance, cosine, self.base_norm, self.tensors, _flag(distance))
+
     def warnings(self) -> list[str]:
         return [f"{cid}: {reason}" for cid, reason in self.flagged.items()]
 
@@ -96,13 +103,14 @@ class _DeltaBlocks:
         self.sources, self.ids, self.block_elements = sources, ids, block_elements
         self._stack = torch.empty((len(ids), block_elements), dtype=torch.float64)
 
-    def __call__(self, name: str):
-        """A head the base has too is read whole, with its rows aligned to the soup's label order."""
-        sources, ids = self.sources, self.ids
+    def __call__(self, name: str, sources: SoupSources | None = None):
+        """A head the base has too is read whole, with its rows aligned to the soup's label order. `sources`: the
+        same sources read another way (held by the single pass); by default those given at creation."""
+        sources, ids = sources or self.sources, self.ids
         base_name = sources.alignment.base_names[name]
         vocab = sources.alignment.vocab
         if vocab is not None and name in vocab.tensors:  # aligned rows, over the base's tokens only
-            yield from self._vocabulary_deltas(name)
+            yield from self._vocabulary_deltas(name, sources)
             return
         if name in sources.alignment.head_tensors:
             base = sources.read_base(name).to(torch.float64).reshape(-1)
@@ -126,11 +134,10 @@ class _DeltaBlocks:
             self._stack = torch.empty((len(self.ids), numel), dtype=torch.float64)
         return self._stack[:, :numel]
 
-    def _vocabulary_deltas(self, name: str):
+    def _vocabulary_deltas(self, name: str, sources: SoupSources):
         """Embedding rows aligned by token (`vocab.py`): a row a candidate lacks counts as unchanged, and rows the
         base lacks (`--vocab union`) have no task vector. The aligned tables are held in their stored dtype and
         streamed in float64 row blocks, as other tensors are."""
-        sources = self.sources
         rows = sources.alignment.vocab.present(sources.base_id)
         base = sources.read(sources.base_id, name)[rows]
         tables = []
@@ -147,6 +154,17 @@ class _DeltaBlocks:
                 row.copy_(table[start:stop].reshape(-1))
                 row.sub_(block)
             yield block, deltas
+
+
+def _gram(deltas: torch.Tensor) -> np.ndarray:
+    """`deltas @ deltas.T` in float64 from the upper triangle's dot products: twice as fast as the matrix product
+    for a few rows of a million values (BLAS multiplies such thin matrices poorly), equal to it within float64 rounding."""
+    count = deltas.shape[0]
+    gram = np.empty((count, count))
+    for i in range(count):
+        for j in range(i, count):
+            gram[i, j] = gram[j, i] = float(torch.dot(deltas[i], deltas[j]))
+    return gram
 
 
 def shared_tensors(sources: SoupSources) -> list[str]:
@@ -166,12 +184,54 @@ def tensor_cosines(sources: SoupSources, ids: list[str], block_elements: int = 1
         for name in names:
             gram = np.zeros((len(ids), len(ids)))
             for _, deltas in delta_blocks(name):
-                gram += (deltas @ deltas.T).numpy()
+                gram += _gram(deltas)
             norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
             cosine = gram / np.maximum(np.outer(norms, norms), 1e-12)
             cosines[name] = float(np.clip(cosine[upper], -1.0, 1.0).mean())
             bar.update(1)
     return cosines
+
+
+class DiagnosticsSums:
+    """The running sums behind `Diagnostics`: the float64 Gram matrix of the task vectors and the base's squared
+    norm, added to one tensor at a time, so that a pass that reads the tensors for another reason (the single pass
+    that also merges them) can diagnose from the same reads.
+
+    Args:
+        sources (`SoupSources`): the base and the candidates to diagnose.
+        block_elements (`int`): the row blocks' size per candidate (float64).
+    """
+
+    def __init__(self, sources: SoupSources, block_elements: int = 1 << 20):
+        self.ids = list(sources.candidates)
+        # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
+        self.names = [n for n in shared_tensors(sources) if n not in sources.alignment.head_tensors]
+        self.gram = np.zeros((len(self.ids), len(self.ids)))
+        self.base_sq = 0.0
+        self._blocks = _DeltaBlocks(sources, self.ids, block_elements)
+
+    def add(self, name: str, sources: SoupSources | None = None) -> None:
+        """Add tensor `name` (one of `names`), read through `sources` (by default the ones given at creation)."""
+        for base, deltas in self._blocks(name, sources):
+            self.base_sq += float(base @ base)
+            self.gram += _gram(deltas)
+
+    def result(self) -> Diagnostics:
+        return diagnostics_from_sums(self.ids, self.gram, self.base_sq, len(self.names))
+
+
+def diagnostics_from_sums(ids: list[str], gram: np.ndarray, base_sq: float, tensors: int) -> Diagnostics:
+    """Distances, angles and flags from the task vectors' Gram matrix and the base's squared norm."""
+    squared = np.clip(np.diag(gram), 0.0, None)
+    norms = np.sqrt(squared)
+    denominator = np.outer(norms, norms)
+    cosine = np.divide(gram, denominator, out=np.eye(len(ids)), where=denominator > 0)
+    np.fill_diagonal(cosine, 1.0)  # exactly, not 1 − rounding
+    base_norm = math.sqrt(base_sq)
+    distance = {cid: float(norms[i] / base_norm) if base_norm else float("inf") for i, cid in enumerate(ids)}
+    diagnostics = Diagnostics(ids, distance, cosine, base_norm, tensors)
+    diagnostics.flagged = _flag(distance)
+    return diagnostics
 
 
 def diagnose(
@@ -180,28 +240,12 @@ def diagnose(
     quiet: bool = False,
 ) -> Diagnostics:
     """Distances to the base and pairwise angles between task vectors, over the tensors the base has."""
-    ids = list(sources.candidates)
-    # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
-    names = [n for n in shared_tensors(sources) if n not in sources.alignment.head_tensors]
-    gram = np.zeros((len(ids), len(ids)))
-    base_sq = 0.0
-    delta_blocks = _DeltaBlocks(sources, ids, block_elements)
-    with progress_bar(total=len(names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:
-        for name in names:
-            for base, deltas in delta_blocks(name):
-                base_sq += float(base @ base)
-                gram += (deltas @ deltas.T).numpy()
+    sums = DiagnosticsSums(sources, block_elements)
+    with progress_bar(total=len(sums.names), desc="Diagnostics", unit="tensor", quiet=quiet) as bar:
+        for name in sums.names:
+            sums.add(name)
             bar.update(1)
-    squared = np.clip(np.diag(gram), 0.0, None)
-    norms = np.sqrt(squared)
-    denominator = np.outer(norms, norms)
-    cosine = np.divide(gram, denominator, out=np.eye(len(ids)), where=denominator > 0)
-    np.fill_diagonal(cosine, 1.0)  # exactly, not 1 − rounding
-    base_norm = math.sqrt(base_sq)
-    distance = {cid: float(norms[i] / base_norm) if base_norm else float("inf") for i, cid in enumerate(ids)}
-    diagnostics = Diagnostics(ids, distance, cosine, base_norm, len(names))
-    diagnostics.flagged = _flag(distance)
-    return diagnostics
+    return sums.result()
 
 
 def _flag(distance: dict[str, float]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,28 +34,111 @@ def _file_identity(source: TensorSource) -> list:
 
 
 def _sha256(paths, bar) -> str:
+    """sha256 of the files' bytes, read through a memory map: the page cache's pages are hashed where they are,
+    with no copy (hashlib releases the GIL, so files hash while other threads work)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)  # releases the GIL: checkpoints hash in parallel
-                bar.update(len(chunk))
+            size = os.fstat(handle.fileno()).st_size
+            if not size:
+                continue
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                for start in range(0, size, _CHUNK):
+                    digest.update(view[start : start + _CHUNK])
+                    bar.update(min(_CHUNK, size - start))
     return digest.hexdigest()
 
 
-def _non_finite_tensor(source: TensorSource) -> str | None:
-    """The first float tensor holding NaN or Inf, if any. `aminmax` propagates NaN and shows ±Inf while reading
-    each tensor once: several times faster than `isfinite(t).all()`, which writes a mask as large as the tensor."""
+def non_finite(tensor: torch.Tensor) -> bool:
+    """Whether a float tensor holds NaN or Inf. `aminmax` propagates NaN and shows ±Inf while reading the tensor
+    once: several times faster than `isfinite(t).all()`, which writes a mask as large as the tensor."""
+    return (
+        averaged(tensor.dtype)
+        and tensor.numel() > 0
+        and not torch.stack(torch.aminmax(tensor)).isfinite().all()
+    )
+
+
+def _non_finite_tensor(source: TensorSource, skip: set[str] = frozenset()) -> str | None:
+    """The first float tensor (not in `skip`) holding NaN or Inf, if any."""
     stored = source.stored  # a LoRA adapter's own tensors, not its merged ones (they would re-read the base)
     for name in stored.keys():
-        tensor = stored.get(name)
-        if (
-            averaged(tensor.dtype)
-            and tensor.numel()
-            and not torch.stack(torch.aminmax(tensor)).isfinite().all()
-        ):
+        if name not in skip and averaged(stored.dtype(name)) and non_finite(stored.get(name)):
             return name
     return None
+
+
+class FileHashes:
+    """The sha256 of each source's weight files, started on a thread pool at once (hashlib releases the GIL, so
+    files hash while the caller reads their tensors) and cached by file identity with the finiteness verdict.
+
+    A file already in the cache is not hashed again; a Hub-streamed source has its fingerprint from the Hub.
+
+    Args:
+        ids (`list[str]`): the sources to fingerprint, in order.
+        sources (`dict[str, TensorSource]`): their readers.
+        cache (`JsonCache`): where verdicts are kept.
+        workers (`int`, *optional*): hashing threads; by default one per core.
+    """
+
+    def __init__(
+        self,
+        ids: list[str],
+        sources: dict[str, TensorSource],
+        cache: JsonCache,
+        quiet: bool = True,
+        workers: int | None = None,
+    ):
+        self.sources, self.cache = sources, cache
+        self.known: dict[str, str] = {}
+        self.todo: list[str] = []
+        for cid in ids:
+            if isinstance(sources[cid], HubTensorSource):
+                self.known[cid] = sources[cid].fingerprint
+                continue
+            entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
+            if entry is None:
+                self.todo.append(cid)
+            else:
+                self.known[cid] = entry["sha256"]
+                if entry["non_finite"]:
+                    _raise_non_finite(cid, entry["non_finite"])
+        total = sum(p.stat().st_size for cid in self.todo for p in sources[cid].files)
+        self._bar = progress_bar(
+            total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet
+        )
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self._hashes = {cid: self._pool.submit(_sha256, sources[cid].files, self._bar) for cid in self.todo}
+
+    def record(self, cid: str, bad_tensor: str | None) -> str:
+        """Wait for `cid`'s hash and cache it with its verdict; raise if a tensor is not finite."""
+        sha256 = self.known[cid] = self._hashes[cid].result()
+        self.cache.put(
+            cache_key("fingerprint", _file_identity(self.sources[cid])),
+            {"sha256": sha256, "non_finite": bad_tensor},
+        )
+        if bad_tensor:
+            _raise_non_finite(cid, bad_tensor)
+        return sha256
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        self._bar.close()
+
+    def __enter__(self) -> FileHashes:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.close()
+
+
+def uncached_files(ids: list[str], sources: dict[str, TensorSource], cache: JsonCache) -> bool:
+    """Whether any of the sources has files that were never verified (a first run on them)."""
+    return any(
+        not isinstance(sources[cid], HubTensorSource)
+        and cache.get(cache_key("fingerprint", _file_identity(sources[cid]))) is None
+        for cid in ids
+    )
 
 
 def fingerprint_sources(
@@ -65,38 +149,10 @@ def fingerprint_sources(
     Raises:
         NonFiniteWeightsError: a tensor holds NaN or Inf.
     """
-    fingerprints: dict[str, str] = {}
-    todo = []
-    for cid in ids:
-        if isinstance(sources[cid], HubTensorSource):
-            fingerprints[cid] = sources[cid].fingerprint
-            continue
-        entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
-        if entry is None:
-            todo.append(cid)
-        else:
-            fingerprints[cid] = entry["sha256"]
-            if entry["non_finite"]:
-                _raise_non_finite(cid, entry["non_finite"])
-    total = sum(p.stat().st_size for cid in todo for p in sources[cid].files)
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        with progress_bar(
-            total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet
-        ) as bar:
-            hashes = {cid: pool.submit(_sha256, sources[cid].files, bar) for cid in todo}
-            for cid in todo:  # the finiteness checks run while the files hash
-                bad_tensor = _non_finite_tensor(sources[cid])
-                fingerprints[cid] = hashes[cid].result()
-                cache.put(
-                    cache_key("fingerprint", _file_identity(sources[cid])),
-                    {"sha256": fingerprints[cid], "non_finite": bad_tensor},
-                )
-                if bad_tensor:
-                    _raise_non_finite(cid, bad_tensor)
-    finally:
-        pool.shutdown(cancel_futures=True)
-    return fingerprints
+    with FileHashes(ids, sources, cache, quiet) as hashes:
+        for cid in hashes.todo:  # the finiteness checks run while the files hash
+            hashes.record(cid, _non_finite_tensor(sources[cid]))
+        return {cid: hashes.known[cid] for cid in ids}
 
 
 def _raise_non_finite(cid: str, tensor: str) -> None:
@@ -109,9 +165,22 @@ def ingredient_fingerprints(
     report: CompatibilityReport, sources: SoupSources, cache: JsonCache, quiet: bool = False
 ) -> dict[str, str]:
     """Fingerprints of the base (under its id) and of every accepted candidate, including any head permutation."""
+    readers = verified_readers(report, sources)
+    return with_alignment(report, sources, fingerprint_sources(list(readers), readers, cache, quiet))
+
+
+def verified_readers(report: CompatibilityReport, sources: SoupSources) -> dict[str, TensorSource]:
+    """The readers whose files are fingerprinted: the base (under its id), then each accepted candidate."""
+    return {sources.base_id: sources.base, **{c.id: sources.candidates[c.id] for c in report.accepted}}
+
+
+def with_alignment(
+    report: CompatibilityReport, sources: SoupSources, files: dict[str, str]
+) -> dict[str, str]:
+    """The files' fingerprints, extended by what else the soup's tensors depend on: a LoRA candidate's base, a
+    head permutation and the vocabulary rows."""
+    fingerprints = dict(files)
     base = sources.base_id
-    readers = {base: sources.base, **{c.id: sources.candidates[c.id] for c in report.accepted}}
-    fingerprints = fingerprint_sources(list(readers), readers, cache, quiet)
     for candidate in report.accepted:
         if candidate.kind == "lora":  # its merged model is the base plus the adapter
             fingerprints[candidate.id] += f"+base{fingerprints[base]}"

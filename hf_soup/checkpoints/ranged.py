@@ -220,12 +220,18 @@ class HubTensorSource:
             digest.update(f"{name}:{entry.lfs.sha256 if entry.lfs else entry.blob_id}\n".encode())
         self.fingerprint = "hub-files:" + digest.hexdigest()
         self.files: list[HubBytes] = []
+        self.bytes_read = 0  # tensor bytes fetched by `get` and `rows` (`--profile` reports them)
         self._spans: dict[str, tuple[HubBytes, TensorSpan]] = {}
         for name in names:
             source = HubBytes(repo_id, name, revision)
             self.files.append(source)
             spans = read_layout(source)
             self._spans.update({tensor: (source, span) for tensor, span in spans.items()})
+
+    @property
+    def stored(self) -> HubTensorSource:
+        """The tensors held in `files`: this checkpoint's own (as `weights.TensorSource.stored`)."""
+        return self
 
     def keys(self) -> list[str]:
         return list(self._spans)
@@ -246,6 +252,7 @@ class HubTensorSource:
         return self._checked(name, read_span(*self._spans[name], start, stop))
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
         if (
             averaged(tensor.dtype)
             and tensor.numel()

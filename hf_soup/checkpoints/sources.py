@@ -65,6 +65,27 @@ class BodyView:
         return getattr(self.reader, name)
 
 
+class HeldReader:
+    """A reader whose tensors are read once and then served from memory to every caller: the single pass
+    (`merge.single_pass`) verifies and merges one tensor name from the same read. Everything else (files,
+    fingerprint, the stored adapter) is the wrapped reader's."""
+
+    def __init__(self, reader: TensorReader):
+        self.reader = reader
+        self._held: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._held:
+            self._held[name] = self.reader.get(name)
+        return self._held[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.get(name)[start:stop]
+
+    def __getattr__(self, name: str):
+        return getattr(self.reader, name)
+
+
 @dataclass
 class Alignment:
     """How candidates' tensors line up: head rows in one label order, and candidate names → base names."""
@@ -106,6 +127,18 @@ class SoupSources:
     def restricted(self, ids: list[str]) -> SoupSources:
         """The same sources with only the candidates `ids` (duplicates dropped after fingerprinting)."""
         return SoupSources(self.base_id, self.base, {c: self.candidates[c] for c in ids}, self.alignment)
+
+    def held(self) -> SoupSources:
+        """The same sources reading each tensor once (`HeldReader`): drop the result to free what it read."""
+        candidates = {cid: HeldReader(reader) for cid, reader in self.candidates.items()}
+        return SoupSources(self.base_id, HeldReader(self.base), candidates, self.alignment)
+
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far from the base's and the candidates' files (each file's reader counted once)."""
+        readers = {
+            id(r): r for reader in (self.base, *self.candidates.values()) for r in _file_readers(reader)
+        }
+        return sum(r.bytes_read for r in readers.values())
 
     def reader(self, cid: str) -> TensorReader:
         """The reader of candidate `cid`, or of the base when `cid` is the base's id."""
@@ -155,3 +188,18 @@ class SoupSources:
         if permutation is not None and name in self.alignment.head_tensors:
             tensor = tensor[permutation]
         return self._vocabulary_rows(self.base_id, name, tensor)
+
+
+def _file_readers(reader) -> list:
+    """The readers of files behind `reader`: itself, or what a view (`BodyView`, `HeldReader`) or a LoRA adapter
+    (its adapter and its base) reads from."""
+    while isinstance(reader, (BodyView, HeldReader)):
+        reader = reader.reader
+    if hasattr(reader, "bytes_read"):
+        return [reader]
+    return [
+        r
+        for part in ("adapter", "base")
+        if (child := getattr(reader, part, None))
+        for r in _file_readers(child)
+    ]

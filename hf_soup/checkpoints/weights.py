@@ -112,6 +112,7 @@ class TensorSource:
         self._handles: list = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self.bytes_read = 0  # tensor bytes handed out by `get` and `rows` (`--profile` reports them)
         if self.format == "pickle" and not allow_pickle:
             raise PickleRefusedError(
                 f"{self.folder} has only pickle weights ({self.files[0].name}), which can run code when loaded. "
@@ -179,15 +180,21 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         if self.format == "safetensors":
             with safe_open(str(self.files[self._where[name]]), framework="pt") as handle:
-                return handle.get_tensor(name)  # maps its pages until the tensor is freed, no longer
-        return self._handles[self._where[name]][name]
+                tensor = handle.get_tensor(name)  # maps its pages until the tensor is freed, no longer
+        else:
+            tensor = self._handles[self._where[name]][name]
+        return self._counted(tensor)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` (along the first dimension) of one tensor, reading only those bytes."""
         if self.format == "safetensors":
             with safe_open(str(self.files[self._where[name]]), framework="pt") as handle:
-                return handle.get_slice(name)[start:stop]
-        return self._handles[self._where[name]][name][start:stop]
+                return self._counted(handle.get_slice(name)[start:stop])
+        return self._counted(self._handles[self._where[name]][name][start:stop])
+
+    def _counted(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +189,7 @@ def materialize(
     max_shard_size: str | int = "5GB",
     quiet: bool = False,
     overrides: dict[str, torch.Tensor] | None = None,
+    observe=None,
 ) -> MaterializeStats:
     """Write the soup's weights to `output_dir` as (sharded) safetensors, tensor by tensor.
 
@@ -200,36 +202,90 @@ def materialize(
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`, the Hub's convention): the largest shard.
         overrides (`dict[str, torch.Tensor]`, *optional*): tensors written as given instead of mixed (BatchNorm
             statistics re-estimated on data after averaging; a backbone soup's head, which no candidate has).
+        observe (`Callable[[str, SoupSources], None]`, *optional*): called with each tensor's name and sources
+            that hold what they read (`SoupSources.held`) before it is mixed from the same reads: the single pass
+            verifies the inputs this way while they are merged (`single_pass.py`). Memory then holds one tensor
+            per input at a time instead of one.
     """
     overrides = overrides or {}
     planned = plan_output(sources, dtype, overrides)
     names = list(planned)
     split = shard_plan(planned, max_shard_size)
     stats = MaterializeStats()
-    with progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar:
+    with (
+        progress_bar(total=len(names), desc="Materializing soup", unit="tensor", quiet=quiet) as bar,
+        _Handoff(stats) as handoff,
+    ):
         for filename, shard_names in split.filename_to_tensors.items():
             # Each tensor goes to disk as soon as it is mixed: memory holds one tensor, never a whole shard.
             shard = {name: planned[name] for name in shard_names}
             with SafetensorsStreamWriter(output_dir / filename, shard, metadata={"format": "pt"}) as writer:
                 for name in writer.order:
-                    if name in overrides:
-                        mixed, live = overrides[name].detach().cpu(), 0
-                    else:
-                        mixed, live = mix_tensor(mixture, sources, name)
+                    mixed, live = _mixed(mixture, sources, name, overrides, observe)
                     out = mixed.to(planned[name].dtype).contiguous()
                     del mixed
-                    stats.peak_live_bytes = max(stats.peak_live_bytes, live + _nbytes(out))
-                    stats.tensor_sha256[name] = tensor_sha256(out)
-                    writer.write(name, out)
-                    stats.total_bytes += _nbytes(out)
+                    handoff.submit(writer, name, out, live)
                     del out
                     bar.update(1)
+                handoff.wait()
             stats.files.append(filename)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (output_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         stats.files.append(SAFE_WEIGHTS_INDEX_NAME)
     return stats
+
+
+def _mixed(mixture: Mixture, sources: SoupSources, name: str, overrides: dict, observe):
+    """One tensor of the soup, and the bytes held to make it; with `observe`, from reads it saw first."""
+    if name in overrides:
+        return overrides[name].detach().cpu(), 0
+    if observe is None:
+        return mix_tensor(mixture, sources, name)
+    held = sources.held()
+    observe(name, held)
+    return mix_tensor(mixture, held, name)
+
+
+class _Handoff:
+    """Hashes and writes each mixed tensor on one background thread (hashlib and file writes release the GIL),
+    so the next tensor is mixed meanwhile. At most one tensor waits to be written: memory holds two output
+    tensors at a time, and they are written in order."""
+
+    def __init__(self, stats: MaterializeStats):
+        self.stats = stats
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+        self._pending_bytes = 0
+
+    def submit(self, writer: SafetensorsStreamWriter, name: str, out: torch.Tensor, live: int) -> None:
+        self.stats.peak_live_bytes = max(
+            self.stats.peak_live_bytes, live + _nbytes(out) + self._pending_bytes
+        )
+        self.wait()
+        self._pending = self._pool.submit(self._write, writer, name, out)
+        self._pending_bytes = _nbytes(out)
+
+    def _write(self, writer: SafetensorsStreamWriter, name: str, out: torch.Tensor) -> None:
+        self.stats.tensor_sha256[name] = tensor_sha256(out)
+        writer.write(name, out)
+        self.stats.total_bytes += _nbytes(out)
+
+    def wait(self) -> None:
+        """Until the tensor in flight is written (its error, if any, raised here)."""
+        if self._pending is not None:
+            pending, self._pending, self._pending_bytes = self._pending, None, 0
+            pending.result()
+
+    def __enter__(self) -> _Handoff:
+        return self
+
+    def __exit__(self, *error) -> None:
+        try:
+            if error[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Workbench:

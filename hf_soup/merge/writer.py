@@ -47,6 +47,7 @@ def write(
     candidates=None,
     quiet: bool = False,
     overrides: dict[str, torch.Tensor] | None = None,
+    observe=None,
 ) -> WrittenWeights:
     """Write `mixture`'s weights into the existing `folder` as `kind`; return the files and tensor hashes.
 
@@ -54,6 +55,8 @@ def write(
         candidates (`list[Candidate]`, *optional*): with `kind="lora"`, checked to all be LoRA adapters first.
         overrides (`dict[str, torch.Tensor]`, *optional*): merged weights written as given instead of mixed
             (BatchNorm statistics re-estimated on data).
+        observe (`Callable`, *optional*): with `kind="merged"`, sees each tensor's reads before it is mixed
+            (`materialize`'s argument).
     """
     if kind == "lora":
         if candidates is not None:
@@ -70,5 +73,6 @@ def write(
         max_shard_size=settings.max_shard_size,
         quiet=quiet,
         overrides=overrides,
+        observe=observe,
     )
     return WrittenWeights(stats.files, stats.tensor_sha256)

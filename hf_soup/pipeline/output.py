@@ -28,7 +28,7 @@ from ..checkpoints.folders import atomic_folder
 from ..config import SoupConfig
 from ..errors import DiskSpaceError
 from ..merge.materialize import output_bytes, plan_output
-from ..merge.writer import WeightSettings, write
+from ..merge.writer import WeightSettings, WrittenWeights, write
 from ..reporting.card import write_model_card
 from ..results import MANIFEST_NAME, SoupManifest, SoupSummary, WrittenFiles
 from ..version import __version__
@@ -113,6 +113,25 @@ def soup_config(compatibility: CompatibilityReport, dtype: str | None) -> dict[s
     return config
 
 
+@contextlib.contextmanager
+def staged_soup_folder(output: Path, config: SoupConfig, sources, dtype: torch.dtype) -> Iterator[Path]:
+    """A staging folder beside `output` that becomes `output` only if the block finishes: nothing is ever
+    half-written at `output`.
+
+    Raises:
+        DiskSpaceError: the weights do not fit on the output's disk (checked first), or the disk filled up while
+            writing; either way nothing is left behind.
+    """
+    needed = output_bytes(plan_output(sources, dtype))
+    _check_free_space(output, needed)
+    # The staging folder is removed first (inner), then a full disk becomes one error (outer).
+    with (
+        _disk_full_is_one_error(output, needed),
+        atomic_folder(output, overwrite=config.overwrite) as staging,
+    ):
+        yield staging
+
+
 def write_soup_folder(
     output: Path,
     config: SoupConfig,
@@ -122,6 +141,7 @@ def write_soup_folder(
     *,
     quiet: bool = False,
     overrides: dict[str, torch.Tensor] | None = None,
+    staged: tuple[Path, WrittenWeights] | None = None,
 ) -> WrittenFiles:
     """Write the whole soup folder to `output`, atomically: weights, config, tokenizer or image processor,
     `soup.json`, model card and plots. Returns what was written; `summary` is not changed.
@@ -129,19 +149,17 @@ def write_soup_folder(
     Args:
         checked (`stages.Checked`): the compatible candidates, their sources and the soup's dtype.
         preprocessing (`tuple`): `(tokenizer or image processor, the folder it came from)`, or `(None, None)`.
+        staged (`tuple`, *optional*): `(staging folder, weights)` when the weights are already written into an
+            open `staged_soup_folder` (the single pass): the rest goes beside them, and the caller's block moves
+            the folder into place.
 
     Raises:
-        DiskSpaceError: the weights do not fit on the output's disk (checked first), or the disk filled up while
-            writing; either way nothing is left behind.
+        DiskSpaceError: see `staged_soup_folder`.
     """
-    needed = output_bytes(plan_output(checked.sources, checked.dtype))
-    _check_free_space(output, needed)
-    settings = WeightSettings(checked.dtype, config.max_shard_size, config.base, config.lora_rank)
-    # The staging folder is removed first (inner), then a full disk becomes one error (outer).
-    with (
-        _disk_full_is_one_error(output, needed),
-        atomic_folder(output, overwrite=config.overwrite) as staging,
-    ):
+    if staged is not None:
+        return _complete(staged, config, summary, checked, preprocessing, Path(output))
+    with staged_soup_folder(output, config, checked.sources, checked.dtype) as staging:
+        settings = WeightSettings(checked.dtype, config.max_shard_size, config.base, config.lora_rank)
         weights = write(
             summary.mixture,
             checked.sources,
@@ -151,23 +169,29 @@ def write_soup_folder(
             quiet=quiet,
             overrides=overrides,
         )
-        if config.output_kind != "lora":
-            config_json = soup_config(checked.compatibility, str(checked.dtype).removeprefix("torch."))
-            (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        preprocessor, preprocessor_dir = preprocessing
-        if preprocessor is not None:  # the tokenizer, or the image processor
-            preprocessor.save_pretrained(staging)
-        manifest = SoupManifest(
-            summary=replace(summary, lora=weights.lora),
-            output=Path(output).name,
-            files=weights.files,
-            tensor_sha256=weights.tensor_sha256,
-            versions=package_versions(),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            tokenizer_from=str(preprocessor_dir) if preprocessor_dir else None,
-        )
-        local = local_paths(checked.compatibility)
-        plots = _write_manifest_card_and_plots(staging, manifest, Path(output).absolute(), local)
+        return _complete((staging, weights), config, summary, checked, preprocessing, Path(output))
+
+
+def _complete(staged, config: SoupConfig, summary: SoupSummary, checked, preprocessing, output: Path):
+    """Everything but the weights, beside them in the staging folder."""
+    staging, weights = staged
+    if config.output_kind != "lora":
+        config_json = soup_config(checked.compatibility, str(checked.dtype).removeprefix("torch."))
+        (staging / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    preprocessor, preprocessor_dir = preprocessing
+    if preprocessor is not None:  # the tokenizer, or the image processor
+        preprocessor.save_pretrained(staging)
+    manifest = SoupManifest(
+        summary=replace(summary, lora=weights.lora),
+        output=output.name,
+        files=weights.files,
+        tensor_sha256=weights.tensor_sha256,
+        versions=package_versions(),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        tokenizer_from=str(preprocessor_dir) if preprocessor_dir else None,
+    )
+    local = local_paths(checked.compatibility)
+    plots = _write_manifest_card_and_plots(staging, manifest, output.absolute(), local)
     return WrittenFiles(weights.files, weights.tensor_sha256, plots, weights.lora)
 
 

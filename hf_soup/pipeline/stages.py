@@ -62,10 +62,10 @@ class Checked:
         return Ingredient(base.id, 0.0, base.revision)
 
 
-def check_stage(
-    config: SoupConfig, api, label_order: list[str] | None = None, quiet: bool = False
-) -> Checked:
-    """Candidates → compatibility → fingerprints (duplicates count once) → diagnostics → exclusions.
+def compatible_stage(
+    config: SoupConfig, api, label_order: list[str] | None = None
+) -> tuple[CompatibilityReport, SoupSources, JsonCache]:
+    """Candidates → compatibility (configs and tensor headers only), with the open sources and the cache.
 
     `label_order`: a Trainer's label names, when it scores (candidates are aligned to them by name).
     """
@@ -80,17 +80,50 @@ def check_stage(
         vocab=config.vocab,
         soup=config.soup,
     )
-    minimum = recipe_class(config.recipe).min_candidates
-    compatibility.raise_if_unusable(strict=config.strict, minimum=minimum)
+    compatibility.raise_if_unusable(strict=config.strict, minimum=recipe_class(config.recipe).min_candidates)
     if config.output_kind == "lora":
         require_lora_candidates(compatibility.accepted)
     cache = JsonCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir())
+    return compatibility, sources, cache
+
+
+def check_stage(
+    config: SoupConfig, api, label_order: list[str] | None = None, quiet: bool = False
+) -> Checked:
+    """Candidates → compatibility → fingerprints (duplicates count once) → diagnostics → exclusions."""
+    compatibility, sources, cache = compatible_stage(config, api, label_order)
+    return verified_stage(config, compatibility, sources, cache, quiet)
+
+
+def verified_stage(
+    config: SoupConfig,
+    compatibility: CompatibilityReport,
+    sources: SoupSources,
+    cache: JsonCache,
+    quiet: bool,
+) -> Checked:
+    """Fingerprints (a first run reads every input for them), then `settled_stage`."""
     fingerprints = ingredient_fingerprints(compatibility, sources, cache, quiet=quiet)
+    return settled_stage(config, (compatibility, sources, cache), fingerprints, quiet=quiet)
+
+
+def settled_stage(
+    config: SoupConfig, opened: tuple, fingerprints: dict[str, str], diagnostics=None, quiet: bool = False
+) -> Checked:
+    """From the fingerprints: duplicates count once, then diagnostics (cached by content, or `diagnostics` of
+    every accepted candidate, measured by the single pass) decide which candidates are kept out.
+
+    Args:
+        opened (`tuple`): `compatible_stage`'s `(compatibility, sources, cache)`.
+    """
+    compatibility, sources, cache = opened
     for duplicate in compatibility.reject_duplicates(fingerprints):
         logger.warning("%s is identical to another candidate; it counts once.", duplicate)
-    compatibility.raise_if_unusable(strict=config.strict, minimum=minimum)
+    compatibility.raise_if_unusable(strict=config.strict, minimum=recipe_class(config.recipe).min_candidates)
     sources = sources.restricted([c.id for c in compatibility.accepted])
-    diagnostics = _diagnostics(sources, fingerprints, cache, quiet)
+    if diagnostics is not None:
+        diagnostics = diagnostics.restricted(list(sources.candidates))
+    diagnostics = _diagnostics(sources, fingerprints, cache, quiet, diagnostics)
     excluded = excluded_candidates(config, diagnostics)
     dtype = soup_dtype(sources, config.dtype)
     return Checked(
@@ -98,15 +131,22 @@ def check_stage(
     )
 
 
-def _diagnostics(sources: SoupSources, fingerprints, cache: JsonCache, quiet: bool) -> Diagnostics:
+def _diagnostics(
+    sources: SoupSources, fingerprints, cache: JsonCache, quiet: bool, measured: Diagnostics | None = None
+) -> Diagnostics:
     """Distances and angles to the base, cached by the content of the base and the candidates."""
-    ids = list(sources.candidates)
-    key = cache_key("diagnostics", fingerprints[sources.base_id], [fingerprints[i] for i in ids])
-    if (hit := cache.get(key)) is not None:
+    key = diagnostics_key(sources, fingerprints)
+    if measured is None and (hit := cache.get(key)) is not None:
         return Diagnostics.from_dict(hit)
-    diagnostics = diagnose(sources, quiet=quiet)
+    diagnostics = measured or diagnose(sources, quiet=quiet)
     cache.put(key, diagnostics.to_dict())
     return diagnostics
+
+
+def diagnostics_key(sources: SoupSources, fingerprints: dict[str, str]) -> str:
+    """The diagnostics' cache key: the content of the base and of each candidate, in order."""
+    ids = list(sources.candidates)
+    return cache_key("diagnostics", fingerprints[sources.base_id], [fingerprints[i] for i in ids])
 
 
 def excluded_candidates(config: SoupConfig, diagnostics: Diagnostics) -> dict[str, str]:

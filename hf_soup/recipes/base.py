@@ -131,6 +131,9 @@ class SoupRecipe(ABC):
     # The recipe's options: a frozen dataclass whose fields (made with `option()`) are its flags. Its
     # `__post_init__` refuses bad values, before any work.
     Options: ClassVar[type] = NoOptions
+    # A data-free recipe that reads the candidates' tensors to choose its mixture (Model Stock's angles) cannot
+    # write the soup in the same pass that verifies them (`pipeline/single_pass.py`).
+    reads_tensors: ClassVar[bool] = False
     # The fewest compatible candidates the recipe can soup (SLERP from the base needs one).
     min_candidates: ClassVar[int] = 2
     # The recipes this one builds through `RecipeContext.build` (their options apply to this run too).

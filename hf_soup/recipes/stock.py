@@ -49,6 +49,7 @@ class StockSoup(SoupRecipe):
 
     card_section = CARD_SECTION
     needs_data = False
+    reads_tensors = True  # the task vectors' angles, per tensor
 
     def __init__(self, base: Ingredient, cosines):
         self.base, self.cosines = base, cosines

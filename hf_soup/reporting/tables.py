@@ -184,3 +184,17 @@ def lora_summary(lora: dict[str, Any]) -> str:
         f"LoRA adapter truncated to rank {truncation['rank']} by SVD: relative Frobenius error "
         f"{truncation['overall']:.4f} overall; worst modules: {modules} (all in soup.json)."
     )
+
+
+def profile_table(timings: dict[str, float], bytes_read: dict[str, int]) -> str:
+    """`--profile`: each stage's wall seconds and the tensor bytes it read from the inputs, with the total."""
+    rows = [
+        [stage, f"{seconds:.2f}", _gigabytes(bytes_read.get(stage))] for stage, seconds in timings.items()
+    ]
+    read = sum(bytes_read.values()) if bytes_read else None
+    rows.append(["total", f"{sum(timings.values()):.2f}", _gigabytes(read)])
+    return format_table(["stage", "seconds", "read from inputs"], rows)
+
+
+def _gigabytes(count: int | None) -> str:
+    return "" if count is None else f"{count / 1e9:.3f} GB"

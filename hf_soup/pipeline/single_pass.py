@@ -1,0 +1,160 @@
+"""A first data-free run's single pass: verify the inputs and write the soup from one read of each tensor.
+
+A first run must verify what it merges: the sha256 of every file (duplicates count once), no NaN or Inf, and the
+distances and angles to the base that keep candidates that were not fine-tuned from it out of the soup. Done as
+separate passes, that is three reads of every input before the merge reads them a fourth time (two thirds of a
+first 8 × 1.1 B merge). Here the soup is written *speculatively* while it is verified:
+
+1. the files hash on a thread pool (hashlib releases the GIL) while the merge runs;
+2. the recipe cooks on every compatible candidate, as if none will be dropped;
+3. each tensor of each input is read once (`SoupSources.held`): checked for NaN/Inf, added to the diagnostics'
+   float64 sums, then mixed and written into the staging folder;
+4. the verdicts then decide as they always do (`stages.settled_stage`): a duplicate counts once, a flagged
+   candidate stays out unless `--include-flagged`, `--strict` fails. Only when that changes the pool is the
+   recipe cooked again and the weights rewritten (a second read, in the rare case).
+
+Nothing is at `--output` until the whole folder is complete (`output.staged_soup_folder`): a failure at any point,
+`--strict` included, leaves nothing there. A rerun finds every verdict cached and reads each candidate once anyway,
+so it takes the plain path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from ..candidates.compat import CompatibilityReport
+from ..candidates.diagnostics import DiagnosticsSums
+from ..candidates.verify import FileHashes, non_finite, uncached_files, verified_readers, with_alignment
+from ..checkpoints.sources import SoupSources
+from ..config import SoupConfig
+from ..errors import NonFiniteWeightsError
+from ..merge.materialize import soup_dtype
+from ..merge.writer import WeightSettings, WrittenWeights, write
+from ..recipes import recipe_class
+from .stages import Checked, data_free_stage, diagnostics_key, settled_stage
+
+logger = logging.getLogger(__name__)
+
+
+def single_pass_applies(config: SoupConfig, opened: tuple, writes: bool) -> bool:
+    """Whether this run verifies and writes in one pass: a data-free merged soup that is written (`writes`), of
+    full checkpoints, by a recipe that chooses without reading tensors, on inputs not verified before."""
+    compatibility = opened[0]
+    return (
+        writes
+        and not config.scored
+        and config.output_kind == "merged"
+        and not recipe_class(config.recipe).reads_tensors
+        and all(
+            c.kind != "lora" for c in compatibility.accepted
+        )  # an adapter's merged tensors re-read the base
+        and _first_run(opened)
+    )
+
+
+def _first_run(opened: tuple) -> bool:
+    """Some input was never verified: a local file not hashed before, or (a Hub checkpoint's fingerprint comes
+    from the Hub) no diagnostics cached for these contents."""
+    compatibility, sources, cache = opened
+    readers = verified_readers(compatibility, sources)
+    if uncached_files(list(readers), readers, cache):
+        return True
+    with FileHashes(list(readers), readers, cache) as hashes:  # all known: nothing is hashed
+        fingerprints = with_alignment(compatibility, sources, hashes.known)
+    return cache.get(diagnostics_key(sources, fingerprints)) is None
+
+
+class _Verifier:
+    """Sees each tensor the merge reads (`materialize`'s `observe`): NaN/Inf, and the diagnostics' sums."""
+
+    def __init__(self, compatibility: CompatibilityReport, sources: SoupSources, hashes: FileHashes):
+        self.sources, self.hashes = sources, hashes
+        self.readers = verified_readers(compatibility, sources)
+        self.sums = DiagnosticsSums(sources)
+        self.body = set(self.sums.names)
+        self.checked: dict[str, set[str]] = {cid: set() for cid in self.readers}
+
+    def __call__(self, name: str, held: SoupSources) -> None:
+        for cid, reader in held.candidates.items():
+            self._check(cid, name, reader)
+        base_name = self.sources.alignment.base_names.get(name)
+        if base_name is not None:
+            self._check(held.base_id, base_name, held.base)
+        if name in self.body:
+            self.sums.add(name, held)
+
+    def _check(self, cid: str, name: str, reader) -> None:
+        self.checked[cid].add(name)
+        if non_finite(reader.get(name)):
+            self._fail(cid, name)
+
+    def _fail(self, cid: str, name: str) -> None:
+        if cid in self.hashes.todo:
+            self.hashes.record(cid, name)  # cached: a rerun refuses it without reading
+        raise NonFiniteWeightsError(
+            f"{cid} has NaN or Inf values in {name}: the fine-tune diverged. Remove it from --candidates."
+        )
+
+    def finish(self) -> dict[str, str]:
+        """Check the tensors the merge did not read (a backbone's head, a base's pooler), record every verdict and
+        return the files' fingerprints."""
+        for cid, reader in self.readers.items():
+            stored = reader.stored
+            for name in stored.keys():
+                if name not in self.checked[cid] and non_finite(stored.get(name)):
+                    self._fail(cid, name)
+        for cid in self.hashes.todo:
+            self.hashes.record(cid, None)
+        return {cid: self.hashes.known[cid] for cid in self.readers}
+
+
+def check_and_write(
+    config: SoupConfig, opened: tuple, staging: Path, quiet: bool = False
+) -> tuple[Checked, WrittenWeights]:
+    """Verify every input and write the data-free soup's weights into `staging` from the same reads.
+
+    Args:
+        opened (`tuple`): `stages.compatible_stage`'s `(compatibility, sources, cache)`.
+
+    Returns:
+        `(Checked, WrittenWeights)`: the verdicts, as `stages.check_stage` gives them, and the weights written.
+    """
+    compatibility, sources, cache = opened
+    dtype = soup_dtype(sources, config.dtype)
+    readers = verified_readers(compatibility, sources)
+    # One hashing thread: the merge keeps a core of its own.
+    with FileHashes(list(readers), readers, cache, workers=1) as hashes:
+        everyone = Checked(compatibility, sources, {}, None, excluded={}, cache=cache, dtype=dtype)
+        speculated = list(everyone.pool)  # `everyone` reads the report, which dropping a duplicate changes
+        mixture = _mixture(config, everyone, quiet)
+        verifier = _Verifier(compatibility, sources, hashes)
+        settings = WeightSettings(dtype, config.max_shard_size, config.base, config.lora_rank)
+        weights = write(mixture, sources, "merged", staging, settings=settings, quiet=quiet, observe=verifier)
+        files = verifier.finish()
+    fingerprints = with_alignment(compatibility, sources, files)
+    checked = settled_stage(config, opened, fingerprints, verifier.sums.result(), quiet=quiet)
+    if checked.pool != speculated:  # a duplicate or a flagged candidate is out: the speculation missed
+        logger.info(
+            "Writing the soup again without the %d candidate(s) kept out.",
+            len(speculated) - len(checked.pool),
+        )
+        for name in weights.files:
+            (staging / name).unlink()
+        settings = WeightSettings(checked.dtype, config.max_shard_size, config.base, config.lora_rank)
+        weights = write(
+            _mixture(config, checked, quiet),
+            checked.sources,
+            "merged",
+            staging,
+            settings=settings,
+            quiet=quiet,
+        )
+    return checked, weights
+
+
+def _mixture(config: SoupConfig, checked: Checked, quiet: bool):
+    _, result = data_free_stage(config, checked, quiet)
+    mixture = result.mixture
+    return mixture if mixture.base is not None else replace(mixture, base=checked.base)
