@@ -3,8 +3,9 @@
 
 The base is a Llama of `--size` (default `1b`: a TinyLlama-like 1.1 B parameters; `tiny` for a smoke run), saved in
 bf16 in 1 GB shards with tied embeddings; the N "fine-tunes" are the base plus seeded noise. Printed per N:
-- wall time of each and the ratio hf-soup / mergekit (hf-soup's first run on the inputs, with nothing cached: it
-  also verifies every input; and a rerun);
+- wall time of each (the median of `--rounds` rounds, alternating) and the ratio hf-soup / mergekit, for hf-soup's
+  first run on the inputs (a fresh cache each round: it verifies every input in the same pass as the merge) and
+  for a rerun (cached verdicts);
 - peak anonymous RSS (`RssAnon`) and peak total RSS (`VmHWM`) of each process, sampled from /proc every 20 ms, and
   their ratios;
 - the largest error of each output against the float64 average of the inputs, in bf16 ulps;
@@ -13,14 +14,15 @@ bf16 in 1 GB shards with tied embeddings; the N "fine-tunes" are the base plus s
 mergekit is installed into its own venv (never a dependency of hf-soup). Everything is written under `--scratch`
 and removed at the end.
 
-    python scripts/bench_llm_scale.py                       # 1b, N = 2 4 8: about 25 GB of scratch disk
-    python scripts/bench_llm_scale.py --size tiny --sizes 2
+    python scripts/bench_llm_scale.py                       # 1b, N = 4 8, 3 rounds: about 25 GB of scratch disk
+    python scripts/bench_llm_scale.py --size tiny --sizes 2 --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,7 +132,7 @@ def error_in_ulps(output: Path, inputs: list[Path]) -> float:
     return worst
 
 
-def bench(scratch: Path, family: Path, runs: list[Path], script: Path) -> dict:
+def bench(scratch: Path, family: Path, runs: list[Path], script: Path, rounds: int) -> dict:
     count = len(runs)
     models = "\n".join(f"  - model: {r}\n    parameters:\n      weight: 1.0" for r in runs)
     config = scratch / f"linear-{count}.yml"
@@ -151,10 +153,23 @@ def bench(scratch: Path, family: Path, runs: list[Path], script: Path) -> dict:
         "--overwrite",
         "--quiet",
     ]
+    warm = [*ours, "--cache-dir", str(scratch / f"cache-{count}-warm")]
+    subprocess.run(warm, check=True, capture_output=True)  # fills the rerun's cache, untimed
+    runs_of: dict[str, list] = {"first run": [], "rerun": [], "mergekit": []}
+    for round_ in range(rounds):  # alternating, so drift on a noisy machine hits all three
+        cold = [*ours, "--cache-dir", str(scratch / f"cache-{count}-{round_}")]
+        for name, command in (
+            ("first run", cold),
+            ("rerun", warm),
+            ("mergekit", [str(script), str(config), str(theirs_out)]),
+        ):
+            runs_of[name].append(timed(command))
     results = {
-        "first run": timed([*ours, "--cache-dir", str(scratch / f"cache-{count}")]),
-        "mergekit": timed([str(script), str(config), str(theirs_out)]),
-        "rerun": timed([*ours, "--cache-dir", str(scratch / f"cache-{count}")]),
+        name: (
+            statistics.median(seconds for seconds, _ in measured),
+            {key: max(peaks[key] for _, peaks in measured) for key in ("RssAnon", "VmHWM")},
+        )
+        for name, measured in runs_of.items()
     }
     written = {
         name: sum(p.stat().st_size for p in folder.glob("*") if p.is_file())
@@ -169,7 +184,8 @@ def bench(scratch: Path, family: Path, runs: list[Path], script: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="1b")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scratch", type=Path, default=None)
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "hf-soup-mergekit")
     args = parser.parse_args()
@@ -177,7 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         family = Path(scratch) / "family"
         runs = make_family(family, args.size, max(args.sizes))  # N = 2 soups the first two, and so on
-        rows = [bench(Path(scratch), family, runs[:n], script) for n in args.sizes]
+        rows = [bench(Path(scratch), family, runs[:n], script, args.rounds) for n in args.sizes]
     print(
         f"{'N':>3}  {'run':>9}  {'seconds':>7}  {'x mergekit':>10}  {'RssAnon':>8}  {'x':>5}  {'VmHWM':>7}  {'x':>5}  "
         f"{'max error':>9}  {'written':>8}"

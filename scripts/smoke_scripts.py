@@ -29,7 +29,7 @@ SMALL = {
     "bench_eval_images": "--examples 64",
     "bench_greedy": "--variants 2 --train-rows 32 --scratch {scratch}",
     "bench_learned_memory": "--n 2 --steps 1",
-    "bench_llm_scale": "--size tiny --sizes 2 --scratch {scratch}",
+    "bench_llm_scale": "--size tiny --sizes 2 --rounds 1 --scratch {scratch}",
     "bench_mixing": "--candidates 2 --examples 16",
     "bench_soup": "--sizes 2 --repeats 1 --scratch {scratch}",
     "bench_vs_mergekit": "--sizes 2 --rounds 1 --scratch {scratch}",

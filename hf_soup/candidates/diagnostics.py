@@ -203,18 +203,29 @@ class DiagnosticsSums:
     """
 
     def __init__(self, sources: SoupSources, block_elements: int = 1 << 20):
-        self.ids = list(sources.candidates)
+        self.ids, self.base_id = list(sources.candidates), sources.base_id
         # The body only: a head the base has too may list its labels in another order (it is permuted when souped).
         self.names = [n for n in shared_tensors(sources) if n not in sources.alignment.head_tensors]
         self.gram = np.zeros((len(self.ids), len(self.ids)))
         self.base_sq = 0.0
         self._blocks = _DeltaBlocks(sources, self.ids, block_elements)
 
-    def add(self, name: str, sources: SoupSources | None = None) -> None:
-        """Add tensor `name` (one of `names`), read through `sources` (by default the ones given at creation)."""
+    def add(self, name: str, sources: SoupSources | None = None) -> list[str]:
+        """Add tensor `name` (one of `names`), read through `sources` (by default the ones given at creation).
+
+        Returns who holds NaN or Inf in it: the base, else the candidates whose task vector is not finite (a NaN or
+        Inf makes its squared norm NaN or Inf; float32 and bfloat16 squares cannot overflow float64). Rows a
+        candidate has beyond the base's vocabulary are not in its task vector, so they are not covered.
+        """
+        bad: list[str] = []
         for base, deltas in self._blocks(name, sources):
-            self.base_sq += float(base @ base)
-            self.gram += _gram(deltas)
+            base_sq, gram = float(base @ base), _gram(deltas)
+            if not math.isfinite(base_sq):
+                return [self.base_id]
+            bad += [cid for cid, value in zip(self.ids, np.diag(gram)) if not math.isfinite(value)]
+            self.base_sq += base_sq
+            self.gram += gram
+        return list(dict.fromkeys(bad))
 
     def result(self) -> Diagnostics:
         return diagnostics_from_sums(self.ids, self.gram, self.base_sq, len(self.names))

@@ -7,8 +7,9 @@ first 8 × 1.1 B merge). Here the soup is written *speculatively* while it is ve
 
 1. the files hash on a thread pool (hashlib releases the GIL) while the merge runs;
 2. the recipe cooks on every compatible candidate, as if none will be dropped;
-3. each tensor of each input is read once (`SoupSources.held`): checked for NaN/Inf, added to the diagnostics'
-   float64 sums, then mixed and written into the staging folder;
+3. each tensor of each input is read once (`SoupSources.held`): added to the diagnostics' float64 sums (a NaN or
+   Inf shows in a task vector's squared norm; tensors outside them are checked with `aminmax`), then mixed and
+   written into the staging folder;
 4. the verdicts then decide as they always do (`stages.settled_stage`): a duplicate counts once, a flagged
    candidate stays out unless `--include-flagged`, `--strict` fails. Only when that changes the pool is the
    recipe cooked again and the weights rewritten (a second read, in the rare case).
@@ -74,16 +75,24 @@ class _Verifier:
         self.readers = verified_readers(compatibility, sources)
         self.sums = DiagnosticsSums(sources)
         self.body = set(self.sums.names)
+        vocab = sources.alignment.vocab  # rows beyond the base's vocabulary are in no task vector
+        self.covered = self.body - set(vocab.tensors if vocab is not None else ())
         self.checked: dict[str, set[str]] = {cid: set() for cid in self.readers}
 
     def __call__(self, name: str, held: SoupSources) -> None:
+        base_name = self.sources.alignment.base_names.get(name)
+        if name in self.body:  # the task vectors' squared norms show a NaN or Inf: no separate check
+            for cid in self.sums.add(name, held):
+                self._fail(cid, base_name if cid == held.base_id else name)
+            if name in self.covered:
+                self.checked[held.base_id].add(base_name)
+                for cid in held.candidates:
+                    self.checked[cid].add(name)
+                return
         for cid, reader in held.candidates.items():
             self._check(cid, name, reader)
-        base_name = self.sources.alignment.base_names.get(name)
         if base_name is not None:
             self._check(held.base_id, base_name, held.base)
-        if name in self.body:
-            self.sums.add(name, held)
 
     def _check(self, cid: str, name: str, reader) -> None:
         self.checked[cid].add(name)
