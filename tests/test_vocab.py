@@ -194,3 +194,46 @@ def test_a_tokenizer_that_is_not_the_bases_is_refused(family, tokenizer_dir, tmp
     report = json.loads(result.stdout)
     (rejected,) = report["rejected"]
     assert rejected["id"] == str(other) and "lacks 400 of its 30522 tokens" in rejected["reason"]
+
+
+def task_vector_rows(family, recipe: str, tokens: list[str]) -> torch.Tensor:
+    """Plain float64 task arithmetic (λ = 1, every weight 0.5, not normalised) or TIES (density 1: the sign
+    election and the disjoint mean), per token, over the candidates' rows looked up by token; a token the base
+    lacks gets the mean of its owners' rows."""
+    base, base_vocab = rows_by_token(family["base"])
+    tables = [
+        rows_by_token(family[name], family["base"] if name == "same" else None)
+        for name in ("same", "added", "padded")
+    ]
+    rows = []
+    for token in tokens:
+        owners = [table[vocab[token]] for table, vocab in tables if token in vocab]
+        if token not in base_vocab:
+            rows.append(torch.stack(owners).mean(0))
+            continue
+        deltas = torch.stack(owners) - base[base_vocab[token]]
+        if recipe == "task_arithmetic":
+            rows.append(base[base_vocab[token]] + 0.5 * deltas.sum(0))
+            continue
+        elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        agrees = (torch.sign(deltas) == elected).double()
+        count = agrees.sum(0)
+        rows.append(base[base_vocab[token]] + (deltas * agrees).sum(0) / torch.where(count == 0, 1.0, count))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("recipe", ["task_arithmetic", "ties"])
+def test_mergekit_methods_merge_embedding_rows_by_token(family, tmp_path, recipe):
+    """Task vectors of an embedding are taken token by token (a candidate's own ids, a padded table), and a token
+    the base lacks (`--vocab union`) has no task vector: its row is its owner's, not its weight times it."""
+    out = tmp_path / recipe
+    candidates = [str(family[name]) for name in ("same", "added", "padded")]
+    result = run_main(
+        "--base", str(family["base"]), "--candidates", *candidates, "--recipe", recipe, "--vocab", "union",
+        "--weights", "0.5", "--output", str(out), "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written, vocab = rows_by_token(out)
+    tokens = sorted(vocab, key=vocab.get)
+    assert ADDED in vocab
+    assert_within_one_ulp(written, task_vector_rows(family, recipe, tokens))

@@ -45,6 +45,9 @@ def _sha256(paths, bar) -> str:
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
                 for start in range(0, size, _CHUNK):
                     digest.update(view[start : start + _CHUNK])
+                    # Unmap the hashed pages (they stay in the page cache): resident memory holds one chunk, not
+                    # the whole file, while it hashes.
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(_CHUNK, size - start))
                     bar.update(min(_CHUNK, size - start))
     return digest.hexdigest()
 

@@ -17,8 +17,9 @@ BatchNorm's running statistics are not weights: a rescaled (DARE) or extrapolate
 so under a task-vector method they are the weights' normalised average, Σ w_i θ_i / Σ w_i, as a soup's are.
 
 The sign election needs the sum of all δ_j before any is kept, so it reads the candidates twice; memory holds a
-few float32 tensors of one tensor's size, never one per candidate. Tensors the base lacks (a new task head) are the
-weights' normalised average.
+few float32 tensors of one tensor's size, never one per candidate. Tensors the base lacks (a new task head), and
+embedding rows of tokens the base lacks (`--vocab union`), are the weights' normalised average over the
+ingredients that have them; a row an ingredient lacks is no opinion (δ_i = 0 there).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class _TaskVectors:
         self.base = sources.read_base(name).to(torch.float32)
         self.pairs = [(i, ing.id, ing.weight) for i, ing in enumerate(mixture.ingredients) if ing.weight != 0]
         self.live = 0
+        self.new_rows = sources.missing_rows(sources.base_id, name)  # `--vocab union`'s tokens the base lacks
 
     def __iter__(self):
         for position, cid, weight in self.pairs:
@@ -97,6 +99,8 @@ class _TaskVectors:
             missing = self.sources.missing_rows(cid, self.name)
             if missing is not None:  # a token this ingredient lacks: it has no opinion on that row
                 delta[missing] = 0
+            if self.new_rows is not None:  # no task vector where the base has no row (set apart, below)
+                delta[self.new_rows] = 0
             self.live = max(self.live, 4 * _nbytes(self.base) + _nbytes(tensor))
             del tensor
             yield weight, _sparsified(self.mixture.method, delta, cid, position, self.name) * weight
@@ -129,7 +133,26 @@ def task_vector_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tup
         mixed /= divisor
     if method["lambda"] != 1:
         mixed *= method["lambda"]
-    return base + mixed, vectors.live
+    made = base + mixed
+    if vectors.new_rows is not None:
+        _average_new_rows(made, vectors)
+    return made, vectors.live
+
+
+def _average_new_rows(made: torch.Tensor, vectors: _TaskVectors) -> None:
+    """Rows of tokens the base lacks (`--vocab union`) have no task vector: like a tensor the base lacks, they are
+    the weights' normalised average over the ingredients that have the token."""
+    rows = vectors.new_rows
+    total = torch.zeros((int(rows.sum()), *made.shape[1:]), dtype=torch.float32)
+    weights = torch.zeros(total.shape[0], dtype=torch.float32)
+    for _, cid, weight in vectors.pairs:
+        missing = vectors.sources.missing_rows(cid, vectors.name)
+        has = torch.ones(total.shape[0], dtype=torch.bool) if missing is None else ~missing[rows]
+        owned = vectors.sources.read(cid, vectors.name)[rows].to(torch.float32)
+        total += owned * (weight * has).unsqueeze(1)
+        weights += weight * has
+    owned = weights != 0  # a row nobody has keeps base + λ·0: the base's row
+    made[rows.nonzero().squeeze(1)[owned]] = total[owned] / weights[owned].unsqueeze(1)
 
 
 _BLOCK = 1 << 20  # entries per float64 block of SLERP's sums
