@@ -246,9 +246,8 @@ def _cook(run: _Run) -> SoupResult:
     label_order = scored.label_order(run.trainer) if scored else None
     main_process = process_state().is_main_process  # under `accelerate launch`, only rank 0 writes and pushes
     writes = output is not None and main_process
-    with (
-        contextlib.ExitStack() as stack
-    ):  # a staging folder opened here moves into place at the end of the block
+    # A staging folder opened in this block (the single pass) moves into place at its end.
+    with contextlib.ExitStack() as stack:
         opened = compatible_stage(config, api, label_order=label_order)
         clock.lap("check", opened[1])
         checked, staged = _verified(run, opened, writes, stack)

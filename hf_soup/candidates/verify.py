@@ -14,12 +14,10 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from ..cache import JsonCache, cache_key
 from ..checkpoints.ranged import HubTensorSource
 from ..checkpoints.sources import SoupSources
-from ..checkpoints.weights import TensorSource, averaged
+from ..checkpoints.weights import TensorSource, averaged, non_finite
 from ..errors import NonFiniteWeightsError
 from ..progress import progress_bar
 from .compat import CompatibilityReport
@@ -52,23 +50,38 @@ def _sha256(paths, bar) -> str:
     return digest.hexdigest()
 
 
-def non_finite(tensor: torch.Tensor) -> bool:
-    """Whether a float tensor holds NaN or Inf. `aminmax` propagates NaN and shows ±Inf while reading the tensor
-    once: several times faster than `isfinite(t).all()`, which writes a mask as large as the tensor."""
-    return (
-        averaged(tensor.dtype)
-        and tensor.numel() > 0
-        and not torch.stack(torch.aminmax(tensor)).isfinite().all()
-    )
-
-
-def _non_finite_tensor(source: TensorSource, skip: set[str] = frozenset()) -> str | None:
-    """The first float tensor (not in `skip`) holding NaN or Inf, if any."""
+def first_non_finite(source: TensorSource, skip: set[str] = frozenset()) -> str | None:
+    """The first float tensor of `source`'s files (not in `skip`: already checked) holding NaN or Inf, if any."""
     stored = source.stored  # a LoRA adapter's own tensors, not its merged ones (they would re-read the base)
     for name in stored.keys():
         if name not in skip and averaged(stored.dtype(name)) and non_finite(stored.get(name)):
             return name
     return None
+
+
+def cached_fingerprints(
+    ids: list[str], sources: dict[str, TensorSource], cache: JsonCache
+) -> tuple[dict[str, str], list[str]]:
+    """`(known, todo)`: the fingerprints known without reading (cached by file identity, or a Hub checkpoint's from
+    the Hub), and the sources whose files were never hashed.
+
+    Raises:
+        NonFiniteWeightsError: a cached verdict says a tensor holds NaN or Inf.
+    """
+    known: dict[str, str] = {}
+    todo: list[str] = []
+    for cid in ids:
+        if isinstance(sources[cid], HubTensorSource):
+            known[cid] = sources[cid].fingerprint
+            continue
+        entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
+        if entry is None:
+            todo.append(cid)
+            continue
+        known[cid] = entry["sha256"]
+        if entry["non_finite"]:
+            raise_non_finite(cid, entry["non_finite"])
+    return known, todo
 
 
 class FileHashes:
@@ -93,19 +106,7 @@ class FileHashes:
         workers: int | None = None,
     ):
         self.sources, self.cache = sources, cache
-        self.known: dict[str, str] = {}
-        self.todo: list[str] = []
-        for cid in ids:
-            if isinstance(sources[cid], HubTensorSource):
-                self.known[cid] = sources[cid].fingerprint
-                continue
-            entry = cache.get(cache_key("fingerprint", _file_identity(sources[cid])))
-            if entry is None:
-                self.todo.append(cid)
-            else:
-                self.known[cid] = entry["sha256"]
-                if entry["non_finite"]:
-                    _raise_non_finite(cid, entry["non_finite"])
+        self.known, self.todo = cached_fingerprints(ids, sources, cache)
         total = sum(p.stat().st_size for cid in self.todo for p in sources[cid].files)
         self._bar = progress_bar(
             total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet
@@ -121,7 +122,7 @@ class FileHashes:
             {"sha256": sha256, "non_finite": bad_tensor},
         )
         if bad_tensor:
-            _raise_non_finite(cid, bad_tensor)
+            raise_non_finite(cid, bad_tensor)
         return sha256
 
     def close(self) -> None:
@@ -135,15 +136,6 @@ class FileHashes:
         self.close()
 
 
-def uncached_files(ids: list[str], sources: dict[str, TensorSource], cache: JsonCache) -> bool:
-    """Whether any of the sources has files that were never verified (a first run on them)."""
-    return any(
-        not isinstance(sources[cid], HubTensorSource)
-        and cache.get(cache_key("fingerprint", _file_identity(sources[cid]))) is None
-        for cid in ids
-    )
-
-
 def fingerprint_sources(
     ids: list[str], sources: dict[str, TensorSource], cache: JsonCache, quiet: bool = False
 ) -> dict[str, str]:
@@ -154,11 +146,11 @@ def fingerprint_sources(
     """
     with FileHashes(ids, sources, cache, quiet) as hashes:
         for cid in hashes.todo:  # the finiteness checks run while the files hash
-            hashes.record(cid, _non_finite_tensor(sources[cid]))
+            hashes.record(cid, first_non_finite(sources[cid]))
         return {cid: hashes.known[cid] for cid in ids}
 
 
-def _raise_non_finite(cid: str, tensor: str) -> None:
+def raise_non_finite(cid: str, tensor: str) -> None:
     raise NonFiniteWeightsError(
         f"{cid} has NaN or Inf values in {tensor}: the fine-tune diverged. Remove it from --candidates."
     )

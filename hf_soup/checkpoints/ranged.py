@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from ..errors import CandidateFormatError, HubError, NonFiniteWeightsError
-from .weights import SAFETENSORS_DTYPES, averaged
+from .weights import SAFETENSORS_DTYPES, non_finite
 
 # A header larger than this is not a safetensors header (the format's own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -253,11 +253,7 @@ class HubTensorSource:
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         self.bytes_read += tensor.numel() * tensor.element_size()
-        if (
-            averaged(tensor.dtype)
-            and tensor.numel()
-            and not torch.stack(torch.aminmax(tensor)).isfinite().all()
-        ):
+        if non_finite(tensor):
             raise NonFiniteWeightsError(
                 f"{self.repo_id} has NaN or Inf values in {name}: the fine-tune diverged. Remove it from --candidates."
             )

@@ -67,7 +67,7 @@ class BodyView:
 
 class HeldReader:
     """A reader whose tensors are read once and then served from memory to every caller: the single pass
-    (`merge.single_pass`) verifies and merges one tensor name from the same read. Everything else (files,
+    (`pipeline/single_pass.py`) verifies and merges one tensor name from the same read. Everything else (files,
     fingerprint, the stored adapter) is the wrapped reader's."""
 
     def __init__(self, reader: TensorReader):

@@ -58,6 +58,16 @@ def averaged(dtype: torch.dtype) -> bool:
     return dtype in AVERAGED_DTYPES
 
 
+def non_finite(tensor: torch.Tensor) -> bool:
+    """Whether a float tensor holds NaN or Inf. `aminmax` propagates NaN and shows ±Inf while reading the tensor
+    once: several times faster than `isfinite(t).all()`, which writes a mask as large as the tensor."""
+    return (
+        averaged(tensor.dtype)
+        and tensor.numel() > 0
+        and not torch.stack(torch.aminmax(tensor)).isfinite().all()
+    )
+
+
 def find_weight_files(folder: Path) -> tuple[str, list[Path]]:
     """The weight files of a model folder and their format (`"safetensors"` or `"pickle"`).
 

@@ -205,7 +205,7 @@ def materialize(
         observe (`Callable[[str, SoupSources], None]`, *optional*): called with each tensor's name and sources
             that hold what they read (`SoupSources.held`) before it is mixed from the same reads: the single pass
             verifies the inputs this way while they are merged (`single_pass.py`). Memory then holds one tensor
-            per input at a time instead of one.
+            of every input at a time, instead of one tensor of one input.
     """
     overrides = overrides or {}
     planned = plan_output(sources, dtype, overrides)

@@ -27,10 +27,17 @@ from pathlib import Path
 
 from ..candidates.compat import CompatibilityReport
 from ..candidates.diagnostics import DiagnosticsSums
-from ..candidates.verify import FileHashes, non_finite, uncached_files, verified_readers, with_alignment
+from ..candidates.verify import (
+    FileHashes,
+    cached_fingerprints,
+    first_non_finite,
+    raise_non_finite,
+    verified_readers,
+    with_alignment,
+)
 from ..checkpoints.sources import SoupSources
+from ..checkpoints.weights import non_finite
 from ..config import SoupConfig
-from ..errors import NonFiniteWeightsError
 from ..merge.materialize import soup_dtype
 from ..merge.writer import WeightSettings, WrittenWeights, write
 from ..recipes import recipe_class
@@ -42,15 +49,13 @@ logger = logging.getLogger(__name__)
 def single_pass_applies(config: SoupConfig, opened: tuple, writes: bool) -> bool:
     """Whether this run verifies and writes in one pass: a data-free merged soup that is written (`writes`), of
     full checkpoints, by a recipe that chooses without reading tensors, on inputs not verified before."""
-    compatibility = opened[0]
     return (
         writes
         and not config.scored
         and config.output_kind == "merged"
         and not recipe_class(config.recipe).reads_tensors
-        and all(
-            c.kind != "lora" for c in compatibility.accepted
-        )  # an adapter's merged tensors re-read the base
+        # a LoRA adapter's merged tensors re-read the base
+        and all(c.kind != "lora" for c in opened[0].accepted)
         and _first_run(opened)
     )
 
@@ -60,10 +65,10 @@ def _first_run(opened: tuple) -> bool:
     from the Hub) no diagnostics cached for these contents."""
     compatibility, sources, cache = opened
     readers = verified_readers(compatibility, sources)
-    if uncached_files(list(readers), readers, cache):
+    known, todo = cached_fingerprints(list(readers), readers, cache)
+    if todo:
         return True
-    with FileHashes(list(readers), readers, cache) as hashes:  # all known: nothing is hashed
-        fingerprints = with_alignment(compatibility, sources, hashes.known)
+    fingerprints = with_alignment(compatibility, sources, known)
     return cache.get(diagnostics_key(sources, fingerprints)) is None
 
 
@@ -101,19 +106,15 @@ class _Verifier:
 
     def _fail(self, cid: str, name: str) -> None:
         if cid in self.hashes.todo:
-            self.hashes.record(cid, name)  # cached: a rerun refuses it without reading
-        raise NonFiniteWeightsError(
-            f"{cid} has NaN or Inf values in {name}: the fine-tune diverged. Remove it from --candidates."
-        )
+            self.hashes.record(cid, name)  # cached, then raised: a rerun refuses it without reading
+        raise_non_finite(cid, name)
 
     def finish(self) -> dict[str, str]:
         """Check the tensors the merge did not read (a backbone's head, a base's pooler), record every verdict and
         return the files' fingerprints."""
         for cid, reader in self.readers.items():
-            stored = reader.stored
-            for name in stored.keys():
-                if name not in self.checked[cid] and non_finite(stored.get(name)):
-                    self._fail(cid, name)
+            if (name := first_non_finite(reader, skip=self.checked[cid])) is not None:
+                self._fail(cid, name)
         for cid in self.hashes.todo:
             self.hashes.record(cid, None)
         return {cid: self.hashes.known[cid] for cid in self.readers}
