@@ -33,7 +33,7 @@ from .evaluation.preprocessors import load_preprocessor
 from .merge.materialize import soup_dtype
 from .mixture import Mixture
 from .pipeline.output import staged_soup_folder, write_soup_folder
-from .pipeline.single_pass import check_and_write, single_pass_applies
+from .pipeline.single_pass import check_and_write, single_pass_inputs
 from .pipeline.stages import (
     Checked,
     compatible_stage,
@@ -291,12 +291,13 @@ def _verified(run: _Run, opened: tuple, writes: bool, stack: contextlib.ExitStac
     """`(Checked, staged)`: the candidates verified; on a first data-free run, with the soup's weights already
     written from the same reads into a staging folder (`staged`: the folder and its weights; otherwise None)."""
     config = run.config
-    if not single_pass_applies(config, opened, writes):
+    cached = single_pass_inputs(config, opened, writes)
+    if cached is None:
         return verified_stage(config, *opened, run.quiet), None
     sources = opened[1]
     dtype = soup_dtype(sources, config.dtype)
     staging = stack.enter_context(staged_soup_folder(run.output, config, sources, dtype))
-    checked, weights = check_and_write(config, opened, staging, quiet=run.quiet)
+    checked, weights = check_and_write(config, opened, cached, staging, quiet=run.quiet)
     return checked, (staging, weights)
 
 

@@ -95,6 +95,7 @@ class FileHashes:
         sources (`dict[str, TensorSource]`): their readers.
         cache (`JsonCache`): where verdicts are kept.
         workers (`int`, *optional*): hashing threads; by default one per core.
+        cached (`tuple`, *optional*): `cached_fingerprints`' answer, when the caller already asked the cache.
     """
 
     def __init__(
@@ -104,9 +105,11 @@ class FileHashes:
         cache: JsonCache,
         quiet: bool = True,
         workers: int | None = None,
+        cached: tuple[dict[str, str], list[str]] | None = None,
     ):
         self.sources, self.cache = sources, cache
-        self.known, self.todo = cached_fingerprints(ids, sources, cache)
+        known, todo = cached or cached_fingerprints(ids, sources, cache)
+        self.known, self.todo = dict(known), list(todo)
         total = sum(p.stat().st_size for cid in self.todo for p in sources[cid].files)
         self._bar = progress_bar(
             total=total, desc="Verifying weights", unit="B", unit_scale=True, quiet=quiet

@@ -46,30 +46,32 @@ from .stages import Checked, data_free_stage, diagnostics_key, settled_stage
 logger = logging.getLogger(__name__)
 
 
-def single_pass_applies(config: SoupConfig, opened: tuple, writes: bool) -> bool:
-    """Whether this run verifies and writes in one pass: a data-free merged soup that is written (`writes`), of
-    full checkpoints, by a recipe that chooses without reading tensors, on inputs not verified before."""
-    return (
+def single_pass_inputs(config: SoupConfig, opened: tuple, writes: bool) -> tuple | None:
+    """`(known fingerprints, sources to hash)` when this run verifies and writes in one pass, else None: a
+    data-free merged soup that is written (`writes`), of full checkpoints, by a recipe that chooses without reading
+    tensors, on inputs not verified before."""
+    if not (
         writes
         and not config.scored
         and config.output_kind == "merged"
         and not recipe_class(config.recipe).reads_tensors
         # a LoRA adapter's merged tensors re-read the base
         and all(c.kind != "lora" for c in opened[0].accepted)
-        and _first_run(opened)
-    )
+    ):
+        return None
+    return _first_run(opened)
 
 
-def _first_run(opened: tuple) -> bool:
-    """Some input was never verified: a local file not hashed before, or (a Hub checkpoint's fingerprint comes
-    from the Hub) no diagnostics cached for these contents."""
+def _first_run(opened: tuple) -> tuple | None:
+    """The cache's fingerprints if some input was never verified: a local file not hashed before, or (a Hub
+    checkpoint's fingerprint comes from the Hub) no diagnostics cached for these contents; else None."""
     compatibility, sources, cache = opened
     readers = verified_readers(compatibility, sources)
     known, todo = cached_fingerprints(list(readers), readers, cache)
     if todo:
-        return True
+        return known, todo
     fingerprints = with_alignment(compatibility, sources, known)
-    return cache.get(diagnostics_key(sources, fingerprints)) is None
+    return (known, todo) if cache.get(diagnostics_key(sources, fingerprints)) is None else None
 
 
 class _Verifier:
@@ -121,12 +123,13 @@ class _Verifier:
 
 
 def check_and_write(
-    config: SoupConfig, opened: tuple, staging: Path, quiet: bool = False
+    config: SoupConfig, opened: tuple, cached: tuple, staging: Path, quiet: bool = False
 ) -> tuple[Checked, WrittenWeights]:
     """Verify every input and write the data-free soup's weights into `staging` from the same reads.
 
     Args:
         opened (`tuple`): `stages.compatible_stage`'s `(compatibility, sources, cache)`.
+        cached (`tuple`): `single_pass_inputs`' `(known fingerprints, sources to hash)`.
 
     Returns:
         `(Checked, WrittenWeights)`: the verdicts, as `stages.check_stage` gives them, and the weights written.
@@ -135,7 +138,7 @@ def check_and_write(
     dtype = soup_dtype(sources, config.dtype)
     readers = verified_readers(compatibility, sources)
     # One hashing thread: the merge keeps a core of its own.
-    with FileHashes(list(readers), readers, cache, workers=1) as hashes:
+    with FileHashes(list(readers), readers, cache, workers=1, cached=cached) as hashes:
         everyone = Checked(compatibility, sources, {}, None, excluded={}, cache=cache, dtype=dtype)
         speculated = list(everyone.pool)  # `everyone` reads the report, which dropping a duplicate changes
         mixture = _mixture(config, everyone, quiet)
