@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,27 @@ def test_strict_makes_rejections_fatal(zoo, tmp_path, capsys):
     assert main([*base_args, "--output", str(tmp_path / "lenient"), "--quiet"]) == 0
     assert main([*base_args, "--strict", "--output", str(tmp_path / "strict"), "--quiet"]) == 2
     assert "--strict" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+
+
+# Prints THP_MEM_ALLOC_ENABLE as it is when torch is first imported (torch reads it once, at its first allocation).
+_AT_TORCH_IMPORT = """
+import os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("at torch import:", os.environ.get("THP_MEM_ALLOC_ENABLE"), flush=True)
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Watch())
+import hf_soup.cli
+"""
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")])
+def test_the_cli_turns_on_huge_pages_before_torch_loads_unless_told_not_to(given, seen):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    run = subprocess.run([sys.executable, "-c", _AT_TORCH_IMPORT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"at torch import: {seen}"]

@@ -7,9 +7,9 @@ first 8 × 1.1 B merge). Here the soup is written *speculatively* while it is ve
 
 1. the files hash on a thread pool (hashlib releases the GIL) while the merge runs;
 2. the recipe cooks on every compatible candidate, as if none will be dropped;
-3. each tensor of each input is read once (`SoupSources.held`): added to the diagnostics' float64 sums (a NaN or
-   Inf shows in a task vector's squared norm; tensors outside them are checked with `aminmax`), then mixed and
-   written into the staging folder;
+3. each tensor of each input is read once (`SoupSources.held`): a checking thread adds it to the diagnostics'
+   float64 sums (a NaN or Inf shows in a task vector's squared norm; tensors outside them are checked with
+   `aminmax`) while the merge mixes it from the same read and writes it into the staging folder;
 4. the verdicts then decide as they always do (`stages.settled_stage`): a duplicate counts once, a flagged
    candidate stays out unless `--include-flagged`, `--strict` fails. Only when that changes the pool is the
    recipe cooked again and the weights rewritten (a second read, in the rare case).
