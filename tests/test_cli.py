@@ -303,11 +303,12 @@ def test_strict_makes_rejections_fatal(zoo, tmp_path, capsys):
 # Prints THP_MEM_ALLOC_ENABLE as it is when torch is first imported (torch reads it once, at its first allocation).
 _AT_TORCH_IMPORT = """
 import os, sys
-class Watch:
+class Watch:  # asked first for every import; finds nothing itself (removing it mid-lookup would skip a finder)
+    seen = False
     def find_spec(self, name, path=None, target=None):
-        if name == "torch":
+        if name == "torch" and not self.seen:
+            self.seen = True
             print("at torch import:", os.environ.get("THP_MEM_ALLOC_ENABLE"), flush=True)
-            sys.meta_path.remove(self)
         return None
 sys.meta_path.insert(0, Watch())
 import hf_soup.cli

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from huggingface_hub import constants
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
+from ..background import OneInFlight
 from ..checkpoints.sources import SoupSources
 from ..checkpoints.stream_writer import SafetensorsStreamWriter
 from ..checkpoints.weights import BUFFER_DTYPES, SAFE_WEIGHTS_INDEX_NAME, averaged
@@ -247,23 +247,21 @@ def _mixed(mixture: Mixture, sources: SoupSources, name: str, overrides: dict, o
     return mix_tensor(mixture, held, name)
 
 
-class _Handoff:
+class _Handoff(OneInFlight):
     """Hashes and writes each mixed tensor on one background thread (hashlib and file writes release the GIL),
     so the next tensor is mixed meanwhile. At most one tensor waits to be written: memory holds two output
     tensors at a time, and they are written in order."""
 
     def __init__(self, stats: MaterializeStats):
+        super().__init__()
         self.stats = stats
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: Future | None = None
         self._pending_bytes = 0
 
     def submit(self, writer: SafetensorsStreamWriter, name: str, out: torch.Tensor, live: int) -> None:
         self.stats.peak_live_bytes = max(
             self.stats.peak_live_bytes, live + _nbytes(out) + self._pending_bytes
         )
-        self.wait()
-        self._pending = self._pool.submit(self._write, writer, name, out)
+        super().submit(self._write, writer, name, out)
         self._pending_bytes = _nbytes(out)
 
     def _write(self, writer: SafetensorsStreamWriter, name: str, out: torch.Tensor) -> None:
@@ -273,19 +271,8 @@ class _Handoff:
 
     def wait(self) -> None:
         """Until the tensor in flight is written (its error, if any, raised here)."""
-        if self._pending is not None:
-            pending, self._pending, self._pending_bytes = self._pending, None, 0
-            pending.result()
-
-    def __enter__(self) -> _Handoff:
-        return self
-
-    def __exit__(self, *error) -> None:
-        try:
-            if error[0] is None:
-                self.wait()
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        super().wait()
+        self._pending_bytes = 0
 
 
 class Workbench:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ..background import OneInFlight
 from ..candidates.compat import CompatibilityReport
 from ..candidates.diagnostics import DiagnosticsSums
 from ..candidates.verify import (
@@ -79,39 +79,33 @@ def _first_run(opened: tuple) -> tuple | None:
 
 
 class _Verifier:
-    """Sees each tensor the merge reads (`materialize`'s `observe`) and checks it on a thread of its own while the
+    """Sees each tensor the merge reads (`materialize`'s `observe`) and checks it on the `checking` thread while the
     merge mixes it from the same reads: NaN/Inf, and the diagnostics' sums. One tensor is checked at a time (the
     next waits for it), so memory holds one tensor of every input, and the one before it, at most."""
 
-    def __init__(self, compatibility: CompatibilityReport, sources: SoupSources, hashes: FileHashes):
-        self.sources, self.hashes = sources, hashes
+    def __init__(
+        self,
+        compatibility: CompatibilityReport,
+        sources: SoupSources,
+        hashes: FileHashes,
+        checking: OneInFlight,
+    ):
+        self.sources, self.hashes, self.checking = sources, hashes, checking
         self.readers = verified_readers(compatibility, sources)
         self.sums = DiagnosticsSums(sources)
         self.body = set(self.sums.names)
         vocab = sources.alignment.vocab  # rows beyond the base's vocabulary are in no task vector
         self.covered = self.body - set(vocab.tensors if vocab is not None else ())
         self.checked: dict[str, set[str]] = {cid: set() for cid in self.readers}
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: Future | None = None
 
     def __call__(self, name: str, held: SoupSources) -> None:
-        self.wait()
         base_name = self.sources.alignment.base_names.get(name)
         # Read here, once, what the check reads: the merge then mixes from the same held tensors.
         if base_name is not None:
             held.base.get(base_name)
         for reader in held.candidates.values():
             reader.get(name)
-        self._pending = self._pool.submit(self._verify, name, base_name, held)
-
-    def wait(self) -> None:
-        """Until the tensor being checked is checked (its NaN/Inf error, if any, raised here)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.checking.submit(self._verify, name, base_name, held)
 
     def _verify(self, name: str, base_name: str | None, held: SoupSources) -> None:
         if name in self.body:  # the task vectors' squared norms show a NaN or Inf: no separate check
@@ -140,7 +134,7 @@ class _Verifier:
     def finish(self) -> dict[str, str]:
         """Check the tensors the merge did not read (a backbone's head, a base's pooler), record every verdict and
         return the files' fingerprints."""
-        self.wait()
+        self.checking.wait()
         for cid, reader in self.readers.items():
             if (name := first_non_finite(reader, skip=self.checked[cid])) is not None:
                 self._fail(cid, name)
@@ -169,19 +163,15 @@ def check_and_write(
     with (
         FileHashes(list(readers), readers, cache, workers=1, cached=cached) as hashes,
         _one_torch_thread(),
+        OneInFlight() as checking,
     ):
         everyone = Checked(compatibility, sources, {}, None, excluded={}, cache=cache, dtype=dtype)
         speculated = list(everyone.pool)  # `everyone` reads the report, which dropping a duplicate changes
         mixture = _mixture(config, everyone, quiet)
-        verifier = _Verifier(compatibility, sources, hashes)
+        verifier = _Verifier(compatibility, sources, hashes, checking)
         settings = WeightSettings(dtype, config.max_shard_size, config.base, config.lora_rank)
-        try:
-            weights = write(
-                mixture, sources, "merged", staging, settings=settings, quiet=quiet, observe=verifier
-            )
-            files = verifier.finish()
-        finally:
-            verifier.close()
+        weights = write(mixture, sources, "merged", staging, settings=settings, quiet=quiet, observe=verifier)
+        files = verifier.finish()
     fingerprints = with_alignment(compatibility, sources, files)
     checked = settled_stage(config, opened, fingerprints, verifier.sums.result(), quiet=quiet)
     if checked.pool != speculated:  # a duplicate or a flagged candidate is out: the speculation missed
