@@ -140,9 +140,30 @@ def test_peak_memory_does_not_grow_with_candidates(zoo, tmp_path):
             torch.Size(sources.candidates[ids[0]].shape(k)).numel() * 4
             for k in sources.candidates[ids[0]].keys()
         )
-        # One accumulator, one input and one output tensor: never N models, never a shard.
-        assert stats.peak_live_bytes <= 3 * largest
+        # One accumulator, one input and one output tensor (and the 1 MB conversion block): never N models,
+        # never a shard.
+        assert stats.peak_live_bytes <= 3 * largest + materialize_module.MIX_BLOCK * 4
     assert peaks[2] == peaks[4]
+
+
+def test_mixing_in_blocks_gives_the_bits_of_converting_each_tensor_whole(zoo, tmp_path, monkeypatch):
+    # 7 entries per block: every tensor spans many blocks and most end in a partial one.
+    monkeypatch.setattr(materialize_module, "MIX_BLOCK", 7)
+    ids = [str(zoo[k]) for k in "abc"]
+    weights = {ids[0]: 0.5, ids[1]: 0.3, ids[2]: 0.2}
+    _report, sources = check_compatibility(zoo["base"], ids)
+    materialize(
+        Mixture("w", tuple(Ingredient(c, w) for c, w in weights.items())), sources, tmp_path, quiet=True
+    )
+    merged = load_file(tmp_path / "model.safetensors")
+    inputs = [load_file(zoo[k] / "model.safetensors") for k in "abc"]
+    for name, value in merged.items():
+        if not value.is_floating_point():
+            continue
+        expected = inputs[0][name].to(torch.float32) * weights[ids[0]]
+        for cid, tensors in zip(ids[1:], inputs[1:]):
+            expected.add_(tensors[name].to(torch.float32), alpha=weights[cid])
+        assert torch.equal(value, expected.to(value.dtype)), name
 
 
 def test_each_tensor_is_on_disk_before_the_next_is_mixed(zoo, tmp_path, monkeypatch):

@@ -29,6 +29,10 @@ from .methods import method_tensor
 
 logger = logging.getLogger(__name__)
 
+# Entries converted to float32 at a time while mixing (1 MB): the converted block is still in cache when it is
+# added, where converting a whole tensor first wrote it out and read it back (3x slower mixing at 1 B parameters).
+MIX_BLOCK = 1 << 18
+
 
 @dataclass
 class MaterializeStats:
@@ -96,16 +100,35 @@ def mix_tensor(mixture: Mixture, sources: SoupSources, name: str) -> tuple[torch
     if not pairs:
         raise ConfigError(f"The mixture gives every ingredient weight 0 for {name}; nothing to average.")
     first = sources.read(pairs[0][0], name)
-    accumulator = first.to(torch.float32) * pairs[0][1]  # a new float32 tensor, whatever the input dtype
-    live = _nbytes(accumulator) + _nbytes(first)
+    accumulator = torch.empty(
+        first.shape, dtype=torch.float32
+    )  # a new float32 tensor, whatever the input dtype
+    scratch = torch.empty(min(MIX_BLOCK, first.numel()), dtype=torch.float32)
+    _add_in_blocks(accumulator, first, pairs[0][1], scratch, start=True)
+    live = _nbytes(accumulator) + _nbytes(first) + _nbytes(scratch)
     del first
     for cid, weight in pairs[1:]:
         tensor = sources.read(cid, name)
-        live = max(live, _nbytes(accumulator) + _nbytes(tensor))
-        accumulator.add_(tensor.to(torch.float32), alpha=weight)
+        live = max(live, _nbytes(accumulator) + _nbytes(tensor) + _nbytes(scratch))
+        _add_in_blocks(accumulator, tensor, weight, scratch)
         del tensor
     _reweight_missing_rows(accumulator, sources, name, pairs)
     return accumulator, live
+
+
+def _add_in_blocks(
+    accumulator: torch.Tensor, tensor: torch.Tensor, weight: float, scratch: torch.Tensor, start: bool = False
+) -> None:
+    """`accumulator += weight · tensor` (`= weight · tensor` when `start`), converted to float32 `MIX_BLOCK`
+    entries at a time in `scratch`: the same float32 operations, in the same order, as converting it whole."""
+    total, values = accumulator.view(-1), tensor.reshape(-1)
+    for begin in range(0, total.numel(), MIX_BLOCK):
+        end = min(begin + MIX_BLOCK, total.numel())
+        block = scratch[: end - begin].copy_(values[begin:end])
+        if start:
+            torch.mul(block, weight, out=total[begin:end])
+        else:
+            total[begin:end].add_(block, alpha=weight)
 
 
 def _reweight_missing_rows(accumulator: torch.Tensor, sources: SoupSources, name: str, pairs) -> None:
