@@ -11,6 +11,9 @@ bf16 in 1 GB shards with tied embeddings; the N "fine-tunes" are the base plus s
 - the largest error of each output against the float64 average of the inputs, in bf16 ulps;
 - bytes written (the output folder).
 
+Each timed run starts with every input read once beforehand (`read_inputs`), as after a download: no run inherits
+the page cache that the one before it left.
+
 mergekit is installed into its own venv (never a dependency of hf-soup). Everything is written under `--scratch`
 and removed at the end.
 
@@ -89,6 +92,17 @@ def peak_memory(pid: int, peaks: dict, stop: threading.Event) -> None:
         stop.wait(0.02)
 
 
+def read_inputs(folders: list[Path]) -> None:
+    """Read every input file once, so that each timed run starts from the same page cache: at 8 x 1.1 B the inputs
+    (20 GB) and mergekit's 8.8 GB peak do not fit in RAM together, and without this whichever run follows
+    mergekit would read from disk what mergekit evicted."""
+    buffer = bytearray(16 * 1024 * 1024)
+    for path in sorted(p for folder in folders for p in folder.iterdir() if p.is_file()):
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
 def timed(command: list[str]) -> tuple[float, dict]:
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -163,6 +177,7 @@ def bench(scratch: Path, family: Path, runs: list[Path], script: Path, rounds: i
             ("rerun", warm),
             ("mergekit", [str(script), str(config), str(theirs_out)]),
         ):
+            read_inputs([family / "base", *runs])
             runs_of[name].append(timed(command))
     results = {
         name: (
