@@ -2,7 +2,7 @@
 
 Both are run as users run them (the CLI, in a fresh process), alternating, `--rounds` times per N, in one run:
 - wall time (median of the rounds) and the ratio hf-soup / mergekit, for hf-soup's first run on the inputs
-  (nothing cached: it reads every input once more to fingerprint and verify it) and for a rerun (cached);
+  (nothing cached: it verifies every input in the merge's own read of it) and for a rerun (verdicts cached);
 - peak RSS (maximum resident set size, from `getrusage`, as `/usr/bin/time -v` reports it) and its ratio;
 - the largest absolute difference between the two outputs (0, or float32 rounding).
 
